@@ -5,7 +5,7 @@ Public API (imported lazily so `import spikeprune` stays fast):
     save_model, load_model                    -- safetensors + JSON widths
     bundled_model                             -- the shipped Spikformer trained on mnist5k
     load_dataset                              -- mnist5k, digits, cifar10:DIR, cifar100:DIR, imagefolder:DIR
-    train, evaluate, measure                  -- training, accuracy, size / MACs / SOPs / energy / latency
+    train, evaluate, finetune, measure        -- training, accuracy, size / MACs / SOPs / energy / latency
     groups, prune                             -- coupled channel groups and physical surgery
 """
 from importlib import import_module
@@ -21,6 +21,7 @@ _API = {
     "load_dataset": "spikeprune.data",
     "train": "spikeprune.train",
     "evaluate": "spikeprune.train",
+    "finetune": "spikeprune.train",
     "measure": "spikeprune.measure",
     "groups": "spikeprune.groups",
     "prune": "spikeprune.surgery",

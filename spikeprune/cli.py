@@ -133,7 +133,7 @@ def _load_registrars() -> None:
             if e.name == f"spikeprune.{name}":
                 continue  # feature not present in this build
             raise
-        if hasattr(mod, "register_cli"):
+        if hasattr(mod, "register_cli") and mod.register_cli not in _REGISTRARS:  # main() may run many times
             _REGISTRARS.append(mod.register_cli)
 
 

@@ -8,8 +8,10 @@ Writes are atomic: everything goes to a temporary sibling folder that is renamed
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import zipfile
@@ -37,6 +39,7 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False):
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(name)
+    os.chmod(tmp, (0o777 if is_dir else 0o666) & ~_umask())  # mkstemp/mkdtemp make them private
     try:
         yield tmp
         if is_dir and path.exists():
@@ -53,6 +56,12 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False):
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -152,15 +161,19 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if path.suffix == ".safetensors" or not is_torch:
         return read_safetensors(path)
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except RuntimeError as e:
+        # timm's CheckpointSaver (used by the reference training scripts) stores `args` as an
+        # argparse.Namespace next to the weights: plain data, safe to allow. Nothing else is.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError) as e:
         msg = str(e)
-        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+        if "weights only" in msg.lower() or "weights_only" in msg or "unsupported global" in msg.lower():
             raise SpikepruneError(
                 f"checkpoint {path} contains pickled Python objects beyond plain tensors; refusing to "
                 "unpickle it (that could run arbitrary code). Re-save it as a state dict "
                 "(torch.save(model.state_dict(), ...)) or as safetensors.") from None
-        raise SpikepruneError(f"checkpoint {path} is corrupt or truncated ({msg.splitlines()[0]})") from None
+        first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+        raise SpikepruneError(f"checkpoint {path} is corrupt or truncated ({first})") from None
     except Exception as e:  # truncated zip, bad pickle stream, ...
         raise SpikepruneError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
 

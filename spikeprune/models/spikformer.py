@@ -115,7 +115,9 @@ class SpikformerConfig:
 def _pointwise(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A k=1 Conv1d/Conv2d or a Linear, applied to channel-last x [..., C_in] as one GEMM."""
     w = layer.weight
-    return F.linear(x, w.view(w.shape[0], w.shape[1]), layer.bias)
+    # on a 2-D input the bias is fused into the GEMM (addmm); a 4-D input adds it in a second pass
+    y = F.linear(x.reshape(-1, x.shape[-1]), w.view(w.shape[0], w.shape[1]), layer.bias)
+    return y.view(*x.shape[:-1], w.shape[0])
 
 
 def _batchnorm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
@@ -212,7 +214,9 @@ class SSA(nn.Module):
         q = self._spikes("q", x).view(T, B, N, H, -1).transpose(2, 3)  # [T, B, H, N, d_qk]
         k = self._spikes("k", x).view(T, B, N, H, -1).transpose(2, 3)
         v = self._spikes("v", x).view(T, B, N, H, -1).transpose(2, 3)  # [T, B, H, N, d_v]
-        x = (q @ (k.transpose(-2, -1) @ v)) * self.scale
+        # the scale goes on the small d x d product; with spikes and the reference's power-of-two
+        # scale every value here is exact in float, so this equals (q @ k^T v) * scale bit for bit
+        x = q @ ((k.transpose(-2, -1) @ v) * self.scale)
         x = self.attn_lif(x.transpose(2, 3).reshape(T, B, N, self.v_dim))
         return self.proj_lif(_batchnorm(self.proj_bn, _pointwise(self.layer("proj"), x)))
 

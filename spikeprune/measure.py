@@ -1,0 +1,474 @@
+"""What a model costs: parameters, weight memory, MACs, SOPs, energy and latency, per layer and in total.
+
+Definitions (they are also returned in `notes`, so every report carries them):
+
+* Layers: every Conv/Linear, named as in the state dict (block.0.attn.q_conv, ...), with the
+  BatchNorm that follows it attributed to it; plus one `attn.matmul` row per block for the
+  attention products q @ (k^T @ v), which have no weights. The reference code's norm1/norm2
+  LayerNorms are never called by forward; we do not build them and they are not counted.
+* Parameters: trainable tensors only. BatchNorm running statistics are buffers: they fold into the
+  preceding weights at inference and are not counted.
+* Weight memory: fp32 = 4 B and fp16 = 2 B per parameter; int8 = 1 B per Conv/Linear weight with
+  biases and BatchNorm affine parameters kept at fp32 (4 B), the usual int8 deployment.
+  Quantisation scales are not counted.
+* MACs per image for one forward over all T time steps, as the reference code executes them:
+  Conv k^2 * H_out * W_out * C_in * C_out, Linear in * out per token, each run T times; the head
+  runs once on the time- and token-averaged features; attention 2 * N * d_qk * d_v per head and step,
+  in the order we compute it, q @ (k^T @ v) (the CIFAR reference's (q @ k^T) @ v costs 2 * N^2 * d).
+* SOPs (given data): rate * MACs for a layer whose input is spikes, with rate the measured mean of
+  its input (a max-pooled spike map is still binary). The attention row: every q spike adds one row
+  of k^T v and every k spike one row of v, so SOPs = (rate_q + rate_k) / 2 * MACs.
+  Inputs that are not spikes are not SOPs: the first conv (real image), q/k/v and fc1 (they read
+  the residual stream, a sum of spike maps: integers, not 0/1) and the head (averaged features).
+* Energy (spec, 45 nm): E = E_MAC * MACs(first conv, once: its input is the same image at every
+  step) + E_MAC * MACs(the other non-spike-input layers) + E_AC * SOPs(spike-input layers), with
+  E_MAC = 4.6 pJ and E_AC = 0.9 pJ; BatchNorm, LIF, pooling and residual additions are not charged.
+* Latency: eval mode, torch.no_grad, `warmup` untimed forwards, then the median of `repeats` timed
+  forwards of a batch of `latency_batch` images on `device` (CUDA is synchronised around each).
+
+`count_params`, `memory_bytes`, `count_macs` and `layer_table` are cheap (computed from the
+config's widths, no forward pass) and accept a model or a config, for pruning code that asks often.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from math import prod
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .errors import SpikepruneError
+
+E_MAC_PJ = 4.6  # energy of one 32-bit multiply-accumulate, 45 nm (Horowitz 2014), as the spec uses
+E_AC_PJ = 0.9  # energy of one 32-bit accumulate
+PJ_TO_MJ = 1e-9
+
+NOTES = [
+    ("norm1/norm2 LayerNorms of the reference code are never called by its forward: not built here, not "
+     "counted"),
+    ("params: trainable tensors only; BatchNorm running statistics (buffers) fold into the weights at "
+     "inference and are not counted"),
+    ("memory: fp32 4 B, fp16 2 B per parameter; int8 1 B per Conv/Linear weight, biases and BatchNorm "
+     "affine parameters kept at fp32 (4 B); quantisation scales not counted"),
+    ("MACs: per image, one forward over all T steps as the reference executes it (Conv "
+     "k^2*H_out*W_out*C_in*C_out, Linear in*out per token, each T times; head once; attention q(k^T v): "
+     "2*N*d_qk*d_v per head and step)"),
+    ("SOPs: input firing rate x MACs, for layers whose input is spikes; attention: (rate_q + rate_k)/2 x "
+     "MACs (each q spike adds a row of k^T v, each k spike a row of v)"),
+    ("counted as MACs, not SOPs (input is not binary): the first conv (real-valued image), q/k/v and fc1 "
+     "of every block (residual stream: sums of spike maps) and the head (averaged features)"),
+    ("energy: E_MAC=4.6 pJ x (first-conv MACs once per image, its input repeats identically over T, + MACs"
+     " of the other non-spike-input layers) + E_AC=0.9 pJ x SOPs; BatchNorm, LIF, pooling and additions "
+     "not charged"),
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# The layer table: shapes and costs from the config's widths alone
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Layer:
+    name: str  # state-dict module path, e.g. "block.0.attn.q_conv"; "block.0.attn.matmul" for attention
+    type: str  # Conv2d, Conv1d, Linear, SpikeMatmul
+    weight_shape: tuple  # () for the attention products
+    bias: bool
+    bn: str | None  # the BatchNorm whose parameters count with this layer
+    bn_features: int
+    input: str  # "image", "spikes" or "real": what the layer reads
+    macs: int  # per image, all T steps
+
+    @property
+    def weights(self) -> int:
+        return prod(self.weight_shape) if self.weight_shape else 0
+
+    @property
+    def params(self) -> int:
+        return self.weights + (self.weight_shape[0] if self.bias else 0) + 2 * self.bn_features
+
+    def memory_bytes(self) -> dict:
+        p, w = self.params, self.weights
+        return {"fp32": 4 * p, "fp16": 2 * p, "int8": w + 4 * (p - w)}
+
+
+def _config(model_or_config):
+    """The SpikformerConfig of a model, a config, or a `config_dict()`-style dict."""
+    from .models.spikformer import SpikformerConfig
+
+    if isinstance(model_or_config, SpikformerConfig):
+        return model_or_config
+    if isinstance(model_or_config, dict):
+        d = model_or_config.get("config", model_or_config)
+        return SpikformerConfig.from_dict(d)
+    cfg = getattr(model_or_config, "cfg", None)
+    if cfg is None:
+        raise SpikepruneError(f"cannot measure a {type(model_or_config).__name__}: expected a spikeprune model "
+                              "(create_model / load_model) or its config")
+    return cfg
+
+
+def layer_table(model_or_config) -> list[Layer]:
+    """Every weight layer (and each block's attention products) in forward order, with its cost."""
+    cfg = _config(model_or_config)
+    T, D = cfg.T, cfg.embed_dim
+    rows: list[Layer] = []
+    side, cin = cfg.img_size, cfg.in_channels
+    for i, w in enumerate([*cfg.stem_widths, D]):
+        sfx = "" if i == 0 else str(i)
+        shape = (w, cin, 3, 3)
+        rows.append(Layer(f"patch_embed.proj_conv{sfx}", "Conv2d", shape, False, f"patch_embed.proj_bn{sfx}", w,
+                          "image" if i == 0 else "spikes", prod(shape) * side * side * T))
+        if cfg.pool_after[i]:
+            side = (side - 1) // 2 + 1  # MaxPool2d(3, stride 2, padding 1)
+        cin = w
+    N = side * side
+    rows.append(Layer("patch_embed.rpe_conv", "Conv2d", (D, D, 3, 3), False, "patch_embed.rpe_bn", D, "spikes",
+                      D * D * 9 * N * T))
+
+    conv = cfg.layout == "imagenet"
+    kind, k1, k2 = ("conv", (1,), (1, 1)) if conv else ("linear", (), ())
+    t1, t2 = ("Conv1d", "Conv2d") if conv else ("Linear", "Linear")
+    for b, w in enumerate(cfg.blocks):
+        pre = f"block.{b}"
+        qk, v, hidden, heads = w["qk_dim"], w["v_dim"], w["mlp_hidden"], w["heads"]
+
+        def lin(name, cout, cin, bias, src, typ=t1, ks=k1, sub="attn"):
+            # the CIFAR layout gives every Linear a bias; the ImageNet q/k/v convs have none
+            return Layer(f"{pre}.{sub}.{name}_{kind}", typ, (cout, cin, *ks), bias or not conv,
+                         f"{pre}.{sub}.{name}_bn", cout, src, cout * cin * N * T)
+
+        rows += [lin("q", qk, D, False, "real"), lin("k", qk, D, False, "real"), lin("v", v, D, False, "real")]
+        rows.append(Layer(f"{pre}.attn.matmul", "SpikeMatmul", (), False, None, 0, "spikes",
+                          2 * N * (qk // heads) * (v // heads) * heads * T))
+        rows.append(lin("proj", D, v, True, "spikes"))
+        rows.append(lin("fc1", hidden, D, True, "real", t2, k2, sub="mlp"))
+        rows.append(lin("fc2", D, hidden, True, "spikes", t2, k2, sub="mlp"))
+    rows.append(Layer("head", "Linear", (cfg.num_classes, D), True, None, 0, "real", cfg.num_classes * D))
+    return rows
+
+
+def count_params(model_or_config) -> int:
+    """Trainable parameters (the unused reference LayerNorms are not built, so not counted)."""
+    return sum(r.params for r in layer_table(model_or_config))
+
+
+def memory_bytes(model_or_config) -> dict:
+    """Weight memory in bytes at fp32 / fp16 / int8 (see the module docstring for int8)."""
+    out = {"fp32": 0, "fp16": 0, "int8": 0}
+    for r in layer_table(model_or_config):
+        for k, v in r.memory_bytes().items():
+            out[k] += v
+    return out
+
+
+def count_macs(model_or_config) -> int:
+    """MACs per image of one forward over all T steps (attention products included)."""
+    return sum(r.macs for r in layer_table(model_or_config))
+
+
+def _check_model_matches_table(model, table: list[Layer]) -> None:
+    """The table is computed from the config; make sure the model's layers really have those shapes."""
+    modules = dict(model.named_modules())
+    for r in table:
+        if r.type == "SpikeMatmul":
+            continue
+        m = modules.get(r.name)
+        if m is None or tuple(m.weight.shape) != r.weight_shape or (m.bias is not None) != r.bias:
+            got = "missing" if m is None else f"{list(m.weight.shape)} bias={m.bias is not None}"
+            raise SpikepruneError(f"layer {r.name} is {got} but the model's config says {list(r.weight_shape)} "
+                                  f"bias={r.bias}: the model was changed without updating its config")
+    n_model = sum(p.numel() for p in model.parameters())
+    n_table = sum(r.params for r in table)
+    if n_model != n_table:
+        raise SpikepruneError(f"the model has {n_model:,} parameters but its config accounts for {n_table:,}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Firing rates from data
+# ------------------------------------------------------------------------------------------------
+class _InputRecorder(TorchFunctionMode):
+    """Sees every linear / conv call during a forward; a call whose weight belongs to a known layer
+    adds its input's sum, size and binariness to that layer's tally. It works however forward
+    applies the layer (a module call, or one GEMM on a view of the weight)."""
+
+    OPS = (F.linear, F.conv1d, F.conv2d)
+
+    def __init__(self, layer_of_storage: dict[int, str]):
+        super().__init__()
+        self.layer_of_storage = layer_of_storage
+        self.tally: dict[str, list] = {}  # name -> [sum, count, all_binary]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.OPS:
+            x = args[0]
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            name = self.layer_of_storage.get(w.untyped_storage().data_ptr()) if w is not None else None
+            if name is not None:
+                t = self.tally.setdefault(name, [0.0, 0, True])
+                t[0] += float(x.sum(dtype=torch.float64))
+                t[1] += x.numel()
+                t[2] = t[2] and bool(((x == 0) | (x == 1)).all())
+        return func(*args, **kwargs)
+
+
+def _image_batches(data, model, n_images: int, batch_size: int, split: str):
+    """Yield image batches [B, C, H, W] (at most n_images in all) from a spec, Dataset, loader or tensor."""
+    if isinstance(data, str):
+        from .data import dataset_for_model
+
+        data = dataset_for_model(data, model, split=split)
+    if isinstance(data, torch.Tensor):
+        source = (data[i:i + batch_size] for i in range(0, min(len(data), n_images), batch_size))
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):  # a Dataset of (image, label)
+        from torch.utils.data import DataLoader, Subset
+
+        source = DataLoader(Subset(data, range(min(len(data), n_images))), batch_size=batch_size)
+    else:  # any iterable of batches, e.g. a DataLoader
+        source = data
+    seen = 0
+    for batch in source:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        images = images[: n_images - seen]
+        if len(images):
+            yield images
+            seen += len(images)
+        if seen >= n_images:
+            break
+
+
+def _input_rates(model, table: list[Layer], batches, device) -> tuple[dict, int]:
+    """Mean input of every weight layer, and each block's q / k firing rates, over the batches."""
+    storage = {}
+    modules = dict(model.named_modules())
+    for r in table:
+        if r.type != "SpikeMatmul":
+            storage[modules[r.name].weight.untyped_storage().data_ptr()] = r.name
+    qk_sums: dict[str, list] = {}
+    hooks = []
+    for b, blk in enumerate(model.block):
+        for which in ("q", "k"):
+            key = f"block.{b}.attn.matmul.{which}"
+
+            def hook(_m, _i, out, key=key):
+                t = qk_sums.setdefault(key, [0.0, 0])
+                t[0] += float(out.sum(dtype=torch.float64))
+                t[1] += out.numel()
+
+            hooks.append(getattr(blk.attn, f"{which}_lif").register_forward_hook(hook))
+    recorder = _InputRecorder(storage)
+    n = 0
+    cfg = model.cfg
+    try:
+        with torch.no_grad():
+            for images in batches:
+                if images.dim() != 4 or tuple(images.shape[1:]) != (cfg.in_channels, cfg.img_size, cfg.img_size):
+                    raise SpikepruneError(
+                        f"data images are {list(images.shape[1:])} but the model takes "
+                        f"[{cfg.in_channels}, {cfg.img_size}, {cfg.img_size}]; load the data at the model's size")
+                with recorder:
+                    model(images.to(device))
+                n += len(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    if n == 0:
+        raise SpikepruneError("the data gave no images to measure firing rates on")
+    rates = {name: (s / c, binary) for name, (s, c, binary) in recorder.tally.items()}
+    for key, (s, c) in qk_sums.items():
+        rates[key] = (s / c, True)
+    return rates, n
+
+
+# ------------------------------------------------------------------------------------------------
+# Latency
+# ------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_forward(model, images: torch.Tensor, repeats: int = 20, warmup: int = 3) -> list[float]:
+    """Wall-clock seconds of `repeats` eval-mode, no-grad forwards of `images` (after `warmup` untimed ones)."""
+    device = images.device
+    with torch.no_grad():
+        for _ in range(warmup):
+            model(images)
+        _sync(device)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(images)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+# ------------------------------------------------------------------------------------------------
+# measure()
+# ------------------------------------------------------------------------------------------------
+def _device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpikepruneError("--device cuda was asked for but no CUDA GPU is available here; use --device cpu")
+    return device
+
+
+def measure(model, data=None, device="cpu", n_images: int = 256, batch_size: int = 64, latency: bool = True,
+            latency_batch: int = 1, repeats: int = 20, warmup: int = 3, split: str = "test") -> dict:
+    """Per-layer and total cost of `model`; see the module docstring for every definition.
+
+    data: a dataset spec ("mnist5k", "cifar10:DIR", ...; its `split` is used), a Dataset, a
+      DataLoader or a tensor of images. It gives the firing rates behind SOPs and energy; without it
+      those are None. The first `n_images` images are used.
+    Returns {"total": {...}, "layers": [{...}, ...], "notes": [...]}, plain JSON-able data.
+    """
+    if n_images < 1 or batch_size < 1 or latency_batch < 1 or repeats < 1 or warmup < 0:
+        raise SpikepruneError("n_images, batch_size, latency_batch and repeats must be at least 1 (warmup >= 0)")
+    table = layer_table(model)
+    _check_model_matches_table(model, table)
+    dev = _device(device)
+    cfg = model.cfg
+    first = next(model.parameters())
+    home, was_training = first.device, model.training
+    model.to(dev).eval()
+    try:
+        rates, n_rate_images = ({}, 0)
+        if data is not None:
+            batches = _image_batches(data, model, n_images, batch_size, split)
+            rates, n_rate_images = _input_rates(model, table, batches, dev)
+        times = None
+        if latency:
+            x = torch.rand(latency_batch, cfg.in_channels, cfg.img_size, cfg.img_size, device=dev)
+            times = time_forward(model, x, repeats, warmup)
+    finally:
+        model.to(home).train(was_training)
+
+    notes = list(NOTES)
+    layers = []
+    for r in table:
+        row = {"name": r.name, "type": r.type, "params": r.params, "memory_bytes": r.memory_bytes(),
+               "macs": r.macs, "input": r.input, "op": "AC" if r.input == "spikes" else "MAC",
+               "input_rate": None, "sops": None, "energy_mj": None}
+        if data is not None:
+            if r.input == "spikes":
+                if r.type == "SpikeMatmul":
+                    rq, rk = rates[f"{r.name}.q"][0], rates[f"{r.name}.k"][0]
+                    rate = (rq + rk) / 2
+                else:
+                    rate, binary = rates[r.name]
+                    if not binary:  # would mean the forward no longer feeds this layer spikes
+                        notes.append(f"warning: {r.name} was expected to read spikes but saw other values")
+                row["input_rate"] = rate
+                row["sops"] = rate * r.macs
+                row["energy_mj"] = E_AC_PJ * row["sops"] * PJ_TO_MJ
+            else:
+                once = r.macs // cfg.T if r.input == "image" else r.macs
+                row["energy_mj"] = E_MAC_PJ * once * PJ_TO_MJ
+        layers.append(row)
+
+    mem = {k: sum(row["memory_bytes"][k] for row in layers) for k in ("fp32", "fp16", "int8")}
+    total = {"params": sum(row["params"] for row in layers), "memory_bytes": mem,
+             "macs": sum(row["macs"] for row in layers), "sops": None, "energy_mj": None,
+             "latency_ms": None, "T": cfg.T, "rate_images": n_rate_images}
+    if data is not None:
+        total["sops"] = sum(row["sops"] for row in layers if row["sops"] is not None)
+        total["energy_mj"] = sum(row["energy_mj"] for row in layers)
+        total["mean_input_rate"] = total["sops"] / sum(row["macs"] for row in layers if row["op"] == "AC")
+    else:
+        notes.append("no data given: SOPs and energy need firing rates (pass data=..., or --data on the command line)")
+    if times is not None:
+        total.update(latency_ms=1e3 * statistics.median(times), latency_ms_min=1e3 * min(times),
+                     latency_batch=latency_batch, latency_repeats=repeats, latency_device=str(dev),
+                     latency_threads=torch.get_num_threads() if dev.type == "cpu" else None)
+        notes.append(f"latency: eval mode, no_grad, {warmup} warm-up then median of {repeats} forwards of a batch "
+                     f"of {latency_batch} on {dev}")
+    return {"total": total, "layers": layers, "notes": notes}
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+def _si(x, unit: str = "") -> str:
+    """A short reading of a count: 1.23K, 45.6M, 7.89G."""
+    if x is None:
+        return "-"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}{unit}"
+    return f"{x:.3g}{unit}" if isinstance(x, float) else f"{x}{unit}"
+
+
+def _mb(n: int) -> str:
+    if n == 0:
+        return "-"
+    return f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def format_report(report: dict) -> str:
+    """The per-layer table and the totals as fixed-width text."""
+    head = (f"{'layer':28s} {'type':11s} {'params':>8s} {'fp32 mem':>10s} {'MACs':>8s} {'input':>6s} "
+            f"{'rate':>6s} {'SOPs':>8s} {'energy uJ':>10s}")
+    lines = [head, "-" * len(head)]
+    for r in report["layers"]:
+        rate = "-" if r["input_rate"] is None else f"{r['input_rate']:.3f}"
+        energy = "-" if r["energy_mj"] is None else f"{r['energy_mj'] * 1e3:.4g}"
+        lines.append(f"{r['name']:28s} {r['type']:11s} {_si(r['params']):>8s} {_mb(r['memory_bytes']['fp32']):>10s} "
+                     f"{_si(r['macs']):>8s} {r['input']:>6s} {rate:>6s} {_si(r['sops']):>8s} {energy:>10s}")
+    t = report["total"]
+    m = t["memory_bytes"]
+    lines += ["-" * len(head),
+              f"params     {t['params'] / 1e6:.4f} M ({t['params']:,})",
+              f"memory     fp32 {m['fp32'] / 1e6:.3f} MB | fp16 {m['fp16'] / 1e6:.3f} MB | "
+              f"int8 {m['int8'] / 1e6:.3f} MB",
+              f"MACs       {t['macs'] / 1e9:.4f} G per image (T={t['T']})"]
+    if t["sops"] is not None:
+        lines += [f"SOPs       {t['sops'] / 1e9:.4f} G per image (mean input rate {t['mean_input_rate']:.3f}, "
+                  f"{t['rate_images']} images)",
+                  f"energy     {t['energy_mj']:.4f} mJ per image"]
+    if t["latency_ms"] is not None:
+        lines.append(f"latency    {t['latency_ms']:.2f} ms per forward (batch {t['latency_batch']}, "
+                     f"{t['latency_device']}, "
+                     f"median of {t['latency_repeats']})")
+    lines.append("notes:")
+    lines += [f"  - {n}" for n in report["notes"]]
+    return "\n".join(lines)
+
+
+def cmd_measure(args) -> int:
+    from .cli import print_json, resolve_model
+
+    model = resolve_model(args)
+    report = measure(model, data=args.data, device=args.device, n_images=args.n_images, batch_size=args.batch_size,
+                     latency=not args.no_latency, latency_batch=args.latency_batch, repeats=args.repeats,
+                     warmup=args.warmup, split=args.split)
+    if args.json:
+        print_json(report)
+    else:
+        print(format_report(report))
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    from .cli import add_data_args, add_device_arg, add_model_args
+
+    p = subparsers.add_parser(
+        "measure", help="parameters, memory, MACs, SOPs, energy and latency, per layer and in total",
+        description="Measure a model: parameters and weight memory (fp32/fp16/int8), MACs per image, and with "
+                    "--data the firing rates behind synaptic operations (SOPs) and the energy estimate "
+                    "(E_MAC 4.6 pJ, E_AC 0.9 pJ), plus the median forward latency. Definitions are printed "
+                    "under the table.")
+    add_model_args(p)
+    add_data_args(p, default=None)
+    add_device_arg(p)
+    p.add_argument("--split", default="test", choices=["train", "calib", "test"],
+                   help="which split of --data gives the firing rates (default test)")
+    p.add_argument("--n-images", type=int, default=256, help="images used for firing rates (default 256)")
+    p.add_argument("--latency-batch", type=int, default=1, help="batch size of the timed forwards (default 1)")
+    p.add_argument("--repeats", type=int, default=20, help="timed forwards; the median is reported (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed forwards before timing (default 3)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=cmd_measure)

@@ -1,0 +1,601 @@
+"""Training, evaluation and fine-tuning with knowledge distillation: one loop for all three.
+
+    train(model, data, epochs, ...)                       -> (model, history)
+    finetune(model, data, epochs, teacher=None, ...)      -> (model, history)   (train() with fine-tuning defaults)
+    evaluate(model, data, split="test", ...)              -> {"top1", "top5", "loss", "n"}
+
+Recipe: AdamW; the learning rate is set every step: a linear warm-up over `warmup_epochs`, then a
+cosine decay to lr * MIN_LR_FACTOR at the last step; cross-entropy with label smoothing; with a
+`teacher`, the loss is
+    kd_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - kd_weight) * CE
+(T = kd_temperature; the T^2 keeps the soft term's gradients on the scale of the hard one's).
+Mixed precision only on CUDA (bf16, or fp16 with loss scaling where bf16 is missing); on the CPU
+everything stays float32.
+
+Determinism: at the start of epoch e, torch's generator (augmentation) and the shuffle order are
+seeded from (seed, e). Nothing else random carries over between epochs, so the same command on
+the CPU gives bit-identical weights, and a run resumed after epoch e ends with the weights an
+uninterrupted one reaches (the model, the optimizer moments and the epoch count are checkpointed).
+
+Output folder OUT (out_dir):
+    OUT/config.json            } the model after the last completed epoch -- once training ends, the
+    OUT/model.safetensors      } final model. A save_model folder: load_model(OUT), `spikeprune evaluate OUT`
+    OUT/history.json           settings, per-epoch metrics (train loss / accuracy, calib accuracy),
+                               best calib epoch
+    OUT/checkpoint/            what --resume reads, replaced as one folder after every epoch:
+        model/                           the model (a save_model folder)
+        optimizer.safetensors            AdamW moments per parameter (plain tensors, no pickle)
+        train_state.json                 epochs done, global step, settings, seed, history,
+                                         optimizer hyper-parameters, loss-scaler state
+Every file is written under a temporary name and renamed into place, so an interrupted run (Ctrl-C,
+a crash, a NaN loss) leaves the last complete checkpoint and nothing half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .data import dataset_for_model, make_loader
+from .errors import SpikepruneError
+from .serialization import CONFIG_NAME, WEIGHTS_NAME, atomic_path, load_model, read_safetensors, save_model, write_json
+
+MIN_LR_FACTOR = 0.01  # the cosine ends at 1% of the peak learning rate
+STATE_FORMAT = "spikeprune-train-state"
+CHECKPOINT = "checkpoint"
+OPTIMIZER_NAME, STATE_NAME, HISTORY_NAME = "optimizer.safetensors", "train_state.json", "history.json"
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------
+def _as_loader(data, model, split: str, batch_size: int, workers: int = 0) -> DataLoader:
+    if isinstance(data, DataLoader):
+        return data
+    if isinstance(data, str):
+        data = dataset_for_model(data, model, split)
+    if isinstance(data, Dataset):
+        return make_loader(data, batch_size, workers=workers)
+    raise SpikepruneError(f"data must be a dataset spec (e.g. 'mnist5k'), a Dataset or a DataLoader, "
+                          f"not {type(data).__name__}")
+
+
+def _autocast(device: torch.device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _amp_dtype(device: torch.device, amp: bool):
+    if not amp or device.type != "cuda":
+        return None  # CPU autocast would only slow these small GEMMs down and change the numbers
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpikepruneError("--device cuda was asked for but this torch has no usable CUDA device; use --device cpu")
+    return device
+
+
+def evaluate(model: nn.Module, data, split: str = "test", batch_size: int = 256, device="cpu",
+             max_batches: int | None = None, progress: bool = True, amp: bool = False, workers: int = 0) -> dict:
+    """Top-1 / top-5 accuracy (fractions in [0, 1]), mean cross-entropy and image count of `model`
+    on `data`: a spec string (its `split` is loaded at the model's image size), a Dataset or a
+    DataLoader. Top-5 is top-k with k = the number of classes when there are fewer than 5.
+    The model is moved to `device` and left in the train/eval mode it came in."""
+    dev = _device(device)
+    loader = _as_loader(data, model, split, batch_size, workers)
+    total = len(loader) if max_batches is None else min(len(loader), max_batches)
+    model.to(dev)
+    was_training = model.training
+    model.eval()
+    n, hit1, hitk, loss_sum = 0, 0, 0, 0.0
+    name = getattr(loader.dataset, "name", None)
+    desc = f"eval {name}:{getattr(loader.dataset, 'split', split)}" if name else "eval"
+    try:
+        with torch.inference_mode(), _autocast(dev, _amp_dtype(dev, amp)):
+            for i, (images, labels) in enumerate(tqdm(loader, total=total, desc=desc, disable=not progress,
+                                                      leave=False, file=sys.stderr)):
+                if i >= total:
+                    break
+                images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+                logits = model(images).float()
+                k = min(5, logits.shape[1])
+                top = logits.topk(k, dim=1).indices
+                hit1 += (top[:, 0] == labels).sum().item()
+                hitk += (top == labels[:, None]).any(1).sum().item()
+                loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+                n += len(labels)
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise SpikepruneError("nothing was evaluated: the data is empty (or max_batches is 0)")
+    return {"top1": hit1 / n, "top5": hitk / n, "loss": loss_sum / n, "n": n}
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss and schedule
+# ------------------------------------------------------------------------------------------------
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, kd_weight: float,
+            temperature: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """kd_weight * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - kd_weight) * CE(student, labels)."""
+    T = temperature
+    soft = F.kl_div(F.log_softmax(student_logits / T, dim=1), F.log_softmax(teacher_logits / T, dim=1),
+                    reduction="batchmean", log_target=True)
+    hard = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
+    return kd_weight * T * T * soft + (1.0 - kd_weight) * hard
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float) -> float:
+    """Linear warm-up to `lr` over `warmup_steps`, then cosine to lr * MIN_LR_FACTOR at the last step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps - 1)
+    progress = min(1.0, (step - warmup_steps) / span)
+    low = lr * MIN_LR_FACTOR
+    return low + (lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(seed) * 100_003 + int(epoch)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: tensors in safetensors, everything else in JSON
+# ------------------------------------------------------------------------------------------------
+def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "state_scalars": scalars}
+
+
+def _optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for name, value in list(tensors.items()) + list(meta["state_scalars"].items()):
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    try:
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise SpikepruneError(f"the optimizer state in the checkpoint does not fit this model ({e})") from None
+
+
+def _write_checkpoint(out: Path, model, opt, scaler, state: dict, history_doc: dict) -> None:
+    tensors, opt_meta = _optimizer_to_files(opt)
+    state = dict(state, optimizer=opt_meta, scaler=scaler.state_dict() if scaler.is_enabled() else None)
+    from safetensors.torch import save_file
+
+    with atomic_path(out / CHECKPOINT, is_dir=True) as tmp:
+        save_model(model, tmp / "model", extra={"epochs_trained": state["epoch"], "data": state["settings"]["data"]})
+        save_file(tensors, str(tmp / OPTIMIZER_NAME))
+        (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+    # The top-level model is the checkpoint's, linked (not copied) and swapped in file by file.
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        with atomic_path(out / name) as tmp:
+            tmp.unlink()
+            try:
+                os.link(out / CHECKPOINT / "model" / name, tmp)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(out / CHECKPOINT / "model" / name, tmp)
+    write_json(out / HISTORY_NAME, history_doc)
+
+
+def _read_checkpoint(out: Path) -> tuple[Path, dict] | None:
+    ckpt = out / CHECKPOINT
+    old = out / f".{CHECKPOINT}.old"
+    if not ckpt.exists() and old.is_dir():  # killed in the middle of swapping the folders
+        os.replace(old, ckpt)
+    if not (ckpt / STATE_NAME).is_file():
+        return None
+    try:
+        state = json.loads((ckpt / STATE_NAME).read_text())
+    except json.JSONDecodeError as e:
+        raise SpikepruneError(f"{ckpt / STATE_NAME} is damaged ({e}); start a new run in another folder") from None
+    if state.get("format") != STATE_FORMAT:
+        raise SpikepruneError(f"{ckpt / STATE_NAME} is not a spikeprune training state")
+    return ckpt, state
+
+
+def _clean_stale_temps(out: Path) -> None:
+    """Remove temporary files a killed run may have left (ours only: '.<name>.*.tmp')."""
+    for name in (CHECKPOINT, WEIGHTS_NAME, CONFIG_NAME, HISTORY_NAME):
+        for p in out.glob(f".{name}.*.tmp"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+def _describe_data(data) -> str:
+    if isinstance(data, str):
+        return data
+    ds = getattr(data, "dataset", data)
+    return f"{getattr(ds, 'name', type(ds).__name__)}:{getattr(ds, 'split', '?')} ({len(ds)} images)"
+
+
+def train(model: nn.Module, data, epochs: int, *, lr: float = 5e-4, weight_decay: float = 0.05,
+          warmup_epochs: float = 1.0, batch_size: int = 64, label_smoothing: float = 0.1, device="cpu",
+          amp: bool = True, seed: int = 0, out_dir: str | os.PathLike | None = None, resume: bool = False,
+          overwrite: bool = False, teacher: nn.Module | None = None, kd_weight: float = 0.5,
+          kd_temperature: float = 4.0, max_grad_norm: float | None = None, progress: bool = True,
+          val_data=None, augment: bool = True, workers: int = 0, eval_batch_size: int = 256,
+          max_steps_per_epoch: int | None = None) -> tuple[nn.Module, list[dict]]:
+    """Train `model` in place for `epochs` epochs and return (model, history).
+
+    data: a spec string ("mnist5k", "cifar10:DIR", ...: trains on its "train" split, with
+    augmentation when `augment`, and measures the "calib" split after every epoch), or a Dataset
+    (then `val_data`, if given, is measured each epoch). teacher: distil from this model's logits
+    (see kd_loss). out_dir: write checkpoints (layout in the module docstring); `resume` continues
+    the run found there; `overwrite` replaces a finished or different run. max_steps_per_epoch cuts
+    epochs short (quick trials, timing). The model (and teacher, put in eval mode) move to `device`;
+    `amp` takes effect on CUDA only. Raises SpikepruneError when the loss becomes NaN/inf, keeping
+    the last good checkpoint and restoring its weights into `model`.
+    """
+    if epochs < 1:
+        raise SpikepruneError(f"epochs must be at least 1, got {epochs}")
+    if lr <= 0 or batch_size < 1 or not 0 <= label_smoothing < 1 or not 0 <= kd_weight <= 1 or kd_temperature <= 0:
+        raise SpikepruneError("need lr > 0, batch_size >= 1, 0 <= label_smoothing < 1, 0 <= kd_weight <= 1 "
+                              f"and kd_temperature > 0 (got lr={lr}, batch_size={batch_size}, label_smoothing="
+                              f"{label_smoothing}, kd_weight={kd_weight}, kd_temperature={kd_temperature})")
+    dev = _device(device)
+    if isinstance(data, str):
+        train_ds = dataset_for_model(data, model, "train", augment=augment)
+        val_data = dataset_for_model(data, model, "calib") if val_data is None else val_data
+    elif isinstance(data, Dataset):
+        train_ds = data
+    else:
+        raise SpikepruneError(f"train() takes a dataset spec or a Dataset, not {type(data).__name__}")
+    if isinstance(val_data, str):
+        val_data = dataset_for_model(val_data, model, "calib")
+
+    steps_per_epoch = len(make_loader(train_ds, batch_size, shuffle=True, drop_last=True))
+    if max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, int(max_steps_per_epoch))
+    total_steps, warmup_steps = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
+    settings = dict(data=_describe_data(data), epochs=epochs, lr=lr, weight_decay=weight_decay,
+                    warmup_epochs=warmup_epochs, batch_size=batch_size, label_smoothing=label_smoothing,
+                    seed=seed, max_grad_norm=max_grad_norm, augment=augment, teacher=teacher is not None,
+                    kd_weight=kd_weight if teacher is not None else None,
+                    kd_temperature=kd_temperature if teacher is not None else None,
+                    max_steps_per_epoch=max_steps_per_epoch)
+
+    model.to(dev)
+    if teacher is not None:
+        teacher.to(dev).eval()
+    # No weight decay on biases and BatchNorm parameters (1-D tensors), as usual for transformers.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    amp_dtype = _amp_dtype(dev, amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    out = Path(out_dir) if out_dir is not None else None
+    created_out = False
+    start_epoch, history, best = 0, [], None
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise SpikepruneError(f"{out} exists and is not a folder; choose another output folder")
+        created_out = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        _clean_stale_temps(out)
+        found = _read_checkpoint(out)
+        if found and resume:
+            start_epoch, history, best = _resume(out, found, model, opt, scaler, settings, epochs, dev)
+        elif found or (out / CONFIG_NAME).exists():
+            if not overwrite:
+                raise SpikepruneError(f"{out} already holds a training run; pass --resume to continue it, "
+                                      "--force to replace it, or choose another folder")
+            for name in (CHECKPOINT, CONFIG_NAME, WEIGHTS_NAME, HISTORY_NAME):
+                p = out / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        elif resume and progress:
+            tqdm.write(f"nothing to resume in {out}: starting a new run", file=sys.stderr)
+    elif resume:
+        raise SpikepruneError("resume needs the output folder of the interrupted run (out_dir / -o)")
+
+    def loss_fn(images, logits, labels):
+        if teacher is None:
+            return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        with torch.no_grad():
+            t_logits = teacher(images).float()
+        return kd_loss(logits, t_logits, labels, kd_weight, kd_temperature, label_smoothing)
+
+    def schedule(step):
+        return lr_at(step, total_steps, warmup_steps, lr)
+
+    try:
+        for epoch in range(start_epoch, epochs):
+            t0 = time.time()
+            torch.manual_seed(_epoch_seed(seed, epoch))  # augmentation draws
+            loader = make_loader(train_ds, batch_size, shuffle=True, seed=_epoch_seed(seed, epoch), workers=workers,
+                                 drop_last=True)
+            record = _train_epoch(model, loader, loss_fn, opt, scaler, schedule, epoch, epochs, steps_per_epoch,
+                                  dev, amp_dtype, max_grad_norm, progress, out)
+            record.update(calib_top1=None, calib_top5=None, calib_loss=None)
+            if val_data is not None:
+                m = evaluate(model, val_data, split="calib", batch_size=eval_batch_size, device=dev,
+                             progress=progress, amp=amp)
+                record.update(calib_top1=m["top1"], calib_top5=m["top5"], calib_loss=m["loss"])
+                if best is None or m["top1"] > best["calib_top1"]:
+                    best = {"epoch": epoch + 1, "calib_top1": m["top1"]}
+            record["seconds"] = round(time.time() - t0, 2)
+            history.append(record)
+            if progress:
+                calib = f"  calib top-1 {record['calib_top1']:.2%}" if record["calib_top1"] is not None else ""
+                tqdm.write(f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.4f}  train top-1 "
+                           f"{record['train_top1']:.2%}{calib}  ({record['seconds']:.0f} s)", file=sys.stderr)
+            if out is not None:
+                state = {"format": STATE_FORMAT, "version": 1, "epoch": epoch + 1,
+                         "step": (epoch + 1) * steps_per_epoch, "settings": settings,
+                         "seed_rule": "torch.manual_seed and shuffle seed = seed * 100003 + epoch",
+                         "best": best, "history": history}
+                doc = {"settings": settings, "epochs_done": epoch + 1, "best": best, "history": history}
+                _write_checkpoint(out, model, opt, scaler, state, doc)
+    except BaseException:
+        if out is not None and created_out and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that saved nothing leaves no empty folder behind
+        raise
+    return model, history
+
+
+def _train_epoch(model, loader, loss_fn, opt, scaler, schedule, epoch, epochs, steps, dev, amp_dtype,
+                 max_grad_norm, progress, out) -> dict:
+    """One pass over `loader` (at most `steps` batches); returns the epoch's training metrics."""
+    model.train()
+    loss_sum, hits, seen, cur_lr = 0.0, 0, 0, None
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False,
+               file=sys.stderr, dynamic_ncols=True)
+    for i, (images, labels) in enumerate(bar):
+        if i >= steps:
+            break
+        cur_lr = schedule(epoch * steps + i)
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+        with _autocast(dev, amp_dtype):
+            logits = model(images).float()
+            loss = loss_fn(images, logits, labels)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            bar.close()
+            _non_finite(out, model, loss_value, epoch, i, cur_lr, dev)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if max_grad_norm:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        scaler.step(opt)
+        scaler.update()
+        loss_sum += loss_value * len(labels)
+        hits += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{hits / seen:.3f}", lr=f"{cur_lr:.2e}", refresh=False)
+    bar.close()
+    return {"epoch": epoch + 1, "lr": cur_lr, "train_loss": loss_sum / seen, "train_top1": hits / seen}
+
+
+def _resume(out: Path, found, model, opt, scaler, settings: dict, epochs: int, dev) -> tuple[int, list, dict]:
+    ckpt, state = found
+    saved = load_model(ckpt / "model")
+    if saved.config_dict() != model.config_dict():
+        raise SpikepruneError(f"the model in {ckpt} has a different architecture than the one given; resume "
+                              "with the same MODEL (and --set options) as the interrupted run")
+    model.load_state_dict(saved.state_dict())
+    model.to(dev)
+    _optimizer_from_files(opt, read_safetensors(ckpt / OPTIMIZER_NAME, str(dev)), state["optimizer"])
+    if state.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    done = int(state["epoch"])
+    if done > epochs:
+        raise SpikepruneError(f"{out} has already trained {done} epochs, more than the {epochs} asked for")
+    changed = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
+    if changed:
+        # Allowed (e.g. a lower lr after a NaN), but then the run no longer equals an uninterrupted one.
+        tqdm.write("resuming with changed settings: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
+                   file=sys.stderr)
+    return done, list(state["history"]), state.get("best")
+
+
+def _non_finite(out, model, value, epoch, step, lr, dev):
+    found = _read_checkpoint(out) if out is not None else None
+    if found:
+        model.load_state_dict(load_model(found[0] / "model").state_dict())
+        model.to(dev)
+        kept = f"the last good checkpoint (epoch {found[1]['epoch']}) is kept in {out} and its weights restored"
+    else:
+        kept = "no epoch had completed, so nothing was saved"
+    raise SpikepruneError(
+        f"training stopped: the loss became {value} at epoch {epoch + 1}, step {step + 1} (lr {lr:.3g}); {kept}. "
+        "Try a lower --lr (e.g. half), gradient clipping (--max-grad-norm 1), a longer --warmup-epochs or --no-amp, "
+        "then --resume or start again")
+
+
+def finetune(model: nn.Module, data, epochs: int, teacher: nn.Module | None = None, kd_weight: float = 0.5,
+             kd_temperature: float = 4.0, lr: float = 1e-4, warmup_epochs: float = 0.0, **kwargs):
+    """Fine-tune (e.g. a pruned model) with train(): a lower peak lr, no warm-up, and knowledge
+    distillation from `teacher` (e.g. the dense model) when given. Returns (model, history)."""
+    return train(model, data, epochs, lr=lr, warmup_epochs=warmup_epochs, teacher=teacher, kd_weight=kd_weight,
+                 kd_temperature=kd_temperature, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+def _add_training_args(p: argparse.ArgumentParser, lr: float, warmup: float, smoothing: float) -> None:
+    from .cli import DATA_HELP, add_device_arg
+
+    p.add_argument("--data", default="mnist5k", metavar="NAME[:PATH]", help=DATA_HELP + " (default mnist5k)")
+    p.add_argument("--epochs", type=int, required=True, help="passes over the training split")
+    p.add_argument("-o", "--out", required=True, metavar="OUT",
+                   help="output folder: the model (OUT is loadable as MODEL), history.json, checkpoint/ for --resume")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate of AdamW (default {lr:g})")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
+    p.add_argument("--warmup-epochs", type=float, default=warmup,
+                   help=f"epochs of linear learning-rate warm-up before the cosine decay (default {warmup:g})")
+    p.add_argument("--label-smoothing", type=float, default=smoothing,
+                   help=f"label smoothing of the cross-entropy, 0..1 (default {smoothing:g})")
+    p.add_argument("--max-grad-norm", type=float, default=None, help="clip gradients to this norm (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same weights on the CPU (default 0)")
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="train without data augmentation")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision on CUDA")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut each epoch short (quick trials)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in OUT")
+    p.add_argument("--force", action="store_true", help="replace a finished or different run in OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_arg(p)
+
+
+def _training_kwargs(args) -> dict:
+    return dict(lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                batch_size=args.batch_size, label_smoothing=args.label_smoothing, device=args.device, amp=args.amp,
+                seed=args.seed, out_dir=args.out, resume=args.resume, overwrite=args.force,
+                max_grad_norm=args.max_grad_norm, progress=not args.quiet, augment=args.augment, workers=args.workers,
+                max_steps_per_epoch=args.max_steps_per_epoch)
+
+
+def _model_args(p: argparse.ArgumentParser, what: str) -> None:
+    from .cli import MODEL_HELP, add_model_args
+
+    p.add_argument("model_spec", metavar="MODEL", help=f"{what}: " + MODEL_HELP)
+    add_model_args(p, positional=False)
+
+
+def _resolve_seeded(args):
+    from .cli import resolve_model
+
+    torch.manual_seed(args.seed)  # the initial weights of a preset depend on it
+    return resolve_model(args)
+
+
+def _describe_model(model, spec: str) -> str:
+    n = sum(p.numel() for p in model.parameters())
+    preset = getattr(model, "preset", None)
+    return f"{spec} ({preset + ', ' if preset and preset != spec else ''}{n:,} parameters)"
+
+
+def cmd_train(args) -> int:
+    model = _resolve_seeded(args)
+    model, history = train(model, args.data, args.epochs, **_training_kwargs(args))
+    test = evaluate(model, args.data, split="test", device=args.device, progress=not args.quiet)
+    last = history[-1] if history else {}
+    calib = f"calib top-1 {last['calib_top1']:.2%}, " if last.get("calib_top1") is not None else ""
+    print(f"trained {_describe_model(model, args.model_spec)} for {len(history)} epochs on {args.data}: "
+          f"{calib}test top-1 {test['top1']:.2%}, test top-5 {test['top5']:.2%}")
+    print(f"saved to {args.out}  (try: spikeprune evaluate {args.out} --data {args.data})")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .cli import print_json, resolve_model
+
+    model = resolve_model(args)
+    m = evaluate(model, args.data, split=args.split, batch_size=args.batch_size, device=args.device,
+                 max_batches=args.max_batches, progress=not args.quiet, workers=args.workers)
+    k = min(5, model.cfg.num_classes) if hasattr(model, "cfg") else 5
+    if args.json:
+        print_json({"model": args.model_spec, "data": args.data, "split": args.split, **m, "top5_k": k})
+        return 0
+    rows = [("model", _describe_model(model, args.model_spec)), ("data", f"{args.data}, split {args.split}"),
+            ("images", f"{m['n']}"), ("top-1", f"{m['top1']:.2%}"), (f"top-{k}", f"{m['top5']:.2%}"),
+            ("loss", f"{m['loss']:.4f}")]
+    for name, value in rows:
+        print(f"{name:8s} {value}")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .cli import print_json, resolve_model
+
+    model = _resolve_seeded(args)
+    teacher = None
+    if args.teacher:
+        teacher = resolve_model(argparse.Namespace(model_spec=args.teacher, preset=None, checkpoint=None, overrides=[]))
+    progress = not args.quiet
+
+    def accuracy(m):
+        return {s: evaluate(m, args.data, split=s, device=args.device, progress=progress)["top1"]
+                for s in ("calib", "test")}
+
+    before = accuracy(model)
+    model, history = finetune(model, args.data, args.epochs, teacher=teacher, kd_weight=args.kd_weight,
+                              kd_temperature=args.kd_temperature, **_training_kwargs(args))
+    after = accuracy(model)
+    if args.json:
+        print_json({"model": args.model_spec, "data": args.data, "teacher": args.teacher, "out": args.out,
+                    "before": before, "after": after, "history": history})
+        return 0
+    print(f"fine-tuned {_describe_model(model, args.model_spec)} for {args.epochs} epochs on {args.data}"
+          + (f" with distillation from {args.teacher} (weight {args.kd_weight:g}, T {args.kd_temperature:g})"
+             if teacher is not None else ""))
+    print(f"{'':8s} {'calib top-1':>12s} {'test top-1':>11s}")
+    for name, acc in (("before", before), ("after", after)):
+        print(f"{name:8s} {acc['calib']:12.2%} {acc['test']:11.2%}")
+    print(f"saved to {args.out}")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    from .cli import add_data_args, add_device_arg, add_model_args
+
+    p = subparsers.add_parser(
+        "train", help="train a model (a preset from scratch, or continue a saved one)",
+        description="Train a Spikformer with AdamW (warm-up + cosine schedule), label smoothing, augmentation, "
+                    "and a checkpoint after every epoch. The calib split is measured each epoch; the test split "
+                    "once at the end. Same --seed, same weights (CPU).",
+        epilog="example: spikeprune train spikformer-2-128-mnist --data mnist5k --epochs 12 -o runs/mnist")
+    _model_args(p, "what to train (a preset starts from random weights)")
+    _add_training_args(p, lr=5e-4, warmup=1.0, smoothing=0.1)
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser(
+        "evaluate", help="accuracy (top-1, top-5) and loss of a model on a dataset split",
+        description="Measure a model's top-1 / top-5 accuracy and mean cross-entropy on one split.",
+        epilog="example: spikeprune evaluate runs/mnist --data mnist5k --split test --json")
+    add_model_args(p)
+    add_data_args(p)
+    add_device_arg(p)
+    p.add_argument("--split", default="test", choices=["train", "calib", "test"],
+                   help="test (default) for final figures; calib is what pruning decisions use")
+    p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (a quick look)")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = subparsers.add_parser(
+        "finetune", help="fine-tune a (pruned) model, optionally distilling from the dense one",
+        description="Fine-tune a model with a low learning rate; with --teacher the loss mixes knowledge "
+                    "distillation on logits (KL at temperature T, weight --kd-weight) with cross-entropy. "
+                    "Prints calib and test top-1 before and after.",
+        epilog="example: spikeprune finetune runs/pruned --teacher bundled --data mnist5k --epochs 2 -o runs/ft")
+    _model_args(p, "the model to fine-tune")
+    p.add_argument("--teacher", metavar="MODEL", default=None,
+                   help="distil from this model (a saved folder, a preset, or `bundled`); default: no distillation")
+    p.add_argument("--kd-weight", type=float, default=0.5, help="weight of the distillation term, 0..1 (default 0.5)")
+    p.add_argument("--kd-temperature", type=float, default=4.0,
+                   help="softmax temperature T for distillation (default 4)")
+    p.add_argument("--json", action="store_true", help="print before/after accuracy as one JSON object")
+    _add_training_args(p, lr=1e-4, warmup=0.0, smoothing=0.1)
+    p.set_defaults(func=cmd_finetune)
