@@ -80,6 +80,9 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, extra: dict | No
     meta = {"format": FORMAT, "version": 1, **model.config_dict()}
     if getattr(model, "preset", None):
         meta["preset"] = model.preset
+    extra = dict(extra or {})
+    if getattr(model, "pruning", None) and "pruning" not in extra:
+        extra["pruning"] = model.pruning  # the dense widths it descends from: `inspect` compares to them
     if extra:
         meta["extra"] = extra
     with atomic_path(path, is_dir=True) as tmp:
@@ -116,6 +119,9 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu") -> torch.nn.M
     state = read_safetensors(Path(path) / WEIGHTS_NAME, map_location)
     _load_exact(model, state, source=str(path))
     model.preset = meta.get("preset")
+    pruning = (meta.get("extra") or {}).get("pruning")
+    if pruning:
+        model.pruning = pruning
     return model
 
 

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from spikeprune import measure as M
+import importlib
+
+M = importlib.import_module("spikeprune.measure")  # the package binds the function `measure`
 from spikeprune.errors import SpikepruneError
 from spikeprune.models import build_from_config, create_model
 

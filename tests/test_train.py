@@ -1,5 +1,6 @@
 """Training, evaluation and fine-tuning on a tiny model and the bundled digits: metrics, learning,
 determinism, resume, NaN handling, distillation, atomic outputs and the CLI."""
+import importlib
 import json
 from pathlib import Path
 
@@ -7,12 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import spikeprune.train as train_mod
 from spikeprune.cli import main
 from spikeprune.data import load_dataset, make_loader
 from spikeprune.errors import SpikepruneError
 from spikeprune.serialization import load_model, save_model
 from spikeprune.train import evaluate, finetune, kd_loss, lr_at, train
+
+train_mod = importlib.import_module("spikeprune.train")  # the package binds the function `train`
 
 FAST = dict(progress=False, max_steps_per_epoch=4, batch_size=32, lr=3e-3)
 

@@ -1,0 +1,98 @@
+"""What a (pruned) model looks like next to the dense model it came from.
+
+Where the dense widths come from: `prune` records the dense model's whole config on the pruned
+model (`model.pruning["dense_config"]`) and the prune command saves that record in config.json
+under `extra.pruning`, so `spikeprune inspect OUT/model` rebuilds the dense model from it. A model
+with no record (never pruned, or pruned and then saved with a bare `save_model` call) is shown
+against itself, and the report says so: its dense widths are unknown, and deriving them from the
+config's embed_dim would be wrong for a model whose residual width was pruned.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .groups import groups as model_groups
+
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def _layers(model: nn.Module) -> dict[str, dict]:
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, _WEIGHTED):
+            w = m.weight
+            out[name] = {"type": type(m).__name__, "in": int(w.shape[1]), "out": int(w.shape[0]),
+                         "params": sum(p.numel() for p in m.parameters(recurse=False))}
+    return out
+
+
+def _totals(model: nn.Module) -> dict:
+    from .measure import count_macs, count_params, memory_bytes
+
+    return {"params": int(count_params(model)), "memory_bytes": {k: int(v) for k, v in memory_bytes(model).items()},
+            "macs": int(count_macs(model))}
+
+
+def inspect_model(model: nn.Module) -> dict:
+    """Groups and layers with current and dense widths; params, memory and MACs of both."""
+    from .models import build_from_config
+
+    rec = getattr(model, "pruning", None) or {}
+    dense = build_from_config(rec["dense_config"]) if rec.get("dense_config") else model
+    dense_groups = {g.name: g for g in model_groups(dense)}
+    dense_layers = _layers(dense)
+    now, ref = _totals(model), _totals(dense)
+    cfg = model.cfg
+    return {
+        "family": model.family,
+        "layout": cfg.layout,
+        "input": [cfg.in_channels, cfg.img_size, cfg.img_size],
+        "num_classes": cfg.num_classes,
+        "T": cfg.T,
+        "dense_known": bool(rec.get("dense_config")),
+        "dense_preset": rec.get("dense_preset") if rec else getattr(model, "preset", None),
+        "groups": [{"name": g.name, "kind": g.kind, "unit": g.unit, "size": g.size,
+                    "dense_size": dense_groups[g.name].size, "params": g.params,
+                    "dense_params": dense_groups[g.name].params} for g in model_groups(model)],
+        "layers": [{"name": n, **d, "dense_in": dense_layers[n]["in"], "dense_out": dense_layers[n]["out"],
+                    "dense_params": dense_layers[n]["params"]} for n, d in _layers(model).items()],
+        "total": now,
+        "dense_total": ref,
+        "kept_fraction": {"params": now["params"] / ref["params"], "macs": now["macs"] / max(ref["macs"], 1)},
+        "removed": rec.get("removed", {}),
+        "notes": rec.get("notes", []),
+    }
+
+
+def _human(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_report(r: dict) -> str:
+    lines = [f"{r['family']} ({r['layout']} layout), input {r['input'][0]}x{r['input'][1]}x{r['input'][2]}, "
+             f"{r['num_classes']} classes, T={r['T']}"]
+    if r["dense_known"]:
+        lines.append(f"pruned from {r['dense_preset'] or 'a dense model'} (its widths are shown as 'dense')")
+    else:
+        lines.append("no pruning record: shown against itself (dense = current widths)")
+    lines += ["", f"{'group':22s} {'unit':8s} {'now':>6s} {'dense':>6s} {'kept':>6s} {'params':>10s}"]
+    for g in r["groups"]:
+        lines.append(f"{g['name']:22s} {g['unit']:8s} {g['size']:6d} {g['dense_size']:6d} "
+                     f"{g['size'] / g['dense_size']:6.0%} {_human(g['params']):>10s}")
+    lines += ["", f"{'layer':34s} {'type':7s} {'in x out (now)':>16s} {'in x out (dense)':>17s} {'params':>9s}"]
+    for ly in r["layers"]:
+        lines.append(f"{ly['name']:34s} {ly['type']:7s} {str(ly['in']) + ' x ' + str(ly['out']):>16s} "
+                     f"{str(ly['dense_in']) + ' x ' + str(ly['dense_out']):>17s} {_human(ly['params']):>9s}")
+    t, d = r["total"], r["dense_total"]
+    lines += [
+        "",
+        f"params      {t['params']:>14,d}   dense {d['params']:>14,d}   ({r['kept_fraction']['params']:.1%} kept)",
+        f"memory fp32 {t['memory_bytes']['fp32']:>14,d} B dense {d['memory_bytes']['fp32']:>14,d} B",
+        f"memory int8 {t['memory_bytes']['int8']:>14,d} B dense {d['memory_bytes']['int8']:>14,d} B",
+        f"MACs/image  {t['macs']:>14,d}   dense {d['macs']:>14,d}   ({r['kept_fraction']['macs']:.1%} kept)",
+    ]
+    lines += [f"note: {n}" for n in r["notes"]]
+    return "\n".join(lines)

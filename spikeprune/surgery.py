@@ -1,0 +1,343 @@
+"""Physical surgery: turn per-group ratios into a smaller, ordinary model.
+
+    pruned = prune(model, {"residual": 0.25, "block*.mlp.hidden": 0.5}, importance="l2")
+
+Three steps, each readable on its own:
+  1. `plan`: match the ratio keys to groups, score the units of every group that loses some
+     (importance.py), and decide the kept unit indices per group -- all on the *input* model, so
+     every index refers to it ("dense") whatever else is pruned in the same call.
+  2. Compose: a layer slice cut by several groups keeps the intersection of what each keeps
+     (q's output channels: the heads group keeps whole heads, the qk group keeps dims within
+     every head). Intersection does not depend on order, so groups apply "all at once".
+  3. `apply_plan`: build a fresh model of the same family from a config with the smaller widths
+     (on the meta device: no time spent initialising weights that are overwritten) and load the
+     sliced weights, biases and BatchNorm running statistics into it. The result is a plain
+     model whose config alone describes it, so save_model / load_model just work.
+
+Kept counts (float ratio r on a group of n units):
+  removed = floor(r * n + 0.5) (round half up), kept = n - removed, never below 1: if r would
+  remove every unit, one is kept (the best-scored) and a SpikepruneWarning says so. Then, when
+  round_to > 1, kept is rounded *up* to a multiple of round_to (pruning a little less, never
+  more), capped at n. qk and v groups apply this to the head dim (every head keeps the same
+  number of dims, the best-scored within that head), so round_to=8 makes every head dim, and so
+  qk_dim / v_dim, a multiple of 8. Head counts (the heads group) are not rounded: round_to is
+  about channel widths. Explicit kept-index lists are taken as given.
+
+The attention scale stays the config's fixed 0.125 whatever the head dim: that is the reference
+model's behaviour and what makes a pruned model compute exactly what the dense model computes
+with the removed channels zeroed (tests/test_surgery.py proves it).
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import numbers
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import SpikepruneError
+from .groups import Group, groups as model_groups, resizer
+
+
+class SpikepruneWarning(UserWarning):
+    """Something was adjusted rather than refused (e.g. a ratio that would empty a group)."""
+
+
+@dataclass
+class Plan:
+    """What `prune` will do: kept unit indices per group (on the input model), and why."""
+    groups: list[Group]
+    kept: dict[str, list[int]]  # every group; untouched ones keep range(size)
+    requested: dict[str, float | list[int]]  # group name -> what the caller asked for
+    notes: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(idx) for name, idx in self.kept.items()}
+
+    def removed(self) -> dict[str, float]:
+        """Fraction of units actually removed, for every group that lost some."""
+        out = {}
+        for g in self.groups:
+            n = len(self.kept[g.name])
+            if n < g.size:
+                out[g.name] = round(1 - n / g.size, 6)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Step 1: plan
+# ------------------------------------------------------------------------------------------------
+def kept_count(size: int, ratio: float, round_to: int = 1) -> tuple[int, bool]:
+    """Units kept out of `size` when removing `ratio` of them; (count, clamped-to-one?)."""
+    kept = size - math.floor(ratio * size + 0.5)
+    clamped = kept < 1
+    kept = max(kept, 1)
+    if round_to > 1:
+        kept = min(size, math.ceil(kept / round_to) * round_to)
+    return kept, clamped
+
+
+def match_ratios(names: list[str], ratios: dict) -> dict[str, tuple[str, object]]:
+    """Group name -> (the key that chose it, its value). Exact names win over glob patterns;
+    two patterns claiming the same group is an error (which one was meant is unclear)."""
+    if not isinstance(ratios, dict):
+        raise SpikepruneError(f"ratios must be a dict of group name or pattern -> ratio or kept indices, "
+                              f"got {type(ratios).__name__}")
+    out: dict[str, tuple[str, object]] = {}
+    by_pattern: dict[str, str] = {}
+    for key, value in ratios.items():
+        if not isinstance(key, str):
+            raise SpikepruneError(f"ratio keys are group names or glob patterns (strings), got {key!r}")
+        if key in names:
+            continue
+        hits = fnmatch.filter(names, key)
+        if not hits:
+            listing = ", ".join(names[:10]) + (f", ... ({len(names)} groups)" if len(names) > 10 else "")
+            raise SpikepruneError(f"{key!r} matches no group of this model; groups are: {listing}. "
+                                  "`spikeprune inspect MODEL` lists them all")
+        for name in hits:
+            if name in by_pattern:
+                raise SpikepruneError(f"group {name} is matched by both {by_pattern[name]!r} and {key!r}; "
+                                      "make the patterns disjoint or name the group exactly")
+            by_pattern[name] = key
+            out[name] = (key, value)
+    for key, value in ratios.items():
+        if key in names:
+            out[key] = (key, value)  # an exact name overrides any pattern
+    return out
+
+
+def _check_ratio(key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise SpikepruneError(f"ratio for {key!r} must be a fraction in [0, 1) or a list of kept indices, got {value!r}")
+    r = float(value)
+    if not (0.0 <= r < 1.0):  # also refuses NaN
+        raise SpikepruneError(f"ratio for {key!r} is {value}: a ratio is the fraction of units to remove, "
+                              "in [0, 1) (1 would remove everything; give kept indices to keep specific ones)")
+    return r
+
+
+def _check_indices(g: Group, key: str, value) -> list[int]:
+    what = "head" if g.unit == "head" else "channel"
+    if len(value) == 0:
+        raise SpikepruneError(f"kept indices for {g.name} (from {key!r}) are empty: at least one {what} must stay")
+    if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in value):
+        raise SpikepruneError(f"kept indices for {g.name} must be integers, got {list(value)[:8]}")
+    value = [int(i) for i in value]  # numpy integers too
+    bad = [i for i in value if not 0 <= i < g.size]
+    if bad:
+        raise SpikepruneError(f"kept indices for {g.name} must lie in [0, {g.size}); out of range: {bad[:8]}")
+    if len(set(value)) != len(value):
+        raise SpikepruneError(f"kept indices for {g.name} repeat some {what}s: "
+                              f"{sorted(i for i, n in Counter(value).items() if n > 1)[:8]}")
+    kept = sorted(value)
+    if g.heads > 1:
+        d = g.head_dim
+        per_head = [sum(1 for i in kept if i // d == h) for h in range(g.heads)]
+        if len(set(per_head)) != 1:
+            raise SpikepruneError(
+                f"kept indices for {g.name} keep {per_head} channels in heads 0..{g.heads - 1}: every head "
+                f"must keep the same number (head h owns channels h*{d} .. h*{d}+{d - 1}), so the "
+                "[heads, head_dim] reshape stays valid. Prune whole heads with the heads group")
+    return kept
+
+
+def _top(s: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k best scores, ascending; ties keep the lower index (stable order)."""
+    order = torch.sort(-s.to(torch.float64), stable=True).indices[:k]
+    return sorted(order.tolist())
+
+
+def _select(g: Group, s: torch.Tensor, ratio: float, round_to: int, notes: list[str]) -> list[int]:
+    if s.shape != (g.size,):
+        raise SpikepruneError(f"importance for {g.name} has shape {tuple(s.shape)}, expected ({g.size},)")
+    if g.heads > 1:  # per head: the same count in every head, chosen within the head
+        d = g.head_dim
+        k, clamped = kept_count(d, ratio, round_to)
+        kept = [h * d + i for h in range(g.heads) for i in _top(s[h * d:(h + 1) * d], k)]
+        unit, n = "dim per head", d
+    else:
+        k, clamped = kept_count(g.size, ratio, 1 if g.unit == "head" else round_to)
+        kept = _top(s, k)
+        unit, n = g.unit, g.size
+    if clamped:
+        msg = (f"{g.name}: ratio {ratio:g} would remove every {unit} (of {n}); kept the best-scored one. "
+               f"Use a smaller ratio{' or prune the heads group' if g.heads > 1 else ''} if this is not wanted")
+        warnings.warn(msg, SpikepruneWarning, stacklevel=4)
+        notes.append(msg)
+    elif round_to > 1 and ratio > 0 and k != kept_count(n, ratio)[0]:
+        notes.append(f"{g.name}: round_to={round_to} keeps {k} of {n}{' per head' if g.heads > 1 else ''} "
+                     f"instead of {kept_count(n, ratio)[0]}")
+    return kept
+
+
+def _scores_for(model, groups: list[Group], importance, data, score_kw) -> dict[str, torch.Tensor]:
+    if not groups:
+        return {}
+    if isinstance(importance, str):
+        from .importance import scores
+
+        return scores(model, importance, data, names=[g.name for g in groups], **score_kw)
+    if isinstance(importance, dict):
+        missing = [g.name for g in groups if g.name not in importance]
+        if missing:
+            raise SpikepruneError(f"the importance scores given have no entry for {missing[:5]}")
+        return {g.name: torch.as_tensor(importance[g.name]).detach().cpu() for g in groups}
+    if callable(importance):
+        return {g.name: torch.as_tensor(importance(model, g)).detach().cpu() for g in groups}
+    raise SpikepruneError(f"importance must be a criterion name, a dict of scores or a function, got {importance!r}")
+
+
+def plan(model: nn.Module, ratios: dict, importance="l2", round_to: int = 1, data=None, **score_kw) -> Plan:
+    """Decide the kept units of every group (see the module docstring for the rules)."""
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise SpikepruneError(f"round_to must be a positive integer, got {round_to!r}")
+    gs = model_groups(model)
+    by_name = {g.name: g for g in gs}
+    chosen = match_ratios(list(by_name), ratios)
+    kept = {g.name: list(range(g.size)) for g in gs}
+    requested: dict = {}
+    to_score: dict[str, float] = {}
+    for name, (key, value) in chosen.items():
+        g = by_name[name]
+        if isinstance(value, (list, tuple, range)) or getattr(value, "ndim", 0) == 1:  # also tensors, arrays
+            idx = value.tolist() if hasattr(value, "tolist") else list(value)
+            kept[name] = _check_indices(g, key, idx)
+            requested[name] = kept[name]
+        else:
+            r = _check_ratio(key, value)
+            requested[name] = r
+            if r > 0:
+                to_score[name] = r
+    notes: list[str] = []
+    scored = _scores_for(model, [by_name[n] for n in to_score], importance, data, score_kw)
+    for name, r in to_score.items():
+        kept[name] = _select(by_name[name], scored[name], r, round_to, notes)
+    return Plan(groups=gs, kept=kept, requested=requested, notes=notes)
+
+
+# ------------------------------------------------------------------------------------------------
+# Steps 2 and 3: compose and cut
+# ------------------------------------------------------------------------------------------------
+def kept_channels(p: Plan) -> dict[tuple[str, int], torch.Tensor]:
+    """(module, dim) -> kept channel indices: the intersection over every group cutting it."""
+    out: dict[tuple[str, int], set] = {}
+    for g in p.groups:
+        units = p.kept[g.name]
+        if len(units) == g.size:
+            continue
+        for m in g.members:
+            w = m.unit_width
+            chans = {u * w + j for u in units for j in range(w)}
+            key = (m.module, m.dim)
+            out[key] = out[key] & chans if key in out else chans
+    return {k: torch.tensor(sorted(v), dtype=torch.long) for k, v in out.items()}
+
+
+def apply_plan(model: nn.Module, p: Plan) -> nn.Module:
+    """A new model with the plan's widths and the kept slices of every weight and statistic."""
+    cut = kept_channels(p)
+    with torch.device("meta"):  # shapes only; every tensor is loaded below
+        new = resizer(model)(model, p.counts())
+    state = {}
+    for key, t in model.state_dict().items():
+        module = key.rpartition(".")[0]
+        sliced = False
+        for dim in (0, 1):
+            idx = cut.get((module, dim))
+            if idx is not None and t.dim() > dim:  # num_batches_tracked (0-d), biases on dim 1: untouched
+                t = t.index_select(dim, idx.to(t.device))
+                sliced = True
+        state[key] = t if sliced else t.clone()
+    try:
+        new.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:  # a group declaration that misses a layer shows up here
+        raise SpikepruneError(f"internal: the group declaration for {model.family} does not cover a "
+                              f"layer the widths change ({str(e).splitlines()[0]} ...)") from None
+    for dense_p, new_p in zip(model.parameters(), new.parameters()):
+        new_p.requires_grad_(dense_p.requires_grad)
+    new.train(model.training)
+    return new
+
+
+def prune(model: nn.Module, ratios: dict, importance="l2", round_to: int = 1, data=None, **score_kw) -> nn.Module:
+    """A new, physically smaller model; `model` is left untouched.
+
+    ratios      {group name or glob pattern: fraction to remove in [0, 1), or the kept indices}
+                e.g. {"residual": 0.25, "block*.mlp.hidden": 0.5, "block0.attn.heads": [0, 2]}
+    importance  a criterion name (importance.CRITERIA), a dict group name -> scores, or a
+                function (model, group) -> scores; lowest scores are removed first
+    round_to    kept channel counts rounded up to a multiple of this (8: hardware-friendly)
+    data        calibration data for the data-driven criteria (taylor, firing)
+    score_kw    passed to importance.scores (batches, batch_size, seed, progress)
+
+    The new model carries `pruning`: the dense config it descends from, the kept count of every
+    group, the ratios asked for and removed, and notes (e.g. a ratio that was clamped).
+    """
+    p = plan(model, ratios, importance, round_to, data, **score_kw)
+    new = apply_plan(model, p)
+    prev = getattr(model, "pruning", None) or {}
+    new.pruning = {
+        "dense_config": prev.get("dense_config") or (model.config_dict() if hasattr(model, "config_dict") else None),
+        "dense_preset": prev.get("dense_preset", getattr(model, "preset", None)),
+        "importance": importance if isinstance(importance, str) else "custom",
+        "round_to": round_to,
+        "requested": {k: v for k, v in p.requested.items() if not isinstance(v, list)},
+        "removed": p.removed(),
+        "kept": p.counts(),
+        "notes": p.notes,
+    }
+    new.preset = None  # no longer the preset; the dense one is recorded above
+    return new
+
+
+# ------------------------------------------------------------------------------------------------
+# The uniform ratios (the `uniform` policy of `spikeprune prune`, pipeline.py, uses them)
+# ------------------------------------------------------------------------------------------------
+UNIFORM_KINDS = ("stem", "residual", "qk", "v", "hidden")
+
+
+def uniform_ratios(model: nn.Module, ratio: float, skip: list[str] = ()) -> dict[str, float]:
+    """The same ratio for every channel group: PSViT's step 1, "uniform channel-wise filter
+    pruning", prunes every layer's output filters by one ratio, and every Conv / Linear output
+    belongs to exactly one channel group (stem, residual, qk, v, hidden). Heads groups are left
+    out: qk and v already thin every head, and removing heads as well would prune twice."""
+    skip = list(skip)
+    names = [g.name for g in model_groups(model) if g.kind in UNIFORM_KINDS]
+    for pat in skip:
+        if not fnmatch.filter(names, pat):
+            raise SpikepruneError(f"--skip {pat!r} matches no channel group; groups are: {', '.join(names[:10])} ...")
+    return {n: ratio for n in names if not any(fnmatch.fnmatch(n, pat) for pat in skip)}
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI: spikeprune inspect
+# ------------------------------------------------------------------------------------------------
+def cmd_inspect(args) -> int:
+    from .cli import print_json, resolve_model
+    from .inspect import format_report, inspect_model
+
+    model = resolve_model(args)  # load_model restores the pruning record (the dense widths)
+    report = inspect_model(model)
+    if args.json:
+        print_json(report)
+    else:
+        print(format_report(report))
+    return 0
+
+
+def register_cli(sub) -> None:
+    from .cli import add_model_args
+
+    # `spikeprune prune` lives in pipeline.py (registered by spikeprune.policies): one command and one
+    # run-folder layout for every policy, the fixed ones (uniform --uniform R, groups --ratio) included.
+    q = sub.add_parser("inspect", help="per-layer widths of a (pruned) model beside the dense ones, params, memory, MACs",
+                       description="Show a model's groups and layers with their current and dense widths, and its "
+                                   "parameters, memory and MACs against the dense model's.")
+    add_model_args(q)
+    q.add_argument("--json", action="store_true", help="print the report as JSON")
+    q.set_defaults(func=cmd_inspect)
