@@ -1,0 +1,729 @@
+"""PrimeSVT: automated, memory-aware, prioritized compression under accuracy and memory limits.
+
+The seed paper gives only the outline (sort layers by size, find the robust ones, compress them
+one after another, largest first, with L2-ranked channel filters, until the memory target is met
+within the accuracy limit). The numbers it leaves open are defined here, and the run report
+repeats them:
+
+1. Ranking. The prunable groups (spikeprune.groups: the coupled channel sets that play the
+   papers' "layers") are sorted by `memory_bytes`, the fp32 bytes of every parameter whose size
+   depends on the group, largest first (ties by name, so the order is reproducible).
+
+2. Robust targets. With L the accuracy limit (`--max-acc-drop`, points of top-1), a group is
+   robust when, pruned alone in the sensitivity analysis (shared with PSViT; decisions use the
+   calibration split), its accuracy drop stays at or below
+
+        threshold = L / ROBUST_DIVISOR        (ROBUST_DIVISOR = 2, so 1.5 points for L = 3)
+
+   at every tested ratio up to ROBUST_MAX_RATIO = 0.5 (if the grid holds no ratio that small, at
+   its smallest ratio). Why half of L: the single-group drops of several groups roughly add up
+   in the cumulative model, and a group that eats more than half the budget already at moderate
+   ratios leaves too little for the others. Why "up to 0.5": robustness is about moderate
+   pruning; how far a robust group really goes is measured in step 3, not predicted here.
+   (L = 0 gives threshold 0: robust only if the group loses nothing at all.)
+
+3. Prioritized sequential compression. Robust groups are visited largest first. For each, the
+   largest ratio that keeps the *measured* calibration top-1 of the cumulative model (every
+   earlier step applied) within L of the dense model is kept:
+   - candidates are the sensitivity grid's ratios whose single-group drop is at most L (a ratio
+     that alone breaks the limit is not worth a calibration pass), tried from the largest down;
+     the first that passes wins, since trying them all would cost a pass each;
+   - then REFINE_STEPS bisection steps between the winner and the next larger grid ratio (which
+     failed or was screened out) push the ratio further (two steps: a quarter of a grid step);
+   - when a memory target exists and this group can reach it alone, the smallest ratio that
+     reaches it is tried first ("just enough"): if it passes, it is taken and the run stops with
+     the most accuracy left, rather than overshooting the target with a larger ratio.
+   Ratios are fractions of the group's current width, removed by the engine's importance
+   criterion (L2 by default, `--importance` for any other). A ratio that removes nothing (too
+   small for a narrow group) or that the engine refuses counts as infeasible; ratios that round
+   to the same width share one calibration pass.
+
+4. Stop. As soon as the model's memory at `--precision` is within the budget, the run stops
+   (constraints met). If every robust group has been visited and the budget is still not met,
+   the best model found (the last one, which is within the accuracy limit) is returned with
+   constraints_met false and the shortfall: bytes over the budget, and that as a fraction of the
+   dense model's memory (the same unit as --target-saving). With no memory target, every robust
+   group is compressed as far as the accuracy limit allows.
+
+Constraints: --max-acc-drop L (default DEFAULT_MAX_ACC_DROP = 3 points), --target-saving s in
+(0, 1) (budget = dense * (1 - s)) or --memory-budget B (bytes, units per spikeprune.units), both
+at --precision fp32|fp16|int8. Contradictions are errors with the numbers: a negative L, s outside
+(0, 1), a budget at or above the dense size, a budget below the smallest model the groups allow
+(every group at its minimum width), or s and B both given but naming budgets more than
+CONSISTENCY_TOLERANCE (0.5%) of the dense size apart (when they agree, the tighter one is used).
+Memory is spikeprune.measure.memory_bytes at the chosen precision.
+
+Resume: after each visited group (accepted or skipped) the accepted steps (group, ratio, kept
+unit indices) and the visited groups are checkpointed atomically (RUN/steps/primesvt_progress.json);
+a rerun replays the accepted steps from their kept indices -- exact whatever the importance
+criterion, no search and no calibration pass -- and goes on from the next group.
+
+Options (`spikeprune prune --policy primesvt`, the default policy): --robust-divisor K,
+--robust-max-ratio R, --refine-steps N override the three constants above. The policy's
+summary.json keys: "order" (groups in the order compressed), "steps" (per step: group, ratio,
+requested_ratio, calib_top1, acc_drop, memory_bytes, memory_saved, reason, evaluations,
+size_before, size_after), "shortfall" (null, or bytes / fraction / budget_bytes / memory_bytes),
+"primesvt" (the settings, the ranking with each group's robustness verdict, skipped groups, cost);
+plots/primesvt_trajectory.png is embedded in report.md with a PrimeSVT section.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from ..errors import SpikepruneError
+from ..pipeline import DEFAULT_MAX_ACC_DROP, PRECISIONS, PolicyResult, PruneContext, register_policy
+from ..units import format_bytes, parse_bytes
+
+ROBUST_DIVISOR = 2.0
+ROBUST_MAX_RATIO = 0.5
+REFINE_STEPS = 2
+CONSISTENCY_TOLERANCE = 0.005  # of the dense size: --target-saving and --memory-budget may differ by rounding
+_EPS = 1e-9
+
+
+# ------------------------------------------------------------------------------------------------
+# Constraints
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ResolvedConstraints:
+    """The user's limits, checked and turned into one memory budget in bytes at `precision`."""
+
+    max_acc_drop: float  # points of top-1 against the dense model
+    precision: str
+    dense_bytes: int  # the dense model at `precision`
+    min_bytes: int  # every group at its minimum width, at `precision`
+    budget_bytes: int | None = None  # None: no memory target
+    target_saving: float | None = None  # the fraction the budget amounts to (given or derived)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_constraints(max_acc_drop: float | None, target_saving: float | None,
+                        memory_budget: str | int | None, precision: str | None,
+                        dense_bytes: int, min_bytes: int) -> ResolvedConstraints:
+    """Check the constraints against each other and the model; raise SpikepruneError with numbers."""
+    precision = precision or "fp32"
+    if precision not in PRECISIONS:
+        raise SpikepruneError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    L = DEFAULT_MAX_ACC_DROP if max_acc_drop is None else float(max_acc_drop)
+    if not math.isfinite(L) or L < 0:
+        raise SpikepruneError(f"--max-acc-drop must be a non-negative number of top-1 points, got {max_acc_drop}")
+    if L > 100:
+        raise SpikepruneError(f"--max-acc-drop is in points of top-1 (0-100), got {L}; did you mean {L / 100:g}?")
+    dense, small = f"{dense_bytes:,} bytes ({format_bytes(dense_bytes)})", f"{min_bytes:,} bytes ({format_bytes(min_bytes)})"
+
+    budget_from_saving = None
+    if target_saving is not None:
+        s = float(target_saving)
+        if not (0 < s < 1):
+            raise SpikepruneError(f"--target-saving is a fraction of the dense model's memory strictly between 0 and 1 "
+                                  f"(0.25 = save a quarter), got {target_saving}")
+        budget_from_saving = int(math.floor(dense_bytes * (1 - s)))
+    budget = None if memory_budget is None else parse_bytes(memory_budget)
+
+    if budget is not None and budget_from_saving is not None:
+        gap = abs(budget - budget_from_saving)
+        if gap > CONSISTENCY_TOLERANCE * dense_bytes:
+            raise SpikepruneError(
+                f"--target-saving {target_saving} and --memory-budget {memory_budget} contradict each other: the dense "
+                f"model is {dense} at {precision}, so a saving of {float(target_saving):.2%} means a budget of "
+                f"{budget_from_saving:,} bytes, but the budget given is {budget:,} bytes ({gap:,} bytes apart). "
+                "Give only one of them.")
+    # Both given and consistent: the tighter one, as the pipeline's constraint check reads them.
+    budget = min((b for b in (budget, budget_from_saving) if b is not None), default=None)
+    if budget is None:
+        return ResolvedConstraints(L, precision, dense_bytes, min_bytes)
+
+    if budget >= dense_bytes:
+        raise SpikepruneError(
+            f"memory budget {budget:,} bytes ({format_bytes(budget)}) is not below the dense model's {dense} at "
+            f"{precision}: there is nothing to prune for it. Give a smaller budget, or a lower --precision.")
+    if budget < min_bytes:
+        raise SpikepruneError(
+            f"memory budget {budget:,} bytes ({format_bytes(budget)}) is below the smallest model pruning can reach: "
+            f"{small} at {precision} with every group at its minimum width (dense: {dense}, so at most "
+            f"{1 - min_bytes / dense_bytes:.2%} can be saved). Raise the budget or use a lower --precision.")
+    saving = 1 - budget / dense_bytes
+    return ResolvedConstraints(L, precision, dense_bytes, min_bytes, budget_bytes=budget,
+                       target_saving=float(target_saving) if target_saving is not None else saving)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ranking and robustness
+# ------------------------------------------------------------------------------------------------
+def rank_groups(groups: Iterable[Any]) -> list[Any]:
+    """Groups by `memory_bytes` (fp32 bytes of the parameters that depend on them), largest first."""
+    return sorted(groups, key=lambda g: (-int(g.memory_bytes), g.name))
+
+
+def robust_threshold(max_acc_drop: float, divisor: float = ROBUST_DIVISOR) -> float:
+    """The largest single-group drop (points) a robust group may show; see the module docstring."""
+    if divisor <= 0:
+        raise SpikepruneError(f"--robust-divisor must be positive (threshold = max-acc-drop / K), got {divisor:g}")
+    return max_acc_drop / divisor
+
+
+@dataclass
+class Robustness:
+    """Why a group is, or is not, a pruning target."""
+
+    group: str
+    robust: bool
+    checked: list[tuple[float, float]]  # (ratio, single-group drop in points) that decided it
+    worst_drop: float | None
+    reason: str
+
+
+def select_robust(table: Any, ranked: Sequence[str], threshold: float,
+                  max_ratio: float = ROBUST_MAX_RATIO) -> list[Robustness]:
+    """Judge every group of `ranked` (names, largest first) on the sensitivity table's rows.
+
+    The ratios that count are every tested ratio <= max_ratio, or the smallest tested ratio when
+    the grid has none that small. Returned in the order of `ranked`.
+    """
+    out = []
+    for name in ranked:
+        rows = sorted(((float(r["ratio"]), float(r["acc_drop"])) for r in table.for_group(name)), key=lambda x: x[0])
+        if not rows:
+            out.append(Robustness(name, False, [], None, "not in the sensitivity table"))
+            continue
+        checked = [x for x in rows if x[0] <= max_ratio + _EPS] or rows[:1]
+        worst = max(d for _, d in checked)
+        upto = f"{checked[-1][0]:g}"
+        if worst <= threshold + _EPS:
+            why = f"drop <= {threshold:.2f} points at every tested ratio up to {upto} (worst {worst:.2f})"
+        else:
+            bad = next(r for r, d in checked if d > threshold + _EPS)
+            why = f"drop {worst:.2f} > {threshold:.2f} points (first at ratio {bad:g})"
+        out.append(Robustness(name, worst <= threshold + _EPS, checked, worst, why))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The sequential loop (pure: the pruning, memory and accuracy come in as callables)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Target:
+    """A robust group to visit, with its sensitivity grid: ratio -> single-group drop (points)."""
+
+    group: str
+    predicted: dict[float, float]
+
+
+@dataclass
+class Step:
+    """One accepted compression: the cumulative model after it, as summary.json lists it."""
+
+    group: str
+    ratio: float  # fraction of the group's width at that moment that was removed (after rounding)
+    requested_ratio: float  # the ratio the search asked the engine for
+    calib_top1: float  # cumulative model, calibration split, fraction
+    acc_drop: float  # points against the dense model
+    memory_bytes: int  # cumulative model at the run's precision
+    memory_saved: float  # fraction of the dense model's memory
+    reason: str  # "largest feasible ratio" or "smallest ratio meeting the memory budget"
+    evaluations: int  # calibration passes this group's search cost
+    kept: list | None = None  # kept indices, when the engine reports them (for an exact replay)
+    size_before: int | None = None
+    size_after: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Progress:
+    """Where the walk stands: what a checkpoint stores and a resumed run starts from."""
+
+    model: Any
+    steps: list[Step] = field(default_factory=list)
+    visited: list[str] = field(default_factory=list)  # every group decided, accepted or skipped
+    skipped: list[dict] = field(default_factory=list)  # {"group", "reason"}
+
+
+@dataclass
+class Outcome:
+    model: Any
+    steps: list[Step]
+    skipped: list[dict]
+    memory_bytes: int
+    calib_top1: float
+    met: bool  # the memory budget is met (True when there is none)
+    stop_reason: str
+    shortfall_bytes: int  # bytes over the budget (0 when met)
+    shortfall_frac: float  # the same, as a fraction of the dense memory
+    evaluations: int  # calibration passes spent by the search in this process
+    surgeries: int
+
+
+@dataclass
+class _Trial:
+    ratio: float
+    model: Any
+    memory_bytes: int
+    top1: float | None = None
+    kept: list | None = None
+
+
+class _Search:
+    """Searches one group's ratio on the current model; counts the calibration passes it spends."""
+
+    def __init__(self, loop: "SequentialCompression", model: Any, target: Target, mem_now: int):
+        self.loop, self.model, self.target, self.mem_now = loop, model, target, mem_now
+        self.evaluations = 0
+        self.grid = sorted(target.predicted)
+        self.seen: dict = {}  # width (kept indices, or bytes) -> top-1: ratios that round alike cost one pass
+
+    def prune(self, ratio: float) -> _Trial | None:
+        """The model with `ratio` of the group removed; None when the engine refuses or nothing goes."""
+        loop = self.loop
+        loop.surgeries += 1
+        try:
+            pruned = loop.prune_fn(self.model, self.target.group, ratio)
+        except SpikepruneError as e:  # e.g. a ratio that would empty the group: not a candidate
+            loop.log(f"  {self.target.group} @ {ratio:.3f}: refused by the engine ({e})")
+            return None
+        model, kept = pruned if isinstance(pruned, tuple) else (pruned, None)
+        mem = int(loop.memory_fn(model))
+        if mem >= self.mem_now:  # the ratio rounds to zero channels for this group
+            return None
+        return _Trial(ratio, model, mem, kept=kept)
+
+    def measure(self, t: _Trial) -> bool:
+        """Measure the cumulative model's calibration top-1; True when it is within the limit."""
+        key = tuple(t.kept) if t.kept is not None else t.memory_bytes
+        again = key in self.seen
+        if not again:
+            self.evaluations += 1
+            self.seen[key] = float(self.loop.accuracy_fn(t.model))
+        t.top1 = self.seen[key]
+        drop = self.loop.drop(t.top1)
+        ok = drop <= self.loop.max_acc_drop + _EPS
+        self.loop.log(f"  {self.target.group} @ {t.ratio:.3f}: memory {format_bytes(t.memory_bytes)}, "
+                      f"calib top-1 {t.top1:.2%} (drop {drop:.2f}) -> {'ok' if ok else 'over the limit'}"
+                      + (" (same width as a ratio already measured)" if again else ""))
+        return ok
+
+    def evaluate(self, ratio: float) -> tuple[_Trial | None, bool]:
+        """(trial, feasible) for pruning `ratio` of the group; (None, False) when nothing goes."""
+        t = self.prune(ratio)
+        return (None, False) if t is None else (t, self.measure(t))
+
+    def ratio_for_budget(self, budget: int) -> float | None:
+        """The smallest ratio (to bisect_tol) whose memory is within `budget`, if the grid's top reaches it.
+
+        Memory only shrinks as the ratio grows, so bisection on surgery + byte counting (no data
+        pass) finds it.
+        """
+        hi = self.grid[-1]
+        t = self.prune(hi)
+        if t is None or t.memory_bytes > budget:
+            return None
+        lo = 0.0
+        while hi - lo > self.loop.bisect_tol:
+            mid = (lo + hi) / 2
+            t = self.prune(mid)
+            if t is not None and t.memory_bytes <= budget:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+    def run(self, budget: int | None) -> tuple[_Trial | None, str]:
+        L, best, fail_above = self.loop.max_acc_drop, None, None
+        if budget is not None:
+            need = self.ratio_for_budget(budget)
+            if need is not None:
+                t, ok = self.evaluate(need)
+                if ok:
+                    return t, "smallest ratio meeting the memory budget"
+                fail_above = need
+        candidates = [r for r in reversed(self.grid) if self.target.predicted[r] <= L + _EPS
+                      and (fail_above is None or r < fail_above)]
+        for r in candidates:
+            t, ok = self.evaluate(r)
+            if t is None:
+                continue  # nothing removed or refused at this ratio; a smaller one may still work
+            if ok:
+                best = t
+                break
+            fail_above = r
+        if best is None:
+            return None, ("no tested ratio keeps the cumulative model within the accuracy limit"
+                          if candidates else "every grid ratio alone breaks the accuracy limit")
+        # Refine between the winner and the next larger ratio known (or predicted) to fail; a grid
+        # top that passed is not extrapolated beyond.
+        bounds = ([fail_above] if fail_above is not None else []) + [r for r in self.grid if r > best.ratio + _EPS][:1]
+        lo, hi = best.ratio, (min(bounds) if bounds else None)
+        for _ in range(self.loop.refine if hi is not None else 0):
+            mid = (lo + hi) / 2
+            t = self.prune(mid)
+            if t is None:
+                hi = mid
+            elif t.memory_bytes >= best.memory_bytes:
+                lo = mid  # rounds to the same width as the winner: no pass needed, look further up
+            elif self.measure(t):
+                best, lo = t, mid
+            else:
+                hi = mid
+        return best, "largest feasible ratio"
+
+
+class SequentialCompression:
+    """PrimeSVT's walk over the robust groups, largest first (module docstring, items 3 and 4).
+
+    prune_fn(model, group, ratio) -> new model, or (new model, kept indices); raises SpikepruneError
+        when the engine refuses the ratio.
+    memory_fn(model) -> bytes at the run's precision (cheap: no data).
+    accuracy_fn(model) -> calibration top-1 as a fraction.
+    size_fn(model, group) -> the group's current width (optional, for the summary).
+    on_step(progress) is called after every group is decided (accepted or skipped): the
+        checkpoint hook. A resumed run passes the Progress it restored as `start`.
+    """
+
+    def __init__(self, *, prune_fn: Callable, memory_fn: Callable, accuracy_fn: Callable,
+                 dense_top1: float, dense_bytes: int, max_acc_drop: float, budget_bytes: int | None = None,
+                 refine: int = REFINE_STEPS, bisect_tol: float = 1e-3, size_fn: Callable | None = None,
+                 on_step: Callable | None = None, log: Callable = print):
+        if refine < 0:
+            raise SpikepruneError(f"refine steps must be >= 0, got {refine}")
+        self.prune_fn, self.memory_fn, self.accuracy_fn, self.size_fn = prune_fn, memory_fn, accuracy_fn, size_fn
+        self.dense_top1, self.dense_bytes = float(dense_top1), int(dense_bytes)
+        self.max_acc_drop, self.budget = float(max_acc_drop), budget_bytes
+        self.refine, self.bisect_tol = int(refine), float(bisect_tol)
+        self.on_step, self.log = on_step, log
+        self.surgeries = 0
+
+    def drop(self, top1: float) -> float:
+        return (self.dense_top1 - top1) * 100.0
+
+    def met(self, mem: int) -> bool:
+        return self.budget is None or mem <= self.budget
+
+    def run(self, model: Any, targets: Sequence[Target], start: Progress | None = None) -> Outcome:
+        prog = start or Progress(model)
+        evaluations = 0
+        mem = int(self.memory_fn(prog.model))
+        top1 = prog.steps[-1].calib_top1 if prog.steps else self.dense_top1
+        stop_reason = "every robust group visited"
+        for target in targets:
+            if self.budget is not None and mem <= self.budget:
+                break
+            if target.group in prog.visited:
+                continue  # decided before a restart
+            self.log(f"PrimeSVT: {target.group} (memory now {format_bytes(mem)})")
+            size_before = self.size_fn(prog.model, target.group) if self.size_fn else None
+            search = _Search(self, prog.model, target, mem)
+            best, reason = search.run(self.budget)
+            evaluations += search.evaluations
+            if best is None:
+                prog.skipped.append({"group": target.group, "reason": reason})
+                self.log(f"  skipped: {reason}")
+            else:
+                prog.model, mem, top1 = best.model, best.memory_bytes, best.top1
+                size_after = self.size_fn(prog.model, target.group) if self.size_fn else None
+                actual = 1 - size_after / size_before if size_before else best.ratio
+                step = Step(target.group, round(actual, 6), round(best.ratio, 6), top1, round(self.drop(top1), 4),
+                            mem, 1 - mem / self.dense_bytes, reason, search.evaluations, best.kept, size_before,
+                            size_after)
+                prog.steps.append(step)
+                self.log(f"  accepted: {step.ratio:.1%} of {target.group} removed ({reason}); memory {format_bytes(mem)} "
+                         f"({step.memory_saved:.2%} saved), calib top-1 {top1:.2%}")
+            prog.visited.append(target.group)
+            if self.on_step:
+                self.on_step(prog)
+        if self.budget is not None and mem <= self.budget:
+            stop_reason = "memory budget met"
+        short = 0 if self.met(mem) else mem - self.budget
+        return Outcome(prog.model, prog.steps, prog.skipped, mem, top1, self.met(mem), stop_reason,
+                       short, short / self.dense_bytes, evaluations, self.surgeries)
+
+
+# ------------------------------------------------------------------------------------------------
+# The policy on a real model, inside the pipeline's run (spikeprune prune --policy primesvt)
+# ------------------------------------------------------------------------------------------------
+CHECKPOINT = "primesvt_progress"  # RUN/steps/primesvt_progress.json
+
+
+def minimum_kept(groups_: Iterable[Any], round_to: int = 1) -> dict[str, list[int]]:
+    """Kept indices that leave every group at its minimum width: one head; one channel (or
+    round_to, as the engine rounds up) per group, or per head for the per-head qk / v groups."""
+    kept = {}
+    for g in groups_:
+        if g.unit == "head":
+            kept[g.name] = [0]
+        elif g.heads > 1:
+            d = g.head_dim
+            kept[g.name] = [h * d + i for h in range(g.heads) for i in range(min(d, round_to))]
+        else:
+            kept[g.name] = list(range(min(g.size, round_to)))
+    return kept
+
+
+def minimum_memory(model: Any, precision: str, round_to: int = 1) -> int:
+    """Memory at `precision` of the smallest model pruning can reach: every group at its minimum
+    width. Built on the meta device (shapes only): the byte count comes from the config."""
+    import torch
+
+    from ..groups import groups, resizer
+    from ..measure import memory_bytes
+
+    counts = {name: len(idx) for name, idx in minimum_kept(groups(model), round_to).items()}
+    with torch.device("meta"):
+        tiny = resizer(model)(model, counts)
+    return int(memory_bytes(tiny)[precision])
+
+
+class _Pruner:
+    """The loop's prune_fn on a real model: (model, group, ratio) -> (pruned model, kept indices).
+
+    Scores are computed once per (model, group): every candidate ratio of one search ranks the
+    same units, and taylor / firing scores cost a data pass. The kept indices are returned so a
+    resumed run replays a step exactly, whatever the criterion.
+    """
+
+    def __init__(self, ctx: PruneContext):
+        self.ctx = ctx
+        self._model, self._group, self._scores = None, None, None
+
+    def _score(self, model, group: str):
+        from ..importance import DATA_CRITERIA, scores
+
+        ctx = self.ctx
+        data = ctx.calib if ctx.importance in DATA_CRITERIA else None
+        return scores(model, ctx.importance, data, names=[group], batches=ctx.calib_batches,
+                      batch_size=min(ctx.batch_size, 64), seed=ctx.seed)[group]
+
+    def __call__(self, model, group: str, ratio: float):
+        from ..surgery import SpikepruneWarning, plan
+
+        if self._model is not model or self._group != group:  # holds a reference: no id reuse
+            self._model, self._group, self._scores = model, group, self._score(model, group)
+        with warnings.catch_warnings():
+            # A ratio that would empty a group keeps one unit; the search sees the real width.
+            warnings.simplefilter("ignore", SpikepruneWarning)
+            kept = plan(model, {group: ratio}, importance={group: self._scores}, round_to=self.ctx.round_to).kept[group]
+        return self.apply(model, group, kept), kept
+
+    def apply(self, model, group: str, kept: list[int]):
+        from ..surgery import prune
+
+        return prune(model, {group: list(kept)}, round_to=self.ctx.round_to).eval()
+
+
+def _group_size(model, group: str) -> int:
+    from ..groups import group_map
+
+    return group_map(model)[group].size
+
+
+def _save_progress(ctx: PruneContext, key: dict, prog: Progress) -> None:
+    """Checkpoint after each visited group (atomic JSON): what a killed run resumes from."""
+    ctx.checkpoint(CHECKPOINT, {"key": key, "steps": [s.to_dict() for s in prog.steps],
+                                "visited": list(prog.visited), "skipped": list(prog.skipped)})
+
+
+def _restore(ctx: PruneContext, key: dict, pruner: _Pruner) -> Progress | None:
+    """Replay the accepted steps of an interrupted run (exact: kept indices), or None."""
+    saved = ctx.load_checkpoint(CHECKPOINT)
+    if not saved:
+        return None
+    if saved.get("key") != key:
+        ctx.log("PrimeSVT: the saved progress belongs to other settings; starting the search afresh")
+        return None
+    model = ctx.model
+    steps = [Step(**s) for s in saved["steps"]]
+    for s in steps:
+        model = pruner.apply(model, s.group, s.kept)
+        if ctx.memory(model) != s.memory_bytes:
+            ctx.log(f"PrimeSVT: replaying {s.group} did not give the saved size; starting the search afresh")
+            return None
+    ctx.log(f"PrimeSVT: resumed after {len(saved['visited'])} visited groups ({len(steps)} steps replayed)")
+    return Progress(model, steps, list(saved["visited"]), list(saved["skipped"]))
+
+
+def _final_record(dense, model, steps: list[Step]) -> dict:
+    """The pruning record of the final model, against the dense model (surgery's record only
+    describes the last call, and PrimeSVT makes one call per step)."""
+    from ..groups import groups
+
+    before = {g.name: g.size for g in groups(dense)}
+    after = {g.name: g.size for g in groups(model)}
+    rec = dict(getattr(model, "pruning", None) or {})
+    rec.update(removed={n: round(1 - after[n] / before[n], 6) for n in before if after.get(n, before[n]) < before[n]},
+               kept=after, requested={s.group: s.requested_ratio for s in steps},
+               notes=[f"PrimeSVT step {i + 1}: {s.group} {s.size_before} -> {s.size_after}" for i, s in enumerate(steps)])
+    return rec
+
+
+def plot_trajectory(path, dense_bytes: int, dense_top1: float, steps: Sequence[Step], max_acc_drop: float,
+                    budget_bytes: int | None, precision: str) -> None:
+    """Memory against calibration top-1 after each step, numbered and labelled with its group."""
+    from ..report import FIGSIZE, _plt, _save
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(FIGSIZE[0] + 1.5, FIGSIZE[1] + 0.8))
+    xs = [dense_bytes / 1e6] + [s.memory_bytes / 1e6 for s in steps]
+    ys = [100 * dense_top1] + [100 * s.calib_top1 for s in steps]
+    ax.plot(xs, ys, "o-", color="tab:blue", ms=5, lw=1.2, label="after each step")
+    ax.plot(xs[:1], ys[:1], "k*", ms=13, label="dense")
+    for i, s in enumerate(steps, 1):
+        ax.annotate(f"{i}. {s.group} (-{s.ratio:.0%})", (xs[i], ys[i]), textcoords="offset points",
+                    xytext=(4, 6 if i % 2 else -12), fontsize=7)
+    ax.axhline(100 * dense_top1 - max_acc_drop, color="tab:red", ls="--", lw=1, label=f"accuracy limit (-{max_acc_drop:g} pts)")
+    if budget_bytes is not None:
+        ax.axvline(budget_bytes / 1e6, color="tab:green", ls="--", lw=1, label=f"memory budget ({format_bytes(budget_bytes)})")
+    ax.invert_xaxis()  # compression proceeds to the right
+    ax.set_xlabel(f"model memory at {precision} (MB, 10^6 bytes)")
+    ax.set_ylabel("calibration top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title("PrimeSVT compression trajectory (largest robust groups first)")
+    _save(fig, path)
+
+
+def _report_section(cons: ResolvedConstraints, divisor: float, max_ratio: float, refine: int, threshold: float,
+                    ranked: list, judged: list[Robustness], out: Outcome, dense_top1: float) -> str:
+    """Markdown for report.md: the definitions used, the ranking, the steps, the outcome."""
+    by = {j.group: j for j in judged}
+    L = cons.max_acc_drop
+    lines = [
+        f"Limit {L:g} points of calibration top-1; memory counted at **{cons.precision}** "
+        f"(dense {format_bytes(cons.dense_bytes)}, smallest reachable {format_bytes(cons.min_bytes)}); "
+        + (f"budget {format_bytes(cons.budget_bytes)} ({cons.budget_bytes:,} bytes, a saving of "
+           f"{cons.target_saving:.2%})." if cons.budget_bytes is not None else "no memory target: every robust group "
+           "is compressed as far as the limit allows."),
+        "",
+        f"**Robust** means: pruned alone (sensitivity analysis, calibration split), the group loses at most "
+        f"{threshold:.2f} points (= limit / {divisor:g}) at every tested ratio up to {max_ratio:g}. Robust groups "
+        f"are compressed one after another, largest first; each gets the largest grid ratio (then {refine} bisection "
+        "steps toward the next one) that keeps the *measured* calibration top-1 of the cumulative model within the "
+        "limit, and the step that can reach the memory budget takes the smallest ratio that does.",
+        "",
+        "| rank | group | params | fp32 memory | robust | worst drop (points) | why |", "|---|---|---|---|---|---|---|"]
+    for i, g in enumerate(ranked, 1):
+        j = by[g.name]
+        worst = "-" if j.worst_drop is None else f"{j.worst_drop:.2f}"
+        lines.append(f"| {i} | {g.name} | {g.params:,} | {format_bytes(g.memory_bytes)} | {'yes' if j.robust else 'no'} "
+                     f"| {worst} | {j.reason} |")
+    lines += ["", "Compression steps (calibration split, cumulative model):", ""]
+    if out.steps:
+        lines += ["| step | group | width | removed | calib top-1 | drop (points) | memory | saved | passes | why |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for i, s in enumerate(out.steps, 1):
+            lines.append(f"| {i} | {s.group} | {s.size_before} -> {s.size_after} | {s.ratio:.1%} | {s.calib_top1:.2%} "
+                         f"| {s.acc_drop:.2f} | {format_bytes(s.memory_bytes)} | {s.memory_saved:.2%} | {s.evaluations} "
+                         f"| {s.reason} |")
+    else:
+        lines.append("No step was accepted: the model is returned unpruned.")
+    for sk in out.skipped:
+        lines.append(f"- skipped {sk['group']}: {sk['reason']}")
+    lines.append("")
+    if out.met and cons.budget_bytes is not None:
+        lines.append(f"**Memory budget met** after {len(out.steps)} step(s): {format_bytes(out.memory_bytes)} "
+                     f"<= {format_bytes(cons.budget_bytes)}.")
+    elif not out.met:
+        lines.append(f"**Memory budget not met.** Every robust group was compressed as far as the accuracy limit "
+                     f"allows; the best feasible model needs {format_bytes(out.memory_bytes)}, "
+                     f"**{out.shortfall_bytes:,} bytes ({format_bytes(out.shortfall_bytes)}) over the budget**, i.e. "
+                     f"{out.shortfall_frac:.2%} of the dense model short of the {cons.target_saving:.2%} saving asked "
+                     f"({1 - out.memory_bytes / cons.dense_bytes:.2%} reached). To get there: allow a larger "
+                     "--max-acc-drop, count memory at a lower --precision, or fine-tune and prune again.")
+    else:
+        lines.append(f"No memory target: {1 - out.memory_bytes / cons.dense_bytes:.2%} saved within the limit.")
+    lines.append(f"Search cost: {out.evaluations} calibration passes and {out.surgeries} surgeries in this session.")
+    return "\n".join(lines)
+
+
+def _add_args(g) -> None:
+    g.add_argument("--robust-divisor", type=float, default=None, metavar="K",
+                   help=f"a group is robust when its single-group drop stays <= max-acc-drop / K (default {ROBUST_DIVISOR:g})")
+    g.add_argument("--robust-max-ratio", type=float, default=None, metavar="R",
+                   help=f"robustness is judged on every tested ratio up to R (default {ROBUST_MAX_RATIO:g})")
+    g.add_argument("--refine-steps", type=int, default=None, metavar="N",
+                   help=f"bisection steps between grid ratios per group (default {REFINE_STEPS})")
+
+
+def _option(ctx: PruneContext, name: str, default):
+    value = ctx.options.get(name)
+    return default if value is None else value
+
+
+@register_policy("primesvt", add_args=_add_args,
+                 help="PrimeSVT: compress the robust groups one after another, largest first, until the memory "
+                      "target is met within the accuracy limit (the default policy)")
+def primesvt(ctx: PruneContext) -> PolicyResult:
+    """PrimeSVT (module docstring): rank, pick robust groups, compress them in order, stop at the target."""
+    from ..groups import groups
+
+    divisor = float(_option(ctx, "robust_divisor", ROBUST_DIVISOR))
+    max_ratio = float(_option(ctx, "robust_max_ratio", ROBUST_MAX_RATIO))
+    refine = int(_option(ctx, "refine_steps", REFINE_STEPS))
+    if not 0 < max_ratio < 1:
+        raise SpikepruneError(f"--robust-max-ratio is a pruning ratio in (0, 1), got {max_ratio:g}")
+    if refine < 0:
+        raise SpikepruneError(f"--refine-steps must be 0 or more, got {refine}")
+    c = ctx.constraints
+    # Constraints first: a contradiction must fail before the (long) sensitivity analysis.
+    cons = resolve_constraints(c.max_acc_drop, c.target_saving, c.memory_budget, c.precision, ctx.dense_memory,
+                               minimum_memory(ctx.model, c.precision, ctx.round_to))
+    threshold = robust_threshold(cons.max_acc_drop, divisor)
+    table = ctx.sensitivity()
+    analysed = set(table.groups)
+    ranked = [g for g in rank_groups(groups(ctx.model)) if g.name in analysed]
+    judged = select_robust(table, [g.name for g in ranked], threshold, max_ratio)
+    targets = [Target(j.group, {float(r["ratio"]): float(r["acc_drop"]) for r in table.for_group(j.group)})
+               for j in judged if j.robust]
+    ctx.log(f"PrimeSVT: {len(targets)} robust groups of {len(ranked)} (drop <= {threshold:.2f} points up to ratio "
+            f"{max_ratio:g}), largest first: {', '.join(t.group for t in targets) or 'none'}")
+    if not targets:
+        ctx.log("PrimeSVT: no robust group: the model stays dense. A larger --max-acc-drop widens the choice")
+
+    key = {"targets": [t.group for t in targets], "max_acc_drop": cons.max_acc_drop, "budget": cons.budget_bytes,
+           "precision": cons.precision, "refine": refine, "importance": ctx.importance, "round_to": ctx.round_to}
+    pruner = _Pruner(ctx)
+    start = _restore(ctx, key, pruner)
+    loop = SequentialCompression(
+        prune_fn=pruner, memory_fn=ctx.memory, accuracy_fn=ctx.calib_top1, dense_top1=ctx.dense_calib_top1,
+        dense_bytes=cons.dense_bytes, max_acc_drop=cons.max_acc_drop, budget_bytes=cons.budget_bytes,
+        refine=refine, size_fn=_group_size, on_step=lambda prog: _save_progress(ctx, key, prog), log=ctx.log)
+    out = loop.run(ctx.model, targets, start)
+    if out.steps:
+        out.model.pruning = _final_record(ctx.model, out.model, out.steps)
+    if not out.met:
+        ctx.log(f"PrimeSVT: memory budget not met: {out.shortfall_bytes:,} bytes ({out.shortfall_frac:.2%} of the "
+                f"dense model) over {format_bytes(cons.budget_bytes)} with every robust group at its limit")
+
+    steps = [{k: v for k, v in s.to_dict().items() if k != "kept"} for s in out.steps]
+    # Fraction of each group's *dense* width removed in all (removing heads also narrows qk and v).
+    ratios = dict(out.model.pruning["removed"]) if out.steps else {}
+    dense_top1 = ctx.dense_calib_top1
+    info = {
+        "order": [s.group for s in out.steps],
+        "steps": steps,
+        "shortfall": None if out.met else {"bytes": out.shortfall_bytes, "fraction": out.shortfall_frac,
+                                           "budget_bytes": cons.budget_bytes, "memory_bytes": out.memory_bytes},
+        "primesvt": {
+            "precision": cons.precision, "dense_bytes": cons.dense_bytes, "min_bytes": cons.min_bytes,
+            "budget_bytes": cons.budget_bytes, "target_saving": cons.target_saving,
+            "robust_threshold": threshold, "robust_divisor": divisor, "robust_max_ratio": max_ratio,
+            "refine_steps": refine, "memory_met": out.met, "stop_reason": out.stop_reason,
+            "ranking": [{"group": g.name, "params": g.params, "memory_bytes": g.memory_bytes,
+                         "robust": j.robust, "worst_drop": j.worst_drop, "reason": j.reason}
+                        for g, j in zip(ranked, judged)],
+            "skipped": out.skipped, "evaluations": out.evaluations, "surgeries": out.surgeries,
+        },
+        "calib_top1": out.calib_top1,
+        "tradeoff": {"PrimeSVT steps": [[0.0, dense_top1]] + [[s.memory_saved, s.calib_top1] for s in out.steps]},
+        "plots": [("primesvt_trajectory.png",
+                   lambda path: plot_trajectory(path, cons.dense_bytes, dense_top1, out.steps, cons.max_acc_drop,
+                                                cons.budget_bytes, cons.precision),
+                   "PrimeSVT: memory against calibration top-1 after each step, in the order the groups were compressed")],
+        "report_sections": [("PrimeSVT", _report_section(cons, divisor, max_ratio, refine, threshold, ranked, judged,
+                                                         out, dense_top1))],
+    }
+    return PolicyResult(out.model, ratios, info)
