@@ -683,7 +683,7 @@ def register_prune_cli(sub) -> None:
 
     known = policies()
     p = sub.add_parser(
-        "prune", help="prune a model with a policy (primesvt, psvit, uniform, groups) into a run folder",
+        "prune", help=f"prune a model with a policy ({', '.join(sorted(known))}; default primesvt) into a run folder",
         description="Prune whole channels / heads of a Spikformer under an accuracy limit (and optionally a memory "
                     "target), optionally fine-tune, and write RUN/: model/ (load it as MODEL), summary.json, "
                     "report.md (read this first), plots/, sensitivity.csv. Decisions use the calibration split, "

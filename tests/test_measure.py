@@ -22,14 +22,6 @@ CIFAR = ("spikformer-1-32-digits", dict(embed_dim=16, num_heads=2, T=2))
 IMAGENET = ("spikformer-8-512", dict(embed_dim=16, depth=1, num_heads=2, img_size=64, T=2, num_classes=5))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP threads only add overhead, and on a shared 2-core machine an
-    oversubscribed parallel region can stall for milliseconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(spec, seed=0, fire=True):

@@ -18,14 +18,6 @@ from spikeprune.serialization import load_model, save_model
 from spikeprune.testing.reference_spikformer import MultiStepLIFNode, reference_from_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP threads only add overhead, and on a shared 2-core machine an
-    oversubscribed parallel region can stall for milliseconds (measured: 100x slower tests)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # A copy of shared/spec/official-spikformer-state-dict.tsv (every entry of the reference 8-512 ImageNet

@@ -11,14 +11,6 @@ from spikeprune.neuron import LIF, lif_multistep, lif_reference_loop
 from spikeprune.surrogate import heaviside_sigmoid, sigmoid_grad
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP threads only add overhead, and on a shared 2-core machine an
-    oversubscribed parallel region can stall for milliseconds (measured: 100x slower tests)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _drive(T, shape=(6, 41), seed=0):
