@@ -21,10 +21,6 @@ def list_models() -> list[str]:
     return sorted(_PRESETS)
 
 
-def family_of(name: str) -> str:
-    return _PRESETS[name][0]
-
-
 def create_model(name: str, checkpoint_path: str | None = None, **overrides):
     """Build a preset by name; `overrides` set any config field; `checkpoint_path` loads weights
     (ours, or a reference training checkpoint)."""

@@ -381,10 +381,3 @@ def reference_state_dict(model: Spikformer) -> dict:
             sd[f"block.{parts[1]}.norm2.bias"] = torch.zeros(model.cfg.embed_dim)
         sd[k] = v
     return sd
-
-
-# Blocks and layers that pruning, measuring and reporting walk over, in forward order.
-def weight_layers(model: Spikformer) -> list[tuple[str, nn.Module]]:
-    """(name, layer) of every Conv/Linear in forward order, with reference-style names."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
-
