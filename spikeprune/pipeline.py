@@ -240,20 +240,31 @@ class PruneContext:
         return self.acc_drop(top1) <= self.constraints.max_acc_drop + 1e-9
 
     # pruning and memory -------------------------------------------------------------------------
+    def score_kwargs(self) -> dict:
+        """How the run scores channels: calibration data (for taylor / firing), batches and seed."""
+        from .importance import DATA_CRITERIA
+
+        return dict(data=self.calib if self.importance in DATA_CRITERIA else None, batches=self.calib_batches,
+                    batch_size=min(self.batch_size, 64), seed=self.seed)
+
+    def dense_scores(self) -> dict:
+        """Importance scores of every group of the dense model, computed once per run: every policy
+        and every candidate ranks the dense model's units the same way (taylor / firing cost a data pass)."""
+        from .importance import scores
+
+        if self._dense_scores is None:
+            kw = self.score_kwargs()
+            self._dense_scores = scores(self.model, self.importance, kw.pop("data"), **kw)
+        return self._dense_scores
+
     def prune(self, ratios: dict, model: nn.Module | None = None) -> nn.Module:
-        """spikeprune.prune with the run's importance and round_to (scores of the dense model are
-        computed once and reused: the same model always gets the same ranking)."""
-        from .importance import DATA_CRITERIA, scores
+        """spikeprune.prune with the run's importance and round_to (the dense model's scores come
+        from dense_scores)."""
         from .surgery import prune
 
-        model = self.model if model is None else model
-        kw = dict(batches=self.calib_batches, batch_size=min(self.batch_size, 64), seed=self.seed)
-        data = self.calib if self.importance in DATA_CRITERIA else None
-        if model is self.model:
-            if self._dense_scores is None:
-                self._dense_scores = scores(model, self.importance, data, **kw)
-            return prune(model, ratios, importance=self._dense_scores, round_to=self.round_to).eval()
-        return prune(model, ratios, importance=self.importance, round_to=self.round_to, data=data, **kw).eval()
+        if model is None or model is self.model:
+            return prune(self.model, ratios, importance=self.dense_scores(), round_to=self.round_to).eval()
+        return prune(model, ratios, importance=self.importance, round_to=self.round_to, **self.score_kwargs()).eval()
 
     def memory(self, model: nn.Module, precision: str | None = None) -> int:
         """Weight memory of `model` in bytes at `precision` (default: the constraints')."""

@@ -64,10 +64,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import SpikepruneError
+from .models.spikformer import STEM_STAGES
 
 DEFAULT_RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)  # 5 points: enough for a curve, cheap enough for the demo
 CACHE_LIMIT_BYTES = 1 << 30  # the dense-pass cache may hold at most this much (1 GiB)
@@ -158,9 +158,8 @@ def _log(msg: str) -> None:
 # The forward pass cut into stages (Spikformer): a run can start at any stage's input
 # ------------------------------------------------------------------------------------------------
 # Stages: stem.0 .. stem.3 (stem.3 = last stem stage + rpe, giving tokens), block.0 .. block.{L-1},
-# head. Each mirrors the corresponding lines of Spikformer.forward / SPS.forward in eval mode, and
+# head: SPS.forward_stage, Block.forward and the head as Spikformer.forward runs them;
 # `_check_staged` verifies on real data that running all stages equals model(images) exactly.
-STEM_STAGES = 4
 
 
 def _is_staged(model: nn.Module) -> bool:
@@ -181,31 +180,10 @@ def run_stage(model: nn.Module, s: int, x: torch.Tensor) -> torch.Tensor:
         return model(x)
     depth = len(model.block)
     if s < STEM_STAGES:
-        return _stem_stage(model.patch_embed, s, x)
+        return model.patch_embed.forward_stage(s, x)
     if s < STEM_STAGES + depth:
         return model.block[s - STEM_STAGES](x)
     return model.head(x.mean(2).mean(0))  # tokens [T, B, N, D] -> mean over tokens, then over T
-
-
-def _stem_stage(sps, i: int, x: torch.Tensor) -> torch.Tensor:
-    """SPS.forward's stage i (eval mode): conv -> BN -> LIF [-> max-pool]; stage 3 adds the rpe."""
-    T = sps.T
-    conv, bn, lif = sps.stage(i)
-    if i == 0:
-        x = bn(conv(x))  # the T copies of the image are identical: the first conv runs once
-        x = lif(x.unsqueeze(0).expand(T, *x.shape)).flatten(0, 1)
-    else:
-        x = bn(conv(x))
-        x = lif(x.view(T, -1, *x.shape[1:])).flatten(0, 1)
-    if sps.pool_after[i]:
-        x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
-    if i == STEM_STAGES - 1:
-        feat = x
-        x = sps.rpe_bn(sps.rpe_conv(x))
-        x = sps.rpe_lif(x.view(T, -1, *x.shape[1:])).flatten(0, 1) + feat
-        B = x.shape[0] // T
-        x = x.flatten(2).transpose(1, 2).reshape(T, B, -1, x.shape[1])  # [T*B, D, H, W] -> [T, B, N, D]
-    return x
 
 
 def run_from(model: nn.Module, start: int, x: torch.Tensor) -> torch.Tensor:

@@ -34,3 +34,20 @@ def randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             lo = 0.5 if id(m) in qkv else -1.0
             m.bias.copy_(torch.rand(n, generator=g) * 2.0 + lo)
     return model
+
+
+def spike_rates(model: torch.nn.Module, images: torch.Tensor) -> dict:
+    """Mean output of every spiking neuron module (ours: `LIF`; the reference transcription's:
+    `MultiStepLIFNode`), by module name, after one forward without gradients."""
+    from spikeprune.neuron import LIF
+    from spikeprune.testing.reference_spikformer import MultiStepLIFNode
+
+    rates, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, (LIF, MultiStepLIFNode)):
+            hooks.append(m.register_forward_hook(lambda m, i, o, name=name: rates.__setitem__(name, o.mean().item())))
+    with torch.no_grad():
+        model(images)
+    for h in hooks:
+        h.remove()
+    return rates

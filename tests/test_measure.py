@@ -14,14 +14,13 @@ import importlib
 M = importlib.import_module("spikeprune.measure")  # the package binds the function `measure`
 from spikeprune.errors import SpikepruneError
 from spikeprune.models import build_from_config, create_model
+from spiking_helpers import spike_rates
 
 # cifar layout: 16x16 grey digits, D=16, 1 block, 2 heads, T=2 (the hand numbers below are for these)
 CIFAR = ("spikformer-1-32-digits", dict(embed_dim=16, num_heads=2, T=2))
 # imagenet layout: 64x64 RGB (16 tokens: enough for the attention LIF to fire), D=16, 1 block, 2 heads,
 # T=2, 5 classes
 IMAGENET = ("spikformer-8-512", dict(embed_dim=16, depth=1, num_heads=2, img_size=64, T=2, num_classes=5))
-
-
 
 
 def _model(spec, seed=0, fire=True):
@@ -172,16 +171,6 @@ def test_model_that_disagrees_with_its_config_is_refused():
 # -------------------------------------------------------------------------------------------------
 # measure() with data
 # -------------------------------------------------------------------------------------------------
-def _lif_output_rates(model, images):
-    rates, hooks = {}, []
-    for name, m in model.named_modules():
-        if name.endswith("_lif"):
-            hooks.append(m.register_forward_hook(lambda m, i, o, name=name: rates.__setitem__(name, o.mean().item())))
-    with torch.no_grad():
-        model(images)
-    for h in hooks:
-        h.remove()
-    return rates
 
 
 @pytest.mark.parametrize("spec", [CIFAR, IMAGENET])
@@ -194,7 +183,7 @@ def test_rates_sops_and_energy(spec):
     assert total["rate_images"] == len(images)
 
     # input rates are the firing rates of the spikes each layer reads (one batch of all images)
-    lif = _lif_output_rates(model, images)
+    lif = spike_rates(model, images)
     kind = model.block[0].attn.kind
     assert rows[f"block.0.attn.proj_{kind}"]["input_rate"] == pytest.approx(lif["block.0.attn.attn_lif"])
     assert rows[f"block.0.mlp.fc2_{kind}"]["input_rate"] == pytest.approx(lif["block.0.mlp.fc1_lif"])

@@ -16,8 +16,7 @@ from spikeprune.models.spikformer import checkpoint_filter_fn, reference_state_d
 from spikeprune.neuron import LIF
 from spikeprune.serialization import load_model, save_model
 from spikeprune.testing.reference_spikformer import MultiStepLIFNode, reference_from_config
-
-
+from spiking_helpers import spike_rates
 
 
 # A copy of shared/spec/official-spikformer-state-dict.tsv (every entry of the reference 8-512 ImageNet
@@ -63,18 +62,6 @@ def _images(layout: str, batch: int = 3, seed: int = 1, dtype=torch.float64):
     return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def _spike_rates(model: nn.Module, x: torch.Tensor) -> dict:
-    rates, hooks = {}, []
-    for name, m in model.named_modules():
-        if isinstance(m, (LIF, MultiStepLIFNode)):
-            hooks.append(m.register_forward_hook(lambda m, i, o, name=name: rates.__setitem__(name, o.mean().item())))
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return rates
-
-
 def _assert_same_grads(ours: nn.Module, ref: nn.Module) -> None:
     ref_params = dict(ref.named_parameters())
     for name, p in ours.named_parameters():
@@ -88,10 +75,10 @@ def _assert_same_grads(ours: nn.Module, ref: nn.Module) -> None:
 @pytest.mark.parametrize("layout", ["imagenet", "cifar"])
 def test_every_neuron_fires_in_the_equivalence_setup(layout):
     ours, ref = _pair(layout)
-    rates = _spike_rates(ref.train(), _images(layout))
+    rates = spike_rates(ref.train(), _images(layout))
     assert len(rates) == 5 + 7 * TINY[layout][1]["depth"]
     assert all(0.0 < r < 0.9 for r in rates.values()), rates  # the comparison below is not vacuous
-    ours_rates = _spike_rates(ours.train(), _images(layout))
+    ours_rates = spike_rates(ours.train(), _images(layout))
     assert ours_rates.keys() == rates.keys()
 
 

@@ -154,31 +154,40 @@ class SPS(nn.Module):
         sfx = "" if i == 0 else str(i)
         return getattr(self, f"proj_conv{sfx}"), getattr(self, f"proj_bn{sfx}"), getattr(self, f"proj_lif{sfx}")
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, C, H, W] -> tokens [T, B, N, D]."""
-        T, B = self.T, images.shape[0]
-        conv, bn, lif = self.stage(0)
-        if self.training:
+    def forward_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Stem stage i: conv3x3 -> BN -> LIF [-> max-pool]. Stage 0 takes the images [B, C, H, W];
+        stages 0-2 return spikes [T*B, C, H, W]; stage 3 adds the rpe and returns tokens [T, B, N, D].
+        (Split by stage so the sensitivity analysis can cache the input of any stage.)"""
+        T = self.T
+        conv, bn, lif = self.stage(i)
+        if i == 0 and self.training:
             # Same ops as the reference (repeat, then conv/BN over T*B) so BN statistics match.
-            x = bn(conv(images.repeat(T, 1, 1, 1)))
-            x = x.view(T, B, *x.shape[1:])
-        else:
+            x = bn(conv(x.repeat(T, 1, 1, 1)))
+            x = x.view(T, -1, *x.shape[1:])
+        elif i == 0:
             # Eval: the T copies are identical, so the first conv and BN run once.
-            x = bn(conv(images))
+            x = bn(conv(x))
             x = x.unsqueeze(0).expand(T, *x.shape)
+        else:
+            x = bn(conv(x))
+            x = x.view(T, -1, *x.shape[1:])
         x = lif(x).flatten(0, 1)
-        for i in range(STEM_STAGES):
-            if i > 0:
-                conv, bn, lif = self.stage(i)
-                x = bn(conv(x))
-                x = lif(x.view(T, B, *x.shape[1:])).flatten(0, 1)
-            if self.pool_after[i]:
-                x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        if self.pool_after[i]:
+            x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        if i < STEM_STAGES - 1:
+            return x
         feat = x
         x = self.rpe_bn(self.rpe_conv(x))
-        x = self.rpe_lif(x.view(T, B, *x.shape[1:])).flatten(0, 1) + feat
+        x = self.rpe_lif(x.view(T, -1, *x.shape[1:])).flatten(0, 1) + feat
         # [T*B, D, H, W] -> channel-last tokens [T, B, N, D]
-        return x.flatten(2).transpose(1, 2).reshape(T, B, -1, x.shape[1])
+        return x.flatten(2).transpose(1, 2).reshape(T, -1, x.shape[2] * x.shape[3], x.shape[1])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, C, H, W] -> tokens [T, B, N, D]."""
+        x = images
+        for i in range(STEM_STAGES):
+            x = self.forward_stage(i, x)
+        return x
 
 
 class SSA(nn.Module):

@@ -127,14 +127,10 @@ def smallest_cut_for(mem_at, n_max: int, budget: int) -> int | None:
                                 "magnitude (Torch-Pruning's global pruner), lowest removed first")
 def global_policy(ctx: PruneContext) -> PolicyResult:
     from ..groups import groups
-    from ..importance import DATA_CRITERIA, scores
 
     limit = ctx.constraints.max_acc_drop
     gs = [g for g in groups(ctx.model) if g.kind in CHANNEL_KINDS]
-    data = ctx.calib if ctx.importance in DATA_CRITERIA else None
-    # The same scores ctx.prune ranks by (same criterion, batches and seed), so both agree.
-    raw = scores(ctx.model, ctx.importance, data, names=[g.name for g in gs], batches=ctx.calib_batches,
-                 batch_size=min(ctx.batch_size, 64), seed=ctx.seed)
+    raw = ctx.dense_scores()  # the same scores ctx.prune ranks by, so the ranking and the cuts agree
     rank = global_ranking(gs, raw)
     N = len(rank)
     budget = ctx.budget_bytes

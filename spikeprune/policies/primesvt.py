@@ -491,12 +491,12 @@ class _Pruner:
         self._model, self._group, self._scores = None, None, None
 
     def _score(self, model, group: str):
-        from ..importance import DATA_CRITERIA, scores
+        from ..importance import scores
 
-        ctx = self.ctx
-        data = ctx.calib if ctx.importance in DATA_CRITERIA else None
-        return scores(model, ctx.importance, data, names=[group], batches=ctx.calib_batches,
-                      batch_size=min(ctx.batch_size, 64), seed=ctx.seed)[group]
+        if model is self.ctx.model:  # the first step ranks the dense model: the run's shared scores
+            return self.ctx.dense_scores()[group]
+        kw = self.ctx.score_kwargs()
+        return scores(model, self.ctx.importance, kw.pop("data"), names=[group], **kw)[group]
 
     def __call__(self, model, group: str, ratio: float):
         from ..surgery import SpikepruneWarning, plan
