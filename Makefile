@@ -4,7 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install data bench clean
+
+# Fashion-MNIST (issue 11): the Debian package dataset-fashion-mnist puts the four IDX files in
+# FASHION_MNIST_SYSTEM; without root, the package is unpacked into FASHION_MNIST_LOCAL instead.
+# spikeprune looks in that order (spikeprune.data.fashion_mnist_dirs); nothing is fetched at run time.
+FASHION_MNIST_SYSTEM ?= /usr/share/datasets/fashion-mnist
+FASHION_MNIST_LOCAL := data/fashion-mnist
+FASHION_MNIST_FILE := t10k-labels-idx1-ubyte.gz
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,7 +24,21 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m spikeprune.demo
 
-test: $(STAMP)
+data:
+	@if [ -f $(FASHION_MNIST_SYSTEM)/$(FASHION_MNIST_FILE) ] || [ -f $(FASHION_MNIST_LOCAL)/$(FASHION_MNIST_FILE) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "make data: installing Fashion-MNIST (Debian package dataset-fashion-mnist, 30 MB) into $(FASHION_MNIST_SYSTEM)/"; \
+	  { apt-get install -y -qq dataset-fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; } >/dev/null \
+	  || { echo "make data: could not install dataset-fashion-mnist; put the four Fashion-MNIST IDX files in $(FASHION_MNIST_LOCAL)/" >&2; exit 1; }; \
+	else \
+	  echo "make data: not root, so unpacking the Debian package dataset-fashion-mnist (30 MB) into $(FASHION_MNIST_LOCAL)/"; \
+	  rm -rf data/.deb && mkdir -p data/.deb && cd data/.deb && apt-get download -qq dataset-fashion-mnist \
+	    && dpkg -x dataset-fashion-mnist_*.deb root && mkdir -p ../fashion-mnist \
+	    && mv root/usr/share/datasets/fashion-mnist/* ../fashion-mnist/ && cd .. && rm -rf .deb \
+	  || { echo "make data: could not fetch dataset-fashion-mnist; put the four Fashion-MNIST IDX files in $(FASHION_MNIST_LOCAL)/" >&2; exit 1; }; \
+	fi
+
+test: $(STAMP) data
 	$(BIN)/python -m pytest -q -n 2 --durations=15
 
 bench: $(STAMP)

@@ -8,45 +8,56 @@
 Not a test (tests/test_bench_policies.py runs a tiny configuration of it); bench/README.md says what
 every column means. One process, one model, one dataset, one machine:
 
-1. Shared work is computed once, in WORK/shared, and copied into each policy's run folder, where
-   the policy's own resume logic reads it back instead of recomputing it. It is *charged* to every
-   policy that reads it (a PruneContext subclass notes what each policy reads):
+1. Shared work is computed once, by an ordinary run (WORK/shared/<importance>/) of a policy the
+   benchmark registers while it runs, "bench-shared-work" (shared_work below: the same code the
+   policies call, each step timed): the dense calibration top-1, the uniform sweep, the sensitivity
+   analysis, and (as in every run) the dense model's test figures. Every policy run takes them from
+   there (RunSettings.shared_steps: spikeprune.run copies the finished steps into a new run after
+   checking the two runs agree on the model, data, caps, importance and the rest), and the part it
+   reads is *charged* to it (SHARED_READS):
      dense calibration top-1   every policy
      uniform sweep             uniform, psvit (PSViT's step 1)
      sensitivity analysis      psvit, primesvt
+   The random floor ranks by importance `random`, so it has its own shared run (dense only).
 2. For each accuracy limit (--limits, default 1 and 3 points, calibration split) and no memory
-   target, every policy runs through the registry exactly as `spikeprune prune --policy NAME` runs
-   it -- a PruneContext with the same settings and the registered function, nothing reimplemented:
-   uniform (largest sweep ratio within the limit), psvit, primesvt, global (policies/global_l2.py),
-   and random: the `groups` policy with importance `random` and the per-group widths of PrimeSVT's
-   result at that limit -- a floor at PrimeSVT's memory. Every pruned model is then fine-tuned with
-   the same budget (train.finetune, as the pipeline calls it; --finetune-epochs, --kd) and measured
-   on the test split: top-1 before and after fine-tuning, params, memory, MACs, SOPs, energy.
-3. Latency: one interleaved timer over the dense model and every pruned model: each repeat times
+   target, every policy runs through the same entry point as `spikeprune prune --policy NAME`:
+   spikeprune.run.run(RunSettings(...), model), one run folder each (WORK/<policy>-L<limit>/,
+   with its report.md, summary.json and model/). Fine-tuning (--finetune-epochs, --kd) is a
+   setting of that run, the same for every policy, and the run measures the final model on the
+   test split. The policies: uniform (largest sweep ratio within the limit), psvit, primesvt,
+   global (policies/global_l2.py), and random: the `groups` policy with importance `random` at
+   the per-group widths of PrimeSVT's result at that limit, read from its pruning record -- a
+   floor at PrimeSVT's memory.
+3. Latency: one interleaved timer over the dense model and every final model: each repeat times
    one forward of every model (the order rotated between repeats), so slow spells of a shared
    machine hit all models alike; the median per model; speedup = dense median / model median.
-4. Frontier: for each memory target (--targets), every policy runs with --target-saving T under the
-   --frontier-limit (default: the largest limit); the model it chose on the calibration split is
-   measured on the test split (no fine-tuning). Plot: test top-1 against memory saved.
+4. Frontier: for each memory target (--targets), every policy runs with target_saving T under the
+   --frontier-limit (default: the largest limit), no fine-tuning; the model it chose on the
+   calibration split is measured on the test split. Plot: test top-1 against memory saved.
 5. OUT/policies.json, OUT/policies.md, OUT/frontier.png (and, with --update-readme, the table in
-   bench/README.md), with the exact command, the machine and the date.
+   bench/README.md), with the exact command, the machine and the date. Every test top-1 comes with
+   its standard error (spikeprune.stats), and a line under each table names the policies whose
+   test top-1 differ by less than two standard errors.
 
-Resume: WORK (default runs/bench-policies/<settings hash>) keeps every finished run; the same
-command again reads them back and computes only what is missing. Latency is always measured
-afresh, in one session, so that every model is timed under the same conditions.
+Image caps (--max-train / --max-calib / --max-test) are a setting of every run (RunSettings.max_images,
+spikeprune.data's stratified max_images), so the policy, the sensitivity analysis, fine-tuning and
+measuring all see the same capped splits.
+
+Resume: WORK (default runs/bench-policies/<settings hash>) keeps every run folder; the same command
+again resumes each run where it stopped (spikeprune.run's own resume) and recomputes only what is
+missing. Latency is always measured afresh, in one session, so that every model is timed under the
+same conditions.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import datetime
 import hashlib
+import itertools
 import json
 import os
 import platform
 import shlex
-import shutil
 import statistics
 import sys
 import time
@@ -58,13 +69,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from spikeprune.errors import SpikepruneError  # noqa: E402
+from spikeprune.units import format_bytes, format_count, format_percent  # noqa: E402
 
 FORMAT = "spikeprune-bench-policies"
+VERSION = 2  # 2: every policy through spikeprune.run; removed fractions from the pruning record; standard errors
 MAIN_POLICIES = ("uniform", "psvit", "primesvt", "global", "random")
 RANDOM = "random"  # the floor: not a registered policy but the `groups` policy with random importance
 LABELS = {"uniform": "uniform", "psvit": "PSViT", "primesvt": "PrimeSVT", "global": "global L2",
           "random": "random @ PrimeSVT memory"}
-SHARED_STEPS = ("dense_calib", "uniform_sweep")  # checkpoint names (RUN/steps/*.json) shared between runs
+SHARED = ("dense_calib", "uniform_sweep", "sensitivity")  # the shared work, in the order it is computed
+# What each built-in policy reads of the shared work (and is charged for). A policy added with
+# register_policy may read anything: it gets all of it.
+SHARED_READS = {"uniform": ("dense_calib", "uniform_sweep"), "psvit": SHARED, "primesvt": ("dense_calib", "sensitivity"),
+                "global": ("dense_calib",), RANDOM: ("dense_calib",)}
 README_START, README_END = "<!-- bench-policies:start -->", "<!-- bench-policies:end -->"
 
 # Settings whose default differs between the full protocol and --quick (None in argparse = not given).
@@ -86,8 +103,8 @@ def log(msg: str) -> None:
 # Settings
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from spikeprune import importance
     from spikeprune.cli import add_data_args, add_device_arg, add_model_args
-    from spikeprune.importance import CRITERIA
 
     p = argparse.ArgumentParser(
         prog="bench/policies.py", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -112,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ratios", default=None, help=f"sensitivity grid (full: {FULL['ratios']} / quick: {QUICK['ratios']})")
     g.add_argument("--uniform-ratios", default=None,
                    help=f"uniform sweep grid (full: {FULL['uniform_ratios']} / quick: {QUICK['uniform_ratios']})")
-    g.add_argument("--importance", default="l2", choices=CRITERIA, help="channel ranking of every policy (default l2)")
+    g.add_argument("--importance", default="l2", metavar="NAME",
+                   help=f"channel ranking of every policy, a registered criterion ({', '.join(importance.names())}; "
+                        "default l2)")
     g.add_argument("--round-to", type=int, default=1, metavar="N", help="round kept widths up to a multiple of N")
     g.add_argument("--calib-batches", type=int, default=4, metavar="N", help="calibration batches for taylor / firing")
     g.add_argument("--seed", type=int, default=0)
@@ -123,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--kd-temperature", type=float, default=4.0)
     f.add_argument("--finetune-lr", type=float, default=1e-4)
     f.add_argument("--finetune-batch-size", type=int, default=64)
-    c = p.add_argument_group("image caps (reduced runs; stratified: the first images of each class in split order)")
+    c = p.add_argument_group("image caps (reduced runs; a stratified subset of each split, spikeprune.data max_images)")
     c.add_argument("--max-train", type=int, default=None, metavar="N", help="train images (full: all / quick: 500)")
     c.add_argument("--max-calib", type=int, default=None, metavar="N", help="calibration images (full: all / quick: 250)")
     c.add_argument("--max-test", type=int, default=None, metavar="N", help="test images (full: all / quick: 300)")
@@ -153,8 +172,9 @@ def _floats(text: str, what: str) -> list[float]:
 
 def resolve_settings(args) -> dict:
     """The run's settings: explicit options, else the full or --quick defaults; checked."""
-    from spikeprune.pipeline import get_policy, make_constraints
-    from spikeprune.sensitivity import parse_ratios
+    from spikeprune import importance
+    from spikeprune.policy_api import Constraints, get_policy
+    from spikeprune.ratios import parse_ratios
 
     base = QUICK if args.quick else FULL
     pick = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
@@ -169,14 +189,15 @@ def resolve_settings(args) -> dict:
     if len(set(policies)) != len(policies):
         raise SpikepruneError(f"--policies names a policy twice: {args.policies}")
     policies = [x for x in policies if x != RANDOM] + ([RANDOM] if RANDOM in policies else [])  # after primesvt
+    importance.get(args.importance)  # an unknown criterion fails here, with the registered names
     limits = sorted(set(_floats(pick["limits"], "--limits")))
     for L in limits:
-        make_constraints(L)  # the pipeline's own checks
+        Constraints(L)  # the run's own checks, before any work
     targets = sorted(set(_floats(pick["targets"], "--targets")))
     for t in targets:
-        make_constraints(limits[-1], target_saving=t)
+        Constraints(limits[-1], target_saving=t)
     frontier_limit = args.frontier_limit if args.frontier_limit is not None else limits[-1]
-    make_constraints(frontier_limit)
+    Constraints(frontier_limit)
     for k in ("max_train", "max_calib", "max_test"):
         if pick[k] is not None and pick[k] < 1:
             raise SpikepruneError(f"--{k.replace('_', '-')} must be at least 1, got {pick[k]}")
@@ -195,8 +216,8 @@ def resolve_settings(args) -> dict:
         "overrides": list(args.overrides), "data": args.data, "device": args.device, "quick": bool(args.quick),
         "policies": policies, "limits": limits, "targets": [] if args.no_frontier else targets,
         "frontier_limit": float(frontier_limit),
-        "ratios": list(parse_ratios(pick["ratios"])), "uniform_ratios": list(parse_ratios(pick["uniform_ratios"],
-                                                                                          "--uniform-ratios")),
+        "ratios": list(parse_ratios(pick["ratios"], "--ratios")),
+        "uniform_ratios": list(parse_ratios(pick["uniform_ratios"], "--uniform-ratios")),
         "importance": args.importance, "round_to": args.round_to, "calib_batches": args.calib_batches,
         "seed": args.seed, "batch_size": args.batch_size,
         "finetune": {"epochs": pick["finetune_epochs"], "kd": bool(args.kd),
@@ -211,292 +232,191 @@ def resolve_settings(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# Image caps: every split is loaded through spikeprune.data.dataset_for_model, so wrapping it caps
-# the pipeline, the policies, fine-tuning and measurement alike, without touching their code.
+# Runs: every policy through spikeprune.run, the entry point of `spikeprune prune`
 # ------------------------------------------------------------------------------------------------
-def cap_dataset(ds, n: int):
-    """The first n images of `ds`, taken round-robin over the classes in split order (stratified)."""
-    labels = ds.labels.tolist()
-    seen: dict[int, int] = {}
-    rank = []
-    for i, y in enumerate(labels):
-        rank.append((seen.get(y, 0), y, i))
-        seen[y] = seen.get(y, 0) + 1
-    keep = sorted(i for _, _, i in sorted(rank)[:n])
-    out = copy.copy(ds)
-    if hasattr(ds, "index"):
-        out.index = ds.index[keep]
-    elif hasattr(ds, "paths"):
-        out.paths = [ds.paths[i] for i in keep]
-    else:
-        raise SpikepruneError(f"cannot cap a {type(ds).__name__}: it has neither an image index nor a file list")
-    out.labels = ds.labels[keep]
-    return out
+SHARED_POLICY = "bench-shared-work"  # registered by the benchmark while it runs (shared_work below)
 
 
-@contextlib.contextmanager
-def capped_splits(caps: dict):
-    import spikeprune.data as data_mod
-    # Modules that bound the function at import time hold their own reference: import them first,
-    # then replace it wherever it is bound.
-    import spikeprune.importance, spikeprune.measure, spikeprune.pipeline  # noqa: E401, F401
-    import spikeprune.sensitivity, spikeprune.train  # noqa: E401, F401
+def shared_work(ctx):
+    """The benchmark's shared work as a policy, so that it is an ordinary run folder the other runs
+    can take their shared steps from (RunSettings.shared_steps): the steps named in
+    ctx.options["steps"] (dense_calib, uniform_sweep, sensitivity; computed by the same code the
+    policies call), each timed. It prunes nothing: the result is the dense model."""
+    from spikeprune.policies.uniform import uniform_sweep
+    from spikeprune.policy_api import PolicyResult
 
-    original = data_mod.dataset_for_model
-    if not any(caps.values()):
-        yield
-        return
+    # The run computed (and checkpointed) the dense calibration top-1 before calling the policy, so
+    # its cost is measured on a pass of its own here; the figure the runs read is the checkpointed one.
+    jobs = {"dense_calib": lambda: ctx.calib_top1(ctx.model), "uniform_sweep": lambda: uniform_sweep(ctx),
+            "sensitivity": ctx.sensitivity}
+    timed = {}
+    for name in ctx.options["steps"].split(","):
+        n0, t0 = ctx.images_evaluated, time.perf_counter()
+        out = jobs[name]()
+        entry = {"wall_s": time.perf_counter() - t0, "calib_images": ctx.images_evaluated - n0}
+        if name == "dense_calib":
+            entry["top1"] = ctx.dense_calib_top1
+        if name == "sensitivity":
+            fc = out.forward_cost
+            entry["forward_cost"] = {k: v for k, v in fc.items() if k != "unit"}
+            # image-block passes -> whole-model forwards of one image, the unit of every other count
+            entry["calib_images"] = fc["spent"] / fc["full_forward_units"] if fc["full_forward_units"] else 0.0
+        timed[name] = entry
+    return PolicyResult(ctx.model, {"shared_work": timed, "calib_top1": ctx.dense_calib_top1})
 
-    def capped(spec, model, split="test", augment=False):
-        ds = original(spec, model, split, augment)
-        n = caps.get(split)
-        return cap_dataset(ds, n) if n and n < len(ds) else ds
 
-    bound = [m for name, m in list(sys.modules.items())
-             if name.startswith("spikeprune") and getattr(m, "dataset_for_model", None) is original]
-    for m in bound:
-        m.dataset_for_model = capped
-    try:
-        yield
-    finally:
-        for m in bound:
-            m.dataset_for_model = original
-
-
-# ------------------------------------------------------------------------------------------------
-# One policy run, as `spikeprune prune` runs it
-# ------------------------------------------------------------------------------------------------
-def _context_class():
-    from spikeprune.pipeline import PruneContext
-
-    class BenchContext(PruneContext):
-        """The pipeline's PruneContext, noting which shared results the policy read, so that their
-        cost is charged to it. Nothing else differs."""
-
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            self.read: set[str] = set()
-
-        def load_checkpoint(self, step: str):
-            out = super().load_checkpoint(step)
-            if out is not None and step in SHARED_STEPS:
-                self.read.add(step)
-            return out
-
-        def sensitivity(self):
-            self.read.add("sensitivity")
-            return super().sensitivity()
-
-    return BenchContext
+def _check_shared_steps(options: dict, model) -> None:
+    steps = str(options.get("steps") or "").split(",")
+    if not steps or set(steps) - set(SHARED) or steps != sorted(steps, key=SHARED.index):
+        raise SpikepruneError(f"{SHARED_POLICY} needs options['steps'], names among {', '.join(SHARED)} in that "
+                              f"order; got {options.get('steps')!r}")
 
 
 class Bench:
-    def __init__(self, S: dict, model, work: Path, progress: bool):
+    def __init__(self, S: dict, model, work: Path, progress: bool, split_sizes: dict):
         self.S, self.model, self.work, self.progress = S, model, work, progress
-        self.Context = _context_class()
+        self.split_sizes = split_sizes
         self.shared: dict = {}
+        self.dense: dict | None = None
+        self.caps = {k: v for k, v in S["caps"].items() if v is not None} or None
 
-    def context(self, run_dir: Path, constraints, importance: str | None = None, options: dict | None = None):
-        S = self.S
-        return self.Context(self.model, S["data"], run_dir, importance=importance or S["importance"],
-                            round_to=S["round_to"], constraints=constraints, device=S["device"], seed=S["seed"],
-                            batch_size=S["batch_size"], ratios=S["ratios"], uniform_ratios=S["uniform_ratios"],
-                            calib_batches=S["calib_batches"], options=options, progress=self.progress)
+    def settings(self, output: Path, policy: str, constraints, finetune: bool, importance: str | None = None,
+                 options: dict | None = None, shared_steps: Path | None = None):
+        """The RunSettings of one run: the benchmark's settings, as `spikeprune prune` would get them."""
+        from spikeprune.run import RunSettings
+
+        S, F = self.S, self.S["finetune"]
+        ft = dict(finetune_epochs=F["epochs"], kd=F["kd"], kd_weight=F["kd_weight"] or 0.5,
+                  kd_temperature=F["kd_temperature"] or 4.0, finetune_lr=F["lr"],
+                  finetune_batch_size=F["batch_size"]) if finetune and F["epochs"] else {}
+        return RunSettings(data=S["data"], output=output, policy=policy, constraints=constraints,
+                           importance=importance or S["importance"], round_to=S["round_to"], ratios=S["ratios"],
+                           uniform_ratios=S["uniform_ratios"], batch_size=S["batch_size"], device=S["device"],
+                           seed=S["seed"], calib_batches=S["calib_batches"], options=options or {},
+                           max_images=self.caps, measure_images=S["measure_images"], model_spec=S["model"],
+                           progress=self.progress, shared_steps=shared_steps, **ft)
 
     # shared work ------------------------------------------------------------------------------
-    def compute_shared(self) -> dict:
-        """Dense calibration top-1, uniform sweep, sensitivity: once, timed, in WORK/shared."""
-        from spikeprune.pipeline import make_constraints
-        from spikeprune.policies.uniform import uniform_sweep
-        from spikeprune.serialization import write_json
+    def reads(self, policy: str) -> tuple[str, ...]:
+        return SHARED_READS.get(policy, SHARED)
 
-        d = self.work / "shared"
-        path = d / "shared.json"
-        rec = json.loads(path.read_text()) if path.is_file() else {}
-        ctx = self.context(d, make_constraints(self.S["limits"][-1]))
-        pols = set(self.S["policies"])
-        other = pols - set(MAIN_POLICIES)  # policies added later: assume they may read everything
-        jobs = [("dense_calib", True, lambda: ctx.dense_calib_top1),
-                ("uniform_sweep", bool(pols & {"uniform", "psvit"} or other), lambda: uniform_sweep(ctx)),
-                ("sensitivity", bool(pols & {"psvit", "primesvt"} or other), ctx.sensitivity)]
-        for name, needed, fn in jobs:
-            if not needed or name in rec:
-                continue
-            log(f"shared: {name}")
-            n0, t0 = ctx.images_evaluated, time.perf_counter()
-            out = fn()
-            entry = {"wall_s": time.perf_counter() - t0, "calib_images": ctx.images_evaluated - n0}
-            if name == "dense_calib":
-                entry["top1"] = out
-            if name == "sensitivity":
-                fc = out.forward_cost
-                entry["forward_cost"] = {k: v for k, v in fc.items() if k != "unit"}
-                # image-block passes -> whole-model forwards of one image, the unit of every other count
-                entry["calib_images"] = fc["spent"] / fc["full_forward_units"] if fc["full_forward_units"] else 0.0
-            rec[name] = entry
-            write_json(path, rec)
-        self.shared = rec
-        return rec
+    def importance_of(self, policy: str) -> str:
+        return "random" if policy == RANDOM else self.S["importance"]
 
-    def _seed(self, run_dir: Path, same_importance: bool) -> None:
-        """Copy the shared results into a fresh run folder (the policy's resume logic reads them)."""
-        src = self.work / "shared"
-        steps = ["dense_calib"] + (["uniform_sweep"] if same_importance else [])
-        for s in steps:
-            f = src / "steps" / f"{s}.json"
-            if f.is_file() and not (run_dir / "steps" / f.name).exists():
-                (run_dir / "steps").mkdir(parents=True, exist_ok=True)
-                shutil.copy2(f, run_dir / "steps" / f.name)
-        csv = src / "sensitivity.csv"
-        if same_importance and csv.is_file() and not (run_dir / csv.name).exists():
-            shutil.copy2(csv, run_dir / csv.name)
+    def shared_run(self, importance: str) -> Path:
+        """WORK/shared/<importance>: the run holding the shared steps for runs ranking by `importance`
+        (shared_steps must agree on it). It computes what the policies of that importance read; the
+        random floor's own holds only the dense calibration top-1 (and the dense measurements)."""
+        from spikeprune.policy_api import Constraints
+        from spikeprune.run import run
 
-    def shared_cost(self, used: set[str]) -> dict:
-        items = [k for k in ("dense_calib", "uniform_sweep", "sensitivity") if k in used and k in self.shared]
+        users = [p for p in self.S["policies"] if self.importance_of(p) == importance]
+        steps = [k for k in SHARED if any(k in self.reads(p) for p in users)]
+        folder = self.work / "shared" / importance
+        log(f"shared work ({', '.join(steps)}), importance {importance}: {folder}")
+        summary = run(self.settings(folder, SHARED_POLICY, Constraints(self.S["limits"][-1]), finetune=False,
+                                    importance=importance, options={"steps": ",".join(steps)}), self.model)
+        if importance == self.S["importance"] or not self.shared:
+            self.shared.update({k: v for k, v in summary["shared_work"].items() if k not in self.shared})
+        if self.dense is None:
+            d = summary["dense"]
+            self.dense = {"test": {"top1": d["top1"], "top5": d.get("top5"), "n": self.split_sizes["test"]},
+                          "calib_top1": summary["shared_work"]["dense_calib"]["top1"], "params": d["params"],
+                          "macs": d["macs"], "memory_bytes": d["memory_bytes"], "sops": d.get("sops"),
+                          "energy_mj": d.get("energy_mj")}
+        return folder
+
+    def shared_cost(self, policy: str) -> dict:
+        items = [k for k in self.reads(policy) if k in self.shared]
         return {"used": items, "wall_s": sum(self.shared[k]["wall_s"] for k in items),
                 "calib_images": sum(self.shared[k]["calib_images"] for k in items)}
 
     # one run ------------------------------------------------------------------------------------
-    def run_policy(self, name: str, policy: str, constraints, main: bool, primesvt_model=None) -> dict:
-        """Run `policy` (or the random floor at `primesvt_model`'s widths) in WORK/name and measure
-        it; `main` runs also get fine-tuned and their SOPs / energy measured. Returns the record,
-        with the final model under "_model" and the pruned one under "_pruned" (not saved in JSON)."""
-        from spikeprune.measure import count_macs, count_params, memory_bytes
-        from spikeprune.pipeline import get_policy
-        from spikeprune.serialization import is_saved_model, load_model, save_model, write_json
+    def run_policy(self, name: str, policy: str, constraints, main: bool, shared: Path, primesvt_record=None) -> dict:
+        """Run `policy` (or the random floor at `primesvt_record`'s widths) with spikeprune.run in
+        WORK/name, its shared steps taken from the run folder `shared`; `main` runs are fine-tuned.
+        Returns the benchmark's record of the run, with its pruning record under "_record" (not
+        saved in JSON)."""
+        from spikeprune.record import PruningRecord
+        from spikeprune.run import run
 
         run_dir = self.work / name
-        done = run_dir / "bench_result.json"
-        if done.is_file() and is_saved_model(run_dir / "pruned"):
-            rec = json.loads(done.read_text())
-            final = run_dir / ("finetuned" if rec.get("finetuned") else "pruned")
-            log(f"{name}: finished earlier, read back")
-            return {**rec, "_model": load_model(final).eval(), "_pruned": load_model(run_dir / "pruned").eval()}
-
-        importance, options, reg = self.S["importance"], {}, policy
+        importance, options, registered = self.importance_of(policy), {}, policy
         if policy == RANDOM:
-            ratios = oneshot_ratios(self.model, primesvt_model)
-            importance, reg = "random", "groups"
-            options = {"ratio": [f"{g}={r!r}" for g, r in ratios.items()]}
-        resumed = run_dir.is_dir() and any(run_dir.iterdir())
-        self._seed(run_dir, importance == self.S["importance"])
-        ctx = self.context(run_dir, constraints, importance, options)
+            registered = "groups"
+            ratios = floor_ratios(self.model, primesvt_record)
+            # PrimeSVT kept the dense model: so does the floor (every group at ratio 0).
+            options = {"ratio": [f"{g}={r!r}" for g, r in ratios.items()] or ["*=0"]}
         log(f"{name}: {LABELS.get(policy, policy)}, limit {constraints.max_acc_drop:g} points"
             + (f", target {constraints.target_saving:.0%} saved" if constraints.target_saving else ""))
-        t0 = time.perf_counter()
-        if policy == RANDOM and not options["ratio"]:
-            from spikeprune.pipeline import PolicyResult  # PrimeSVT kept the dense model: so does the floor
+        settings = self.settings(run_dir, registered, constraints, finetune=main, importance=importance,
+                                 options=options, shared_steps=shared)
+        summary = run(settings, self.model)
+        record = PruningRecord.from_dict(summary["pruning"])
+        if policy == RANDOM and record.kept_counts() != primesvt_record.kept_counts():
+            raise SpikepruneError(f"internal: the random floor kept {record.kept_counts()}, PrimeSVT "
+                                  f"{primesvt_record.kept_counts()}; floor_ratios no longer matches the engine's rounding")
+        return {**self.record(name, policy, constraints, summary, record, run_dir), "_record": record}
 
-            result = PolicyResult(ctx.prune({}), {}, {})
-        else:
-            result = get_policy(reg).fn(ctx)
-        pruned = result.model.eval()
-        calib = result.info.get("calib_top1")
-        calib = float(calib) if calib is not None else ctx.calib_top1(pruned)
-        search_s = time.perf_counter() - t0
-        if policy == RANDOM and primesvt_model is not None and widths(pruned) != widths(primesvt_model):
-            raise SpikepruneError(f"internal: the random floor has widths {widths(pruned)}, PrimeSVT's model "
-                                  f"{widths(primesvt_model)}; oneshot_ratios no longer matches the engine's rounding")
-
-        p = constraints.precision
-        mem, dense_mem = memory_bytes(pruned), memory_bytes(self.model)
-        budget = constraints.budget_bytes(dense_mem[p])
-        shared = self.shared_cost(ctx.read)
+    def record(self, name: str, policy: str, constraints, summary: dict, record, run_dir: Path) -> dict:
+        """The benchmark's figures of one finished run, read from its summary."""
+        dense, pruned, ft = summary["dense"], summary["pruned"], summary.get("finetuned")
+        checks, cost = summary["constraint_checks"], summary["cost"]
+        n_test = self.split_sizes["test"]
+        shared = self.shared_cost(policy)
+        mem, dense_mem = pruned["memory_bytes"], dense["memory_bytes"]
         rec = {
             "name": name, "policy": policy, "limit": constraints.max_acc_drop, "target": constraints.target_saving,
-            "ratios": {k: v for k, v in result.ratios.items()}, "widths": widths(pruned),
-            "params": int(count_params(pruned)), "macs": int(count_macs(pruned)),
-            "memory_bytes": {k: int(v) for k, v in mem.items()},
+            "run_dir": str(run_dir), "removed": record.removed_fractions(), "widths": record.kept_counts(),
+            "params": pruned["params"], "macs": pruned["macs"], "memory_bytes": mem,
             "memory_saved": 1 - mem["fp32"] / dense_mem["fp32"], "memory_saved_int8": 1 - mem["int8"] / dense_mem["int8"],
-            "calib_top1": calib, "calib_drop": ctx.acc_drop(calib),
-            "acc_ok": ctx.within_limit(calib), "memory_ok": budget is None or mem[p] <= budget,
-            "cost": {"own_wall_s": search_s, "own_calib_images": ctx.images_evaluated,
-                     "own_calib_passes": ctx.evaluations, "shared": shared,
-                     "search_wall_s": search_s + shared["wall_s"],
-                     "calib_images": ctx.images_evaluated + shared["calib_images"]},
-            "resumed": resumed,
+            "calib_top1": summary["calib"]["pruned_top1"], "calib_drop": checks["acc_drop_calib"],
+            "acc_ok": checks["acc_ok"], "memory_ok": checks["memory_ok"], "constraints_met": summary["constraints_met"],
+            "test": {"top1": pruned["top1"], "top5": pruned.get("top5"), "n": n_test},
+            "finetuned": None,
+            "cost": {"own_wall_s": cost["policy_wall_s"], "own_calib_images": cost["policy_calib_images"],
+                     "own_calib_passes": cost["policy_calib_passes"], "shared": shared,
+                     "search_wall_s": cost["policy_wall_s"] + shared["wall_s"],
+                     "calib_images": cost["policy_calib_images"] + shared["calib_images"],
+                     "finetune_wall_s": cost.get("finetune_wall_s"), "run_wall_s": summary["wall_time_s"]},
+            "resumed": summary.get("resumed", False),
         }
-        rec["constraints_met"] = bool(rec["acc_ok"] and rec["memory_ok"])
-        rec["test"] = self.test_top1(pruned)
-        save_model(pruned, run_dir / "pruned")
-        final, rec["finetuned"] = pruned, None
-        if main and self.S["finetune"]["epochs"]:
-            final, rec["finetuned"] = self.finetune(pruned, run_dir)
-            rec["cost"]["finetune_wall_s"] = rec["finetuned"]["wall_s"]
-            save_model(final, run_dir / "finetuned")
-        if main:
-            rec["activity"] = self.activity(final)
-            rec["activity"]["of"] = "finetuned" if rec["finetuned"] else "pruned"
-        write_json(run_dir / "policy_info.json", _jsonable({k: v for k, v in result.info.items()
-                                                            if k not in ("plots", "report_sections")}))
-        write_json(done, _jsonable(rec))
+        if ft:
+            rec["finetuned"] = {"top1": ft["top1"], "top5": ft.get("top5"), "n": n_test,
+                                "calib_top1": summary["calib"].get("finetuned_top1"),
+                                "train_images": self.S["finetune"]["epochs"] * self.split_sizes["train"]}
+        final = ft or pruned
+        rec["activity"] = {"sops": final.get("sops"), "energy_mj": final.get("energy_mj"),
+                           "of": "finetuned" if ft else "pruned"}
         log(f"{name}: memory saved {rec['memory_saved']:.2%}, calib drop {rec['calib_drop']:.2f} points, test top-1 "
-            f"{rec['test']['top1']:.2%}" + (f" -> {rec['finetuned']['top1']:.2%} fine-tuned" if rec["finetuned"] else "")
-            + f" ({rec['cost']['search_wall_s']:.1f} s search incl. shared)")
-        return {**rec, "_model": final, "_pruned": pruned}
+            f"{rec['test']['top1']:.2%}" + (f" -> {ft['top1']:.2%} fine-tuned" if ft else "")
+            + f" ({rec['cost']['search_wall_s']:.1f} s search incl. shared; report {run_dir / 'report.md'})")
+        return rec
 
-    # measurement ------------------------------------------------------------------------------
-    def test_top1(self, model) -> dict:
-        from spikeprune.data import dataset_for_model
-        from spikeprune.train import evaluate
+    def final_model(self, run_dir: Path):
+        """The run's final model (fine-tuned when the run fine-tuned), as the run saved it."""
+        from spikeprune.serialization import load_model
 
-        test = dataset_for_model(self.S["data"], model, "test")
-        r = evaluate(model, test, split="test", batch_size=self.S["batch_size"], device=self.S["device"],
-                     progress=self.progress)
-        return {"top1": r["top1"], "top5": r["top5"], "n": r["n"]}
-
-    def activity(self, model) -> dict:
-        """SOPs and energy from the firing rates on the first --measure-images test images."""
-        from spikeprune.data import dataset_for_model
-        from spikeprune.measure import measure
-
-        test = dataset_for_model(self.S["data"], model, "test")
-        t = measure(model, data=test, device=self.S["device"], n_images=min(self.S["measure_images"], len(test)),
-                    batch_size=64, latency=False)["total"]
-        return {"sops": t["sops"], "energy_mj": t["energy_mj"], "rate_images": t["rate_images"]}
-
-    def finetune(self, pruned, run_dir: Path) -> tuple:
-        from spikeprune.data import dataset_for_model
-        from spikeprune.train import finetune
-
-        F = self.S["finetune"]
-        t0 = time.perf_counter()
-        student = copy.deepcopy(pruned)
-        model, history = finetune(student, self.S["data"], F["epochs"], teacher=self.model if F["kd"] else None,
-                                  kd_weight=F["kd_weight"] or 0.5, kd_temperature=F["kd_temperature"] or 4.0,
-                                  lr=F["lr"], batch_size=F["batch_size"], device=self.S["device"], seed=self.S["seed"],
-                                  out_dir=run_dir / "finetune", resume=True, progress=self.progress)
-        model.eval()
-        wall = time.perf_counter() - t0
-        n_train = len(dataset_for_model(self.S["data"], model, "train"))
-        test = self.test_top1(model)
-        return model, {**test, "calib_top1": history[-1].get("calib_top1") if history else None, "wall_s": wall,
-                       "train_images": F["epochs"] * n_train}
+        return load_model(run_dir / "model").eval()
 
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------
-def widths(model) -> dict[str, int]:
-    from spikeprune.groups import groups
+def floor_ratios(dense, record) -> dict[str, float]:
+    """Ratios that keep, in one spikeprune.prune call on `dense`, the per-group unit counts of the
+    pruning record `record` (`record.kept_counts()`, against the same dense model): the random floor
+    at PrimeSVT's widths. Per-head channel groups (qk, v) take their ratio per head dim: the heads
+    group removes whole heads and qk / v keep the same number of dims in every head that stays."""
+    from spikeprune.coupling import groups
 
-    return {g.name: g.size for g in groups(model)}
-
-
-def oneshot_ratios(dense, pruned) -> dict[str, float]:
-    """Ratios that give, in one spikeprune.prune call on `dense`, the widths of `pruned` (PrimeSVT
-    prunes step by step, so its own ratios are relative to intermediate models). qk / v ratios are
-    per head dim: the heads group removes whole heads and qk / v thin every head that stays."""
-    from spikeprune.groups import groups
-
-    after = {g.name: g for g in groups(pruned)}
+    kept = record.kept_counts()
     out = {}
     for g in groups(dense):
-        a = after[g.name]
-        if g.heads > 1:  # per-head channel group: compare head dims
-            before, now = g.size // g.heads, a.size // a.heads
+        if g.heads > 1:  # per-head channel group: kept dims per kept head, against the dense head dim
+            before, now = g.size // g.heads, kept[g.name] // max(kept[g.head_group], 1)
         else:
-            before, now = g.size, a.size
+            before, now = g.size, kept[g.name]
         if now < before:
             out[g.name] = (before - now) / before  # kept = before - floor(r * before + 0.5) = now
     return out
@@ -575,40 +495,60 @@ def machine(device: str) -> dict:
 
 
 def describe(model, spec: str) -> str:
+    from spikeprune.costs import count_params
+    from spikeprune.models import get_family
+
     c = model.cfg
-    return (f"{spec} (Spikformer D={c.embed_dim}, depth {len(c.blocks)}, heads {c.blocks[0]['heads']}, T={c.T}, "
-            f"{c.img_size}x{c.img_size})")
+    return (f"{spec} ({get_family(model).name}, {count_params(model):,} parameters, T={c.T}, "
+            f"{c.img_size}x{c.img_size}x{c.in_channels})")
 
 
 def settings_hash(S: dict, model_hash: str) -> str:
     keep = {k: v for k, v in S.items() if k not in ("out", "latency", "quick")}
-    return hashlib.sha256(json.dumps({**keep, "model_hash": model_hash}, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps({**keep, "model_hash": model_hash, "version": VERSION},
+                                     sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ------------------------------------------------------------------------------------------------
 # Results: JSON, markdown, plot
 # ------------------------------------------------------------------------------------------------
-def _pct(x, d=2):
-    return "-" if x is None else f"{100 * x:.{d}f}%"
+def _se_points(top1: float | None, n: int) -> float | None:
+    from spikeprune.stats import top1_standard_error
+
+    return None if top1 is None else 100 * top1_standard_error(top1, n)
 
 
-def _si(x):
-    if x is None:
-        return "-"
-    for unit, f in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= f:
-            return f"{x / f:.2f}{unit}"
-    return f"{x:.0f}"
+def _top1_cell(top1: float | None, n: int) -> str:
+    """'98.60% ±0.37': the top-1 and its standard error in points (n images)."""
+    return "-" if top1 is None else f"{format_percent(top1)} ±{_se_points(top1, n):.2f}"
 
 
-def _bytes(n):
-    return "-" if n is None else (f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB")
+def final_top1(r: dict) -> tuple[str, float]:
+    """Which test top-1 a result is compared on: after fine-tuning when it ran, else before."""
+    return ("fine-tuned", r["finetuned"]["top1"]) if r.get("finetuned") else ("pruned", r["test"]["top1"])
+
+
+def indistinguishable(doc: dict, limit: float) -> list[str]:
+    """A line for every pair of results at `limit` whose test top-1 (fine-tuned where it ran) differ
+    by less than two standard errors of their difference (spikeprune.stats.differ)."""
+    from spikeprune.stats import differ
+
+    n = doc["split_sizes"]["test"]
+    rows = [r for r in doc["results"] if r["limit"] == limit]
+    out = []
+    for a, b in itertools.combinations(rows, 2):
+        (ka, ta), (kb, tb) = final_top1(a), final_top1(b)
+        if not differ(ta, tb, n, n):
+            out.append(f"{LABELS.get(a['policy'], a['policy'])} ({ka} {format_percent(ta)}) and "
+                       f"{LABELS.get(b['policy'], b['policy'])} ({kb} {format_percent(tb)})")
+    return out
 
 
 def main_table(doc: dict, limit: float) -> str:
     from spikeprune.report import markdown_table
 
     batches = doc["settings"]["latency"]["batches"]
+    n = doc["split_sizes"]["test"]
     d = doc["dense"]
     rows = [{"policy": "dense", "saved": 0.0, "fp32": d["memory_bytes"]["fp32"], "int8": d["memory_bytes"]["int8"],
              "params": d["params"], "macs": d["macs"], "sops": d["sops"], "energy": d["energy_mj"], "drop": 0.0,
@@ -625,11 +565,11 @@ def main_table(doc: dict, limit: float) -> str:
                      "met": "yes" if r["constraints_met"] else "no",
                      "search": r["cost"]["search_wall_s"], "images": r["cost"]["calib_images"],
                      **{f"b{b}": r["speedup"].get(str(b)) for b in batches}})
-    cols = [("policy", "policy", str), ("memory saved", "saved", _pct), ("fp32", "fp32", _bytes),
-            ("int8", "int8", _bytes), ("params", "params", _si), ("MACs", "macs", _si), ("SOPs", "sops", _si),
-            ("energy mJ", "energy", lambda x: "-" if x is None else f"{x:.4g}"),
-            ("calib drop", "drop", lambda x: f"{x:.2f}"), ("test top-1", "test", _pct),
-            ("fine-tuned", "ft", _pct)]
+    cols = [("policy", "policy", str), ("memory saved", "saved", format_percent), ("fp32", "fp32", format_bytes),
+            ("int8", "int8", format_bytes), ("params", "params", format_count), ("MACs", "macs", format_count),
+            ("SOPs", "sops", format_count), ("energy mJ", "energy", lambda x: "-" if x is None else f"{x:.4g}"),
+            ("calib drop", "drop", lambda x: f"{x:.2f}"), ("test top-1 ±se", "test", lambda x: _top1_cell(x, n)),
+            ("fine-tuned ±se", "ft", lambda x: _top1_cell(x, n))]
     cols += [(f"speedup b{b}", f"b{b}", lambda x: "-" if x is None else f"{x:.2f}x") for b in batches]
     cols += [("search s", "search", lambda x: "-" if x is None else f"{x:.1f}"),
              ("calib fwd", "images", lambda x: "-" if x is None else f"{x:,.0f}"), ("within limit", "met", str)]
@@ -649,12 +589,14 @@ def frontier_table(doc: dict) -> str:
                 cells.append("error")
             else:
                 mark = "" if pt["constraints_met"] else " (not met)"
-                cells.append(f"{_pct(pt['test_top1'])} at {_pct(pt['memory_saved'], 1)}{mark}")
-        lines.append(f"| {_pct(t, 0)} | " + " | ".join(cells) + " |")
+                cells.append(f"{format_percent(pt['test_top1'])} at {format_percent(pt['memory_saved'], 1)}{mark}")
+        lines.append(f"| {format_percent(t, 0)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def write_markdown(doc: dict, plot_name: str | None, heading: str = "#") -> str:
+    from spikeprune.stats import top1_standard_error
+
     S, d, mach = doc["settings"], doc["dense"], doc["machine"]
     h2 = heading + "#"
     F = S["finetune"]
@@ -662,6 +604,7 @@ def write_markdown(doc: dict, plot_name: str | None, heading: str = "#") -> str:
           + (f", KD from the dense model (weight {F['kd_weight']:g}, T {F['kd_temperature']:g})" if F["kd"] else ", no KD")
           if F["epochs"] else "none")
     sh = doc["shared"]
+    n_test = doc["split_sizes"]["test"]
     lines = [
         f"{heading} Policy benchmark: {doc['model']} on {S['data']}" + (" (quick)" if S["quick"] else ""), "",
         f"- Command: `{doc['command']}`",
@@ -671,20 +614,27 @@ def write_markdown(doc: dict, plot_name: str | None, heading: str = "#") -> str:
            if mach.get("load_average_at_start") else ""),
         f"- Date: {doc['date']}; wall time {doc['wall_time_s'] / 60:.1f} min",
         f"- Images: train {doc['split_sizes']['train']:,} / calib {doc['split_sizes']['calib']:,} / test "
-        f"{doc['split_sizes']['test']:,}; SOPs and energy from {S['measure_images']} test images",
-        f"- Dense: test top-1 {_pct(d['test']['top1'])}, calibration top-1 {_pct(d['calib_top1'])}, "
-        f"{_bytes(d['memory_bytes']['fp32'])} fp32",
+        f"{n_test:,}; SOPs and energy from {S['measure_images']} test images",
+        f"- Dense: test top-1 {_top1_cell(d['test']['top1'], n_test)}, calibration top-1 "
+        f"{format_percent(d['calib_top1'])}, {format_bytes(d['memory_bytes']['fp32'])} fp32",
         f"- Fine-tuning (the same for every policy): {ft}. Importance {S['importance']}, round_to {S['round_to']}, "
         f"sensitivity ratios {S['ratios']}, uniform sweep {S['uniform_ratios']}.",
         f"- Latency: {doc['machine']['device']}, batches {S['latency']['batches']}, {S['latency']['repeats']} "
-        "interleaved repeats, median; speedup = dense median / model median.", ""]
+        "interleaved repeats, median; speedup = dense median / model median.",
+        f"- Each policy's own run folder, with its report.md: `{doc['work']}/<policy>-L<limit>/`.", ""]
     for L in S["limits"]:
         lines += [f"{h2} Accuracy limit {L:g} points (calibration split), no memory target", "", main_table(doc, L), ""]
+        close = indistinguishable(doc, L)
+        if close:
+            lines += [f"Within two standard errors of each other on the {n_test:,} test images (the test split "
+                      "cannot tell them apart): " + "; ".join(close) + ".", ""]
+    se = 100 * top1_standard_error(d["test"]["top1"], n_test)
     lines += ["Memory saved is at fp32 (int8 savings are in policies.json); calib drop is in top-1 points on the "
               "calibration split, where every decision is made; test top-1 is on the test split, before and after "
-              "fine-tuning; SOPs and energy are of the final model (fine-tuned when fine-tuning ran). "
-              "'search s' and 'calib fwd' (calibration images through the whole model) include the shared work each "
-              "policy read; the random floor is charged only its own work, not PrimeSVT's.", ""]
+              "fine-tuning, each with its standard error in points (sqrt(p(1-p)/n), "
+              f"{se:.2f} points at the dense model's accuracy); SOPs and energy are of the final model (fine-tuned "
+              "when fine-tuning ran). 'search s' and 'calib fwd' (calibration images through the whole model) include "
+              "the shared work each policy read; the random floor is charged only its own work, not PrimeSVT's.", ""]
     if doc["frontier"]:
         lines += [f"{h2} Frontier: test top-1 at each memory target (limit {S['frontier_limit']:g} points, "
                   "no fine-tuning)", "",
@@ -693,8 +643,9 @@ def write_markdown(doc: dict, plot_name: str | None, heading: str = "#") -> str:
         if plot_name:
             lines += [f"![accuracy against memory saved]({plot_name})", ""]
     lines += [f"{h2} Shared work (computed once, charged to every policy that read it)", ""]
-    for k, who in (("dense_calib", "every policy"), ("uniform_sweep", "uniform, PSViT"),
-                   ("sensitivity", "PSViT, PrimeSVT")):
+    readers = {k: ", ".join(LABELS.get(p, p) for p in S["policies"] if k in SHARED_READS.get(p, SHARED))
+               for k in SHARED}
+    for k in SHARED:
         if k in sh:
             extra = ""
             if k == "sensitivity":
@@ -702,20 +653,19 @@ def write_markdown(doc: dict, plot_name: str | None, heading: str = "#") -> str:
                 extra = (f"; {fc['spent']:,.0f} image-block passes, {fc['ratio']:.2f}x fewer than recomputing "
                          f"every candidate")
             lines.append(f"- {k.replace('_', ' ')}: {sh[k]['wall_s']:.1f} s, {sh[k]['calib_images']:,.0f} calibration "
-                         f"image forwards{extra} (charged to {who})")
+                         f"image forwards{extra} (charged to {readers[k]})")
     if doc["notes"]:
         lines += ["", f"{h2} Notes", ""] + [f"- {n}" for n in doc["notes"]]
     return "\n".join(lines) + "\n"
 
 
 def plot_frontier(path: Path, doc: dict) -> None:
-    from spikeprune.report import _plt, _save
+    from spikeprune.plots import new_figure, pyplot, save_figure
 
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    fig, ax = new_figure(figsize=(7.5, 4.6))
     dense = 100 * doc["dense"]["test"]["top1"]
     ax.plot([0], [dense], "k*", ms=13, label="dense", zorder=2)
-    colors = plt.get_cmap("tab10")
+    colors = pyplot().get_cmap("tab10")
     for i, p in enumerate(doc["settings"]["policies"]):
         pts = sorted((x for x in doc["frontier"] if x["policy"] == p and not x.get("error")),
                      key=lambda x: (x["memory_saved"], x["target"]))  # a curve along the x axis
@@ -736,7 +686,7 @@ def plot_frontier(path: Path, doc: dict) -> None:
                  "(targets dotted; hollow = target not met within the limit; no fine-tuning)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def update_readme(readme: Path, doc: dict, out: Path) -> None:
@@ -753,16 +703,60 @@ def update_readme(readme: Path, doc: dict, out: Path) -> None:
         tmp.write_text(f"{head}{README_START}\n{body}{README_END}{tail}")
 
 
+def run_all(bench: Bench, shared: dict) -> tuple[list, list, dict]:
+    """Every policy at every limit (fine-tuned), then at every frontier target (not fine-tuned):
+    (results, frontier points, the final models of the limit runs for the latency timer)."""
+    from spikeprune.policy_api import Constraints
+
+    S, work = bench.S, bench.work
+    results, models = [], {"dense": bench.model}
+    for L in S["limits"]:
+        prime = None
+        for p in S["policies"]:
+            name = f"{p}-L{L:g}"
+            rec = bench.run_policy(name, p, Constraints(L), main=True, shared=shared[bench.importance_of(p)],
+                                   primesvt_record=prime)
+            if p == "primesvt":
+                prime = rec["_record"]
+            models[name] = bench.final_model(work / name)
+            results.append(rec)
+
+    frontier = []
+    for t in S["targets"]:
+        cons = Constraints(S["frontier_limit"], target_saving=t)
+        prime = None
+        for p in S["policies"]:
+            name = f"frontier-{t:g}/{p}"
+            if p == RANDOM and prime is None:
+                frontier.append({"policy": p, "target": t, "error": "PrimeSVT failed at this target"})
+                continue
+            try:
+                rec = bench.run_policy(name, p, cons, main=False, shared=shared[bench.importance_of(p)],
+                                       primesvt_record=prime)
+            except SpikepruneError as e:  # e.g. a target below the smallest model: record it, go on
+                log(f"{name}: {e}")
+                frontier.append({"policy": p, "target": t, "error": str(e)})
+                continue
+            if p == "primesvt":
+                prime = rec["_record"]
+            frontier.append({"policy": p, "target": t, "memory_saved": rec["memory_saved"],
+                             "memory_bytes": rec["memory_bytes"], "calib_top1": rec["calib_top1"],
+                             "calib_drop": rec["calib_drop"], "test_top1": rec["test"]["top1"],
+                             "constraints_met": rec["constraints_met"], "memory_ok": rec["memory_ok"],
+                             "cost": rec["cost"], "removed": rec["removed"], "run_dir": rec["run_dir"]})
+    return results, frontier, models
+
+
 # ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
 def run(args, argv: list[str]) -> dict:
-    import spikeprune.data as data_mod
     from spikeprune.cli import resolve_model
-    from spikeprune.measure import count_macs, count_params, memory_bytes
-    from spikeprune.pipeline import make_constraints
-    from spikeprune.sensitivity import model_hash
-    from spikeprune.serialization import write_json
+    from spikeprune.data import dataset_for_model
+    from spikeprune.hashing import model_hash
+    from spikeprune.policy_api import register_policy, unregister_policy
+    from spikeprune.serialization import atomic_path, write_json
+    from spikeprune.stats import calib_resolution
 
     t_start = time.perf_counter()
     if args.threads:
@@ -777,61 +771,20 @@ def run(args, argv: list[str]) -> dict:
     work = Path(args.work) if args.work else ROOT / "runs" / "bench-policies" / settings_hash(S, mh)
     out = Path(S["out"]) if os.path.isabs(S["out"]) else ROOT / S["out"]
     work.mkdir(parents=True, exist_ok=True)
-    write_json(work / "bench.json", {"format": FORMAT, "settings": S, "model_hash": mh})
+    write_json(work / "bench.json", {"format": FORMAT, "version": VERSION, "settings": S, "model_hash": mh})
     log(f"work folder {work}; results to {out}")
-    bench = Bench(S, model, work, progress)
+    sizes = {s: len(dataset_for_model(S["data"], model, s, max_images=S["caps"][s])) for s in ("train", "calib", "test")}
+    bench = Bench(S, model, work, progress, sizes)
     notes = []
+    register_policy(SHARED_POLICY, help="bench/policies.py's shared work", check=_check_shared_steps)(shared_work)
+    try:
+        shared = {imp: bench.shared_run(imp) for imp in dict.fromkeys(bench.importance_of(p) for p in S["policies"])}
+        results, frontier, models = run_all(bench, shared)
+    finally:
+        unregister_policy(SHARED_POLICY)
+    dense = bench.dense
 
-    with capped_splits(S["caps"]):
-        sizes = {s: len(data_mod.dataset_for_model(S["data"], model, s)) for s in ("train", "calib", "test")}
-        bench.compute_shared()
-
-        # 1. Dense figures (test split).
-        d_mem = memory_bytes(model)
-        dense = {"test": bench.test_top1(model), "calib_top1": bench.shared["dense_calib"]["top1"],
-                 "params": int(count_params(model)), "macs": int(count_macs(model)),
-                 "memory_bytes": {k: int(v) for k, v in d_mem.items()}, **bench.activity(model)}
-
-        # 2. Each policy at each limit.
-        results, models = [], {"dense": model}
-        for L in S["limits"]:
-            cons = make_constraints(L)
-            prime = None
-            for p in S["policies"]:
-                name = f"{p}-L{L:g}"
-                rec = bench.run_policy(name, p, cons, main=True, primesvt_model=prime)
-                if p == "primesvt":
-                    prime = rec["_pruned"]
-                models[name] = rec.pop("_model")
-                rec.pop("_pruned")
-                results.append(rec)
-
-        # 3. Frontier (no fine-tuning).
-        frontier = []
-        for t in S["targets"]:
-            cons = make_constraints(S["frontier_limit"], target_saving=t)
-            prime = None
-            for p in S["policies"]:
-                name = f"frontier-{t:g}/{p}"
-                if p == RANDOM and prime is None:
-                    frontier.append({"policy": p, "target": t, "error": "PrimeSVT failed at this target"})
-                    continue
-                try:
-                    rec = bench.run_policy(name, p, cons, main=False, primesvt_model=prime)
-                except SpikepruneError as e:  # e.g. a target below the smallest model: record it, go on
-                    log(f"{name}: {e}")
-                    frontier.append({"policy": p, "target": t, "error": str(e)})
-                    continue
-                if p == "primesvt":
-                    prime = rec["_pruned"]
-                rec.pop("_model"), rec.pop("_pruned")
-                frontier.append({"policy": p, "target": t, "memory_saved": rec["memory_saved"],
-                                 "memory_bytes": rec["memory_bytes"], "calib_top1": rec["calib_top1"],
-                                 "calib_drop": rec["calib_drop"], "test_top1": rec["test"]["top1"],
-                                 "constraints_met": rec["constraints_met"], "memory_ok": rec["memory_ok"],
-                                 "cost": rec["cost"], "ratios": rec["ratios"]})
-
-    # 4. Latency: every model in one interleaved timer.
+    # Latency: every final model and the dense one in one interleaved timer.
     cfg = model.cfg
     lat = interleaved_latency(models, (cfg.in_channels, cfg.img_size, cfg.img_size), S["latency"]["batches"],
                               S["latency"]["repeats"], S["latency"]["warmup"], S["device"], progress)
@@ -840,15 +793,13 @@ def run(args, argv: list[str]) -> dict:
         r["latency_ms"] = {str(b): lat[b][r["name"]]["median_ms"] for b in lat}
         r["speedup"] = {str(b): lat[b]["dense"]["median_ms"] / lat[b][r["name"]]["median_ms"] for b in lat}
 
-    if sizes["calib"] < 1000:
-        from spikeprune.sensitivity import calib_resolution
-
-        res = calib_resolution(sizes["calib"], dense["calib_top1"])
-        notes.append(f"the calibration split has {sizes['calib']} images: one image is {res['image_points']:.2f} points "
-                     f"and the standard error of a top-1 estimate {res['se_points']:.2f} points, so decisions at a "
-                     "1-point limit are noisy")
-    notes.append("random @ PrimeSVT memory: the per-group widths of PrimeSVT's result at the same limit / target, "
-                 "channels chosen at random (importance 'random', seed "
+    res = calib_resolution(sizes["calib"], dense["calib_top1"], points=min(S["limits"]))
+    notes.append(f"the calibration split has {sizes['calib']:,} images: one image is {res['image_points']:.2f} points "
+                 f"and the standard error of a calibration top-1 {res['se_points']:.2f} points"
+                 + ("" if res["ok"] else f", so decisions at a {min(S['limits']):g}-point limit are noisy (about "
+                                         f"{res['needed']:,} images would resolve it)"))
+    notes.append("random @ PrimeSVT memory: the per-group widths of PrimeSVT's result at the same limit / target "
+                 "(its pruning record's kept counts), channels chosen at random (importance 'random', seed "
                  f"{S['seed']}); its calib drop may break the limit: it is a floor, not a policy")
     notes.append("global L2: Torch-Pruning-style global ranking (spikeprune/policies/global_l2.py): every channel "
                  "scored by the group L2 norm, divided by its group's mean, ranked together")
@@ -860,7 +811,7 @@ def run(args, argv: list[str]) -> dict:
         mach["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
     doc = {
-        "format": FORMAT, "version": 1,
+        "format": FORMAT, "version": VERSION,
         "command": "python bench/policies.py" + ("" if not argv else " " + shlex.join(argv)),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": mach, "model": describe(model, S["model"]), "model_hash": mh, "settings": S, "split_sizes": sizes,
@@ -868,14 +819,18 @@ def run(args, argv: list[str]) -> dict:
         "latency": {str(b): {n: v for n, v in lat[b].items()} for b in lat},
         "wall_time_s": time.perf_counter() - t_start, "notes": notes,
     }
+    for r in results:  # standard errors of every test top-1, in points (spikeprune.stats)
+        r["test"]["se_points"] = _se_points(r["test"]["top1"], sizes["test"])
+        if r["finetuned"]:
+            r["finetuned"]["se_points"] = _se_points(r["finetuned"]["top1"], sizes["test"])
+    dense["test"]["se_points"] = _se_points(dense["test"]["top1"], sizes["test"])
+    doc["indistinguishable"] = {f"{L:g}": indistinguishable(doc, L) for L in S["limits"]}
     doc = _jsonable(doc)
     out.mkdir(parents=True, exist_ok=True)
     plot = None
     if frontier:
         plot_frontier(out / "frontier.png", doc)
         plot = "frontier.png"
-    from spikeprune.serialization import atomic_path
-
     write_json(out / "policies.json", doc)
     with atomic_path(out / "policies.md") as tmp:
         tmp.write_text(write_markdown(doc, plot))

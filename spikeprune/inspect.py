@@ -1,17 +1,18 @@
 """What a (pruned) model looks like next to the dense model it came from.
 
-Where the dense widths come from: `prune` records the dense model's whole config on the pruned
-model (`model.pruning["dense_config"]`) and the prune command saves that record in config.json
-under `extra.pruning`, so `spikeprune inspect OUT/model` rebuilds the dense model from it. A model
-with no record (never pruned, or pruned and then saved with a bare `save_model` call) is shown
-against itself, and the report says so: its dense widths are unknown, and deriving them from the
-config's embed_dim would be wrong for a model whose residual width was pruned.
+Where the dense widths come from: every pruned model carries its pruning record
+(`model.pruning`, spikeprune.record), saved in config.json, with the dense model's whole config,
+so `spikeprune inspect RUN/model` rebuilds the dense model's shapes from it. A model with no
+record (never pruned) is shown against itself, and the report says so.
 """
 from __future__ import annotations
 
 from torch import nn
 
-from .groups import groups as model_groups
+from .coupling import groups as model_groups
+from .costs import count_macs, count_params, memory_bytes
+from .models import build_from_config
+from .record import PruningRecord
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
@@ -27,40 +28,37 @@ def _layers(model: nn.Module) -> dict[str, dict]:
 
 
 def _totals(model: nn.Module) -> dict:
-    from .measure import count_macs, count_params, memory_bytes
-
     return {"params": int(count_params(model)), "memory_bytes": {k: int(v) for k, v in memory_bytes(model).items()},
             "macs": int(count_macs(model))}
 
 
 def inspect_model(model: nn.Module) -> dict:
-    """Groups and layers with current and dense widths; params, memory and MACs of both."""
-    from .models import build_from_config
-
-    rec = getattr(model, "pruning", None) or {}
-    dense = build_from_config(rec["dense_config"]) if rec.get("dense_config") else model
+    """Groups (with the layers each cuts) and layers, current and dense widths; params, memory and
+    MACs of both."""
+    rec = getattr(model, "pruning", None)
+    rec = rec if isinstance(rec, PruningRecord) else None
+    dense = build_from_config(rec.dense_config) if rec else model
     dense_groups = {g.name: g for g in model_groups(dense)}
     dense_layers = _layers(dense)
     now, ref = _totals(model), _totals(dense)
     cfg = model.cfg
     return {
         "family": model.family,
-        "layout": cfg.layout,
         "input": [cfg.in_channels, cfg.img_size, cfg.img_size],
         "num_classes": cfg.num_classes,
         "T": cfg.T,
-        "dense_known": bool(rec.get("dense_config")),
-        "dense_preset": rec.get("dense_preset") if rec else getattr(model, "preset", None),
+        "dense_known": rec is not None,
+        "dense_preset": rec.dense_preset if rec else getattr(model, "preset", None),
         "groups": [{"name": g.name, "kind": g.kind, "unit": g.unit, "size": g.size,
                     "dense_size": dense_groups[g.name].size, "params": g.params,
-                    "dense_params": dense_groups[g.name].params} for g in model_groups(model)],
+                    "dense_params": dense_groups[g.name].params, "cuts": g.cuts()} for g in model_groups(model)],
         "layers": [{"name": n, **d, "dense_in": dense_layers[n]["in"], "dense_out": dense_layers[n]["out"],
                     "dense_params": dense_layers[n]["params"]} for n, d in _layers(model).items()],
         "total": now,
         "dense_total": ref,
         "kept_fraction": {"params": now["params"] / ref["params"], "macs": now["macs"] / max(ref["macs"], 1)},
-        "removed": rec.get("removed", {}),
-        "notes": rec.get("notes", []),
+        "removed": rec.removed_fractions() if rec else {},
+        "notes": rec.notes if rec else [],
     }
 
 
@@ -72,7 +70,7 @@ def _human(n: float) -> str:
 
 
 def format_report(r: dict) -> str:
-    lines = [f"{r['family']} ({r['layout']} layout), input {r['input'][0]}x{r['input'][1]}x{r['input'][2]}, "
+    lines = [f"{r['family']}, input {r['input'][0]}x{r['input'][1]}x{r['input'][2]}, "
              f"{r['num_classes']} classes, T={r['T']}"]
     if r["dense_known"]:
         lines.append(f"pruned from {r['dense_preset'] or 'a dense model'} (its widths are shown as 'dense')")
@@ -81,7 +79,7 @@ def format_report(r: dict) -> str:
     lines += ["", f"{'group':22s} {'unit':8s} {'now':>6s} {'dense':>6s} {'kept':>6s} {'params':>10s}"]
     for g in r["groups"]:
         lines.append(f"{g['name']:22s} {g['unit']:8s} {g['size']:6d} {g['dense_size']:6d} "
-                     f"{g['size'] / g['dense_size']:6.0%} {_human(g['params']):>10s}")
+                     f"{g['size'] / g['dense_size']:6.0%} {_human(g['params']):>10s}  cuts {', '.join(g['cuts'])}")
     lines += ["", f"{'layer':34s} {'type':7s} {'in x out (now)':>16s} {'in x out (dense)':>17s} {'params':>9s}"]
     for ly in r["layers"]:
         lines.append(f"{ly['name']:34s} {ly['type']:7s} {str(ly['in']) + ' x ' + str(ly['out']):>16s} "

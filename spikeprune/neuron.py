@@ -13,8 +13,16 @@ SpikingJelly would record.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
+
+from .surrogate import heaviside_sigmoid
+
+# Set by plain_ops(): LIF runs as plain tensor ops (for exporters such as torch.onnx, which cannot
+# trace the autograd Function below). Off, the training / inference path is untouched.
+_PLAIN_OPS = False
 
 
 class _MultiStepLIF(torch.autograd.Function):
@@ -80,7 +88,10 @@ class LIF(nn.Module):
         self.last_rate: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = lif_multistep(x, self.tau, self.v_threshold, self.alpha)
+        if _PLAIN_OPS:  # under plain_ops() (spikeprune.deploy); the default path is unchanged
+            s = lif_plain_ops(x, self.tau, self.v_threshold)
+        else:
+            s = lif_multistep(x, self.tau, self.v_threshold, self.alpha)
         if self.record_rate:
             self.last_rate = s.detach().mean()
         return s
@@ -89,11 +100,37 @@ class LIF(nn.Module):
         return f"tau={self.tau}, v_threshold={self.v_threshold}, surrogate=sigmoid(alpha={self.alpha})"
 
 
+def lif_plain_ops(x: torch.Tensor, tau: float = 2.0, v_threshold: float = 1.0) -> torch.Tensor:
+    """The forward of lif_multistep unrolled over T as plain element-wise tensor ops (no autograd
+    Function, no in-place writes), which an exporter records as Mul / Sub / Add / GreaterOrEqual /
+    Cast nodes. Same recurrence; h = v + (x_t - v) * (1/tau) is rounded in two steps here where
+    lif_multistep's add(alpha=) may fuse them, so a membrane within one float rounding of the
+    threshold can decide the other way (spikeprune.deploy counts such ties)."""
+    inv_tau = 1.0 / tau
+    out = []
+    v = None
+    for t in range(x.shape[0]):
+        h = x[t] * inv_tau if v is None else v + (x[t] - v) * inv_tau
+        s = (h >= v_threshold).to(x.dtype)  # h == threshold fires, as lif_multistep
+        v = h - h * s  # hard reset to 0 where it fired
+        out.append(s)
+    return torch.stack(out)
+
+
+@contextmanager
+def plain_ops():
+    """Within this block every LIF runs lif_plain_ops (forward only): for exporters and checks."""
+    global _PLAIN_OPS
+    before, _PLAIN_OPS = _PLAIN_OPS, True
+    try:
+        yield
+    finally:
+        _PLAIN_OPS = before
+
+
 def lif_reference_loop(x: torch.Tensor, tau: float = 2.0, v_threshold: float = 1.0, alpha: float = 4.0,
                        v_reset: float = 0.0) -> torch.Tensor:
     """Plain autograd transcription of SpikingJelly's multi-step LIFNode (tests compare against it)."""
-    from .surrogate import heaviside_sigmoid
-
     v = torch.full_like(x[0], v_reset)
     out = []
     for t in range(x.shape[0]):

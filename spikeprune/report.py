@@ -9,32 +9,16 @@ calibration passes, the sensitivity analysis' forward accounting); warnings.
 Plots are PNG files under RUN/plots/. The pipeline always draws accuracy_memory.png (calibration
 top-1 against memory saved: dense, pruned, and any series a policy hands in through
 info["tradeoff"]); policies draw their own through info["plots"] entries (filename, draw(path)
-[, caption]), usually with the helpers below (plot_uniform_sweep, plot_sensitivity).
+[, caption]), usually with the helpers below (plot_uniform_sweep, plot_sensitivity); figures of
+your own: spikeprune.plots (new_figure, save_figure).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-FIGSIZE = (7.0, 4.2)
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path) -> None:
-    from .serialization import atomic_path
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    _plt().close(fig)
+from .plots import new_figure, pyplot, save_figure
+from .serialization import atomic_path
+from .units import format_bytes, format_number, format_percent
 
 
 # ------------------------------------------------------------------------------------------------
@@ -42,8 +26,7 @@ def _save(fig, path) -> None:
 # ------------------------------------------------------------------------------------------------
 def plot_uniform_sweep(path, rows: list[dict], dense_top1: float, max_acc_drop: float | None = None) -> None:
     """PSViT step 1: calibration top-1 and memory of the uniformly pruned model against the ratio."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    fig, ax = new_figure()
     r = [x["ratio"] for x in rows]
     ax.plot(r, [100 * x["top1"] for x in rows], "o-", color="tab:blue", label="calibration top-1")
     ax.axhline(100 * dense_top1, color="tab:blue", ls=":", lw=1, label="dense")
@@ -58,14 +41,13 @@ def plot_uniform_sweep(path, rows: list[dict], dense_top1: float, max_acc_drop: 
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="lower left", fontsize=8)
     ax.set_title("Uniform channel pruning sweep")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_sensitivity(path, table, max_acc_drop: float | None = None) -> None:
     """PSViT step 2: per group, accuracy drop against the ratio (left) and against memory saved (right)."""
-    plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
-    cmap = plt.get_cmap("tab20")
+    fig, (a, b) = new_figure(1, 2, figsize=(11, 4.4), sharey=True)
+    cmap = pyplot().get_cmap("tab20")
     for i, g in enumerate(table.groups):
         rows = table.for_group(g)
         c = cmap(i % 20)
@@ -81,13 +63,12 @@ def plot_sensitivity(path, table, max_acc_drop: float | None = None) -> None:
     b.set_xlabel("memory saved (% of the dense model)")
     a.set_title("Sensitivity: each group pruned alone")
     a.legend(fontsize=6, ncol=2, loc="upper left")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_tradeoff(path, summary: dict, series: dict, max_acc_drop: float | None = None) -> None:
     """Calibration top-1 against memory saved: the policy's series, dense and the pruned result."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    fig, ax = new_figure()
     markers = "os^vD<>p"
     for i, (name, pts) in enumerate(series.items()):
         pts = [p for p in pts if p and p[1] is not None]
@@ -107,30 +88,12 @@ def plot_tradeoff(path, summary: dict, series: dict, max_acc_drop: float | None 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Accuracy against memory")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------
 # Text
 # ------------------------------------------------------------------------------------------------
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
-
-
-def _num(x, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    if isinstance(x, int) or (isinstance(x, float) and x.is_integer() and abs(x) >= 1000):
-        return f"{int(x):,}"
-    return f"{x:.{digits}g}"
-
-
-def _bytes(n) -> str:
-    from .units import format_bytes
-
-    return "-" if n is None else format_bytes(n)
-
-
 def format_summary_table(summary: dict) -> str:
     """The dense / pruned / fine-tuned table (test split) the CLI and the demo print."""
     head = (f"{'model':10s} {'top-1':>8s} {'params':>11s} {'mem fp32':>10s} {'mem int8':>10s} {'MACs':>14s} "
@@ -143,9 +106,9 @@ def format_summary_table(summary: dict) -> str:
         m = summary.get(name)
         if not m:
             continue
-        lines.append(f"{name:10s} {_pct(m['top1']):>8s} {m['params']:>11,d} {_bytes(m['memory_bytes']['fp32']):>10s} "
-                     f"{_bytes(m['memory_bytes']['int8']):>10s} {m['macs']:>14,d} {_num(m['energy_mj']):>10s} "
-                     f"{_num(m['latency_ms']):>11s}")
+        lines.append(f"{name:10s} {format_percent(m['top1']):>8s} {m['params']:>11,d} {format_bytes(m['memory_bytes']['fp32']):>10s} "
+                     f"{format_bytes(m['memory_bytes']['int8']):>10s} {m['macs']:>14,d} {format_number(m['energy_mj']):>10s} "
+                     f"{format_number(m['latency_ms']):>11s}")
     lines.append(f"wall time {summary['wall_time_s']:.1f} s")
     return "\n".join(lines)
 
@@ -158,11 +121,11 @@ def _constraints_section(s: dict) -> list[str]:
              f"{yes(k['acc_ok'])} |"]
     target = []
     if c.get("target_saving") is not None:
-        target.append(f"save >= {100 * c['target_saving']:.2f}%")
+        target.append(f"save >= {format_percent(c['target_saving'])}")
     if c.get("memory_budget") is not None:
-        target.append(f"<= {_bytes(c['memory_budget'])}")
-    lines.append(f"| memory at {c['precision']} | {' and '.join(target) or 'none'} | {_bytes(k['memory_bytes'])} "
-                 f"({100 * s['memory_saved']:.2f}% saved) | {yes(k['memory_ok'])} |")
+        target.append(f"<= {format_bytes(c['memory_budget'])}")
+    lines.append(f"| memory at {c['precision']} | {' and '.join(target) or 'none'} | {format_bytes(k['memory_bytes'])} "
+                 f"({format_percent(s['memory_saved'])} saved) | {yes(k['memory_ok'])} |")
     lines.append(f"| (for information) accuracy drop, test split | | {k['acc_drop_test']:.2f} points | |")
     if k.get("acc_drop_test_finetuned") is not None:
         lines.append(f"| (for information) accuracy drop after fine-tuning, test split | | "
@@ -179,13 +142,13 @@ def _results_section(s: dict) -> list[str]:
         if not m:
             continue
         mb = m["memory_bytes"]
-        lines.append(f"| {name} | {_pct(m['top1'])} | {_pct(m.get('top5'))} | {m['params']:,} | {_bytes(mb.get('fp32'))} | "
-                     f"{_bytes(mb.get('fp16'))} | {_bytes(mb.get('int8'))} | {m['macs']:,} | {_num(m.get('sops'))} | "
-                     f"{_num(m.get('energy_mj'))} | {_num(m.get('latency_ms'))} |")
+        lines.append(f"| {name} | {format_percent(m['top1'])} | {format_percent(m.get('top5'))} | {m['params']:,} | {format_bytes(mb.get('fp32'))} | "
+                     f"{format_bytes(mb.get('fp16'))} | {format_bytes(mb.get('int8'))} | {m['macs']:,} | {format_number(m.get('sops'))} | "
+                     f"{format_number(m.get('energy_mj'))} | {format_number(m.get('latency_ms'))} |")
     cal = s["calib"]
-    lines += ["", f"Calibration split ({cal['n']} images, where every decision was made): dense {_pct(cal['dense_top1'])}, "
-                  f"pruned {_pct(cal['pruned_top1'])}"
-              + (f", fine-tuned {_pct(cal['finetuned_top1'])}" if cal.get("finetuned_top1") is not None else "") + ".",
+    lines += ["", f"Calibration split ({cal['n']} images, where every decision was made): dense {format_percent(cal['dense_top1'])}, "
+                  f"pruned {format_percent(cal['pruned_top1'])}"
+              + (f", fine-tuned {format_percent(cal['finetuned_top1'])}" if cal.get("finetuned_top1") is not None else "") + ".",
               "Latency: batch 1, median of the repeats, on this machine; energy: the Spikformer papers' 45 nm estimate."]
     if s.get("finetune"):
         ft = s["finetune"]
@@ -220,8 +183,6 @@ def _cost_section(s: dict) -> list[str]:
 
 def write_report(run_dir, summary: dict, sections=(), table=None) -> Path:
     """Write RUN/report.md from the summary, the policy's sections and the plots."""
-    from .serialization import atomic_path
-
     s = summary
     ok = s["constraints_met"]
     k = s["constraint_checks"]
@@ -229,15 +190,15 @@ def write_report(run_dir, summary: dict, sections=(), table=None) -> Path:
     head = [f"# spikeprune run: {s['policy']} on {s.get('model') or 'a model'} / {s.get('data')}", "",
             f"**Outcome: constraints {'met' if ok else 'NOT met'}.** The pruned model "
             f"{'loses' if k['acc_drop_calib'] >= 0 else 'gains'} {abs(k['acc_drop_calib']):.2f} points of calibration "
-            f"top-1 (limit {s['constraints']['max_acc_drop']:g}) and saves {100 * s['memory_saved']:.2f}% of the memory "
-            f"({_bytes(s['dense']['memory_bytes']['fp32'])} -> {_bytes(s['pruned']['memory_bytes']['fp32'])} at fp32). "
-            f"Test top-1: dense {_pct(s['dense']['top1'])}, pruned {_pct(s['pruned']['top1'])}"
-            + (f", fine-tuned {_pct(ft['top1'])}" if ft else "") + ".", ""]
+            f"top-1 (limit {s['constraints']['max_acc_drop']:g}) and saves {format_percent(s['memory_saved'])} of the memory "
+            f"({format_bytes(s['dense']['memory_bytes']['fp32'])} -> {format_bytes(s['pruned']['memory_bytes']['fp32'])} at fp32). "
+            f"Test top-1: dense {format_percent(s['dense']['top1'])}, pruned {format_percent(s['pruned']['top1'])}"
+            + (f", fine-tuned {format_percent(ft['top1'])}" if ft else "") + ".", ""]
     if not k["acc_ok"]:
         head.append("The accuracy limit is broken: see the policy's section below for why.\n")
     if not k["memory_ok"]:
-        head.append(f"The memory target is not reached: {_bytes(k['memory_bytes'])} against a budget of "
-                    f"{_bytes(k['budget_bytes'])}.\n")
+        head.append(f"The memory target is not reached: {format_bytes(k['memory_bytes'])} against a budget of "
+                    f"{format_bytes(k['budget_bytes'])}.\n")
     body = head + _constraints_section(s) + _results_section(s) + _widths_section(s)
     plots = s.get("plots") or []
     if plots:

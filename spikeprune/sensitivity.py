@@ -2,7 +2,7 @@
 
 The papers speak of the sensitivity of each "layer". A Spikformer layer cannot lose output
 channels on its own: its outputs are read by other layers (and, for the residual width, by every
-block), so the unit that can be pruned is a coupled group (spikeprune.groups): `residual`,
+block), so the unit that can be pruned is a coupled group (spikeprune.coupling): `residual`,
 `stem.stage1..3`, and per block `attn.qk`, `attn.v`, `attn.heads`, `mlp.hidden`. PSViT's "layer"
 is our group. For every analysed group and every ratio of a grid, the group alone is pruned
 (spikeprune.prune, the run's importance criterion and round_to) and the calibration top-1 is
@@ -49,12 +49,10 @@ an uninterrupted one.
 from __future__ import annotations
 
 import csv
-import hashlib
+import fnmatch
 import io
 import json
-import math
 import os
-import re
 import sys
 import warnings
 import zlib
@@ -64,12 +62,26 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.data import Dataset
+from tqdm import tqdm
 
+from . import distributed
+from .data import dataset_for_model, make_loader
 from .errors import SpikepruneError
-from .models.spikformer import STEM_STAGES
+from .coupling import groups as model_groups
+from .hashing import fingerprint, model_hash
+from .importance import CRITERIA, DATA_CRITERIA, scores
+from .costs import count_params, layer_table, memory_bytes
+from .models import get_family
+from .ratios import DEFAULT_SENSITIVITY_RATIOS, parse_ratios
+from .serialization import atomic_path
+from .stats import resolution_warning
+from .surgery import SpikepruneWarning, prune
 
-DEFAULT_RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)  # 5 points: enough for a curve, cheap enough for the demo
+DEFAULT_RATIOS = DEFAULT_SENSITIVITY_RATIOS
 CACHE_LIMIT_BYTES = 1 << 30  # the dense-pass cache may hold at most this much (1 GiB)
 HEADER_TAG = "# spikeprune-sensitivity"
 FORMAT_VERSION = 1
@@ -79,138 +91,41 @@ _INT_COLUMNS = {"kept", "removed", "size", "params_saved", "memory_saved_bytes"}
 _STR_COLUMNS = {"group", "start"}
 
 
-# ------------------------------------------------------------------------------------------------
-# Small helpers the pipeline and the policies share
-# ------------------------------------------------------------------------------------------------
-def parse_ratios(value, what: str = "--ratios") -> tuple[float, ...]:
-    """A ratio grid from "0.1,0.3,0.5" or a sequence: sorted, unique, every value in [0, 1)."""
-    items = [s for s in value.replace(" ", "").split(",") if s] if isinstance(value, str) else list(value)
-    if not items:
-        raise SpikepruneError(f"{what} is empty; give fractions to remove, e.g. 0.1,0.3,0.5")
-    out = []
-    for s in items:
-        try:
-            r = float(s)
-        except (TypeError, ValueError):
-            raise SpikepruneError(f"{what}: {s!r} is not a number; give fractions in [0, 1), e.g. 0.1,0.3,0.5") from None
-        if not (0.0 <= r < 1.0):  # also refuses NaN
-            raise SpikepruneError(f"{what}: {s} is outside [0, 1); a ratio is the fraction of a group's units to "
-                                  "remove (1 would remove all of them)")
-        out.append(r)
-    return tuple(sorted(set(out)))
-
-
-def model_hash(model: nn.Module) -> str:
-    """sha256 of the model's config and every state-dict tensor (names, shapes, dtypes, bytes)."""
-    h = hashlib.sha256()
-    cfg = model.config_dict() if hasattr(model, "config_dict") else {"class": type(model).__name__}
-    h.update(json.dumps(cfg, sort_keys=True).encode())
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def fingerprint(fields: dict) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def calib_resolution(n: int, top1: float, points: float = 1.0) -> dict:
-    """Can `n` calibration images resolve a drop of `points` top-1 points at accuracy `top1`?
-
-    The top-1 on n images is a binomial proportion with standard error sqrt(p (1 - p) / n). A drop
-    smaller than one standard error cannot be told from which images happened to be drawn, and
-    below 100 / points images one image already moves the accuracy by more than the drop. So the
-    split resolves the drop when se <= points / 100 and n >= 100 / points; the images needed are
-    max(100 / points, p (1 - p) / (points / 100)^2).
-    """
-    p = min(max(float(top1), 0.0), 1.0)
-    var = max(p * (1 - p), 1.0 / max(n, 1))  # an accuracy of exactly 0 or 1 still has counting noise
-    se = math.sqrt(var / max(n, 1))
-    step = points / 100.0
-    need = int(math.ceil(max(1.0 / step, var / step ** 2) - 1e-6))  # the tolerance absorbs float noise
-    return {"n": int(n), "top1": p, "se_points": se * 100, "image_points": 100.0 / max(n, 1),
-            "needed": need, "ok": n >= need}
-
-
-def resolution_warning(n: int, top1: float, points: float = 1.0) -> str | None:
-    """The warning text (with the numbers) when `n` images cannot resolve a `points` drop, else None."""
-    r = calib_resolution(n, top1, points)
-    if r["ok"]:
-        return None
-    return (f"the calibration split has only {n} images: at a top-1 of {r['top1']:.1%} the standard error of a "
-            f"top-1 estimate is {r['se_points']:.2f} points and one image is {r['image_points']:.2f} points, so a "
-            f"{points:g}-point drop cannot be told from noise; about {r['needed']:,} images would resolve it. "
-            "Decisions on this split are noisy: use a larger calibration split if you can.")
-
-
 def _log(msg: str) -> None:
-    try:
-        from tqdm import tqdm
-
-        tqdm.write(msg, file=sys.stderr)
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        print(msg, file=sys.stderr)
+    tqdm.write(msg, file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------
-# The forward pass cut into stages (Spikformer): a run can start at any stage's input
+# The forward pass cut into stages (the model family declares them): a run can start at any
+# stage's input. Stage 0 takes the images, the last one returns the logits; `_check_staged`
+# verifies on real data that running all stages equals model(images) exactly. A family without a
+# staged forward is one stage, "model" (correct, only slower: every candidate runs from the image).
 # ------------------------------------------------------------------------------------------------
-# Stages: stem.0 .. stem.3 (stem.3 = last stem stage + rpe, giving tokens), block.0 .. block.{L-1},
-# head: SPS.forward_stage, Block.forward and the head as Spikformer.forward runs them;
-# `_check_staged` verifies on real data that running all stages equals model(images) exactly.
-
-
-def _is_staged(model: nn.Module) -> bool:
-    from .models.spikformer import Spikformer
-
-    return isinstance(model, Spikformer)
-
-
 def stage_names(model: nn.Module) -> list[str]:
-    if not _is_staged(model):
-        return ["model"]
-    return [f"stem.{i}" for i in range(STEM_STAGES)] + [f"block.{i}" for i in range(len(model.block))] + ["head"]
+    fam = get_family(model)
+    return fam.stages(model) if fam.staged else ["model"]
 
 
 def run_stage(model: nn.Module, s: int, x: torch.Tensor) -> torch.Tensor:
     """Stage `s` of `model` on its input x (images for stage 0, logits out of the last)."""
-    if not _is_staged(model):
-        return model(x)
-    depth = len(model.block)
-    if s < STEM_STAGES:
-        return model.patch_embed.forward_stage(s, x)
-    if s < STEM_STAGES + depth:
-        return model.block[s - STEM_STAGES](x)
-    return model.head(x.mean(2).mean(0))  # tokens [T, B, N, D] -> mean over tokens, then over T
+    fam = get_family(model)
+    return fam.run_stage(model, s, x) if fam.staged else model(x)
 
 
 def run_from(model: nn.Module, start: int, x: torch.Tensor) -> torch.Tensor:
     """Logits of `model` computed from the input `x` of stage `start` onwards."""
-    for s in range(start, len(stage_names(model))):
-        x = run_stage(model, s, x)
+    fam = get_family(model)
+    if not fam.staged:
+        return model(x)
+    for s in range(start, len(fam.stages(model))):
+        x = fam.run_stage(model, s, x)
     return x
 
 
 def start_stage(group: str, model: nn.Module) -> int:
-    """The first stage a group changes: where a candidate of that group must start running.
-
-    stem.stageK is the output of stem stage K-1 (0-based), so stage K-1 changes; the residual width
-    is first produced by the last stem stage; a block group changes its block. Anything else (a
-    family without stages, an unknown group) starts at the image.
-    """
-    if not _is_staged(model):
-        return 0
-    m = re.fullmatch(r"stem\.stage(\d+)", group)
-    if m:
-        return int(m.group(1)) - 1
-    if group == "residual":
-        return STEM_STAGES - 1
-    m = re.match(r"block(\d+)\.", group)
-    if m:
-        return STEM_STAGES + int(m.group(1))
-    return 0
+    """The first stage a group changes: where a candidate of that group must start running."""
+    fam = get_family(model)
+    return fam.first_stage(model, group) if fam.staged else 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,15 +182,13 @@ class DenseCache:
         n_batches = len(loader)
         it = loader
         if progress:
-            from tqdm import tqdm
-
             it = tqdm(loader, total=n_batches, desc="sensitivity: dense pass", leave=False)
         with torch.no_grad():
             for bi, (images, labels) in enumerate(it):
                 images = images.to(device)
                 if bi == 0:
                     self._check_staged(images)
-                    self.stage_macs = _stage_macs(model)
+                    self.stage_macs = _stage_macs(model, images[:1])
                 b = _Batch(torch.as_tensor(labels).cpu())
                 x = images
                 for s in range(len(self.names)):
@@ -294,12 +207,13 @@ class DenseCache:
 
     def _check_staged(self, images: torch.Tensor) -> None:
         """The staged forward must equal the model's own forward bit for bit, or caching is unsound."""
-        if not _is_staged(self.model):
+        fam = get_family(self.model)
+        if not fam.staged:
             self.points = {0}
             return
         if not torch.equal(run_from(self.model, 0, images), self.model(images)):
-            raise SpikepruneError("internal: the staged Spikformer forward in sensitivity.py no longer equals "
-                                  "Spikformer.forward; update run_stage to match the model code")
+            raise SpikepruneError(f"the staged forward of the {fam.name} family (its run_stage) does not equal the "
+                                  "model's forward; the sensitivity cache would be unsound, so fix run_stage")
 
     def _fit_budget(self, first: _Batch, n_batches: int, limit: int, log: Callable) -> None:
         """Drop cache points until the estimate fits `limit`: the images first (the loader can
@@ -329,13 +243,15 @@ class DenseCache:
         correct = 0
         with torch.no_grad():
             if p in self.points:
-                for b in self.batches:
-                    x = run_from(model, p, b.inputs[p].unpack(self.device))
-                    correct += int((x.argmax(1).cpu() == b.labels).sum())
+                batches = ((run_from(model, p, b.inputs[p].unpack(self.device)), b.labels) for b in self.batches)
             else:  # images not cached: read them again, in the same batches
-                for images, labels in self.loader:
-                    x = run_from(model, 0, images.to(self.device))
-                    correct += int((x.argmax(1).cpu() == torch.as_tensor(labels)).sum())
+                batches = ((run_from(model, 0, images.to(self.device)), torch.as_tensor(labels))
+                           for images, labels in self.loader)
+            for logits, labels in batches:
+                if not bool(torch.isfinite(logits).all()):  # an argmax over NaN would still "classify"
+                    raise SpikepruneError("a pruned candidate produced non-finite logits on the calibration data; "
+                                          "its accuracy cannot be measured")
+                correct += int((logits.argmax(1).cpu() == labels).sum())
         return correct / self.n
 
     # Cost accounting, in image-block passes (module docstring)
@@ -349,29 +265,50 @@ class DenseCache:
         return sum(self.stage_macs[point:]) / self.unit_macs
 
 
-def _stage_macs(model: nn.Module) -> list[float]:
-    """MACs per image of each stage, from measure.layer_table (its definition: every Conv/Linear
-    and each block's attention products, over all T steps)."""
+class _LayerTrace(TorchFunctionMode):
+    """Which layers of the cost table run: weight layers seen through their weights (however
+    forward applies them), other modules (e.g. a LIF) through module calls."""
+
+    def __init__(self, by_storage: dict[int, str]):
+        super().__init__()
+        self.by_storage, self.seen = by_storage, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.linear, F.conv1d, F.conv2d, F.conv3d):
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            if w is not None and w.untyped_storage().data_ptr() in self.by_storage:
+                self.seen.add(self.by_storage[w.untyped_storage().data_ptr()])
+        return func(*args, **kwargs)
+
+
+def _stage_macs(model: nn.Module, image: torch.Tensor) -> list[float]:
+    """MACs per image of each stage (measure.layer_table's definition), each layer attributed to
+    the stage in which it runs, traced on one image: a weight layer by its weights, a weightless
+    product by the modules its input rate comes from."""
     names = stage_names(model)
-    if not _is_staged(model):
-        from .measure import count_macs
-
-        return [float(count_macs(model))]
-    from .measure import layer_table
-
+    table = layer_table(model)
+    modules = dict(model.named_modules())
+    by_storage = {modules[r.name].weight.untyped_storage().data_ptr(): r.name for r in table if r.weight_shape}
+    called: set[str] = set()
+    name_of = {m: n for n, m in modules.items()}
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, _i, _o: called.add(name_of.get(m, "")))
+    stage_of: dict[str, int] = {}
+    try:
+        x = image
+        for s in range(len(names)):
+            called.clear()
+            with _LayerTrace(by_storage) as trace:
+                x = run_stage(model, s, x)
+            for layer in trace.seen | called:
+                stage_of.setdefault(layer, s)
+    finally:
+        handle.remove()
     macs = [0.0] * len(names)
-    for layer in layer_table(model):
-        n = layer.name
-        m = re.fullmatch(r"patch_embed\.proj_conv(\d?)", n)
-        if m:
-            s = int(m.group(1) or 0)
-        elif n.startswith("patch_embed."):
-            s = STEM_STAGES - 1  # the rpe conv belongs to the last stem stage
-        elif n.startswith("block."):
-            s = STEM_STAGES + int(n.split(".")[1])
-        else:
-            s = len(names) - 1  # the head
-        macs[s] += layer.macs
+    for r in table:
+        source = r.rate_from[0] if r.rate_from else r.name
+        macs[stage_of.get(source, 0)] += r.macs
     return macs
 
 
@@ -411,8 +348,6 @@ class SensitivityTable:
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write the whole table (header line with the meta, then the rows), atomically."""
-        from .serialization import atomic_path
-
         path = Path(path)
         with atomic_path(path) as tmp:
             with open(tmp, "w", newline="") as f:
@@ -542,10 +477,6 @@ def _describe_mismatch(old: dict, new: dict) -> str:
 # analyze
 # ------------------------------------------------------------------------------------------------
 def _resolve_groups(model: nn.Module, patterns) -> list:
-    import fnmatch
-
-    from .groups import groups as model_groups
-
     all_groups = model_groups(model)
     names = [g.name for g in all_groups]
     pats = [p for p in (patterns.split(",") if isinstance(patterns, str) else list(patterns)) if p]
@@ -561,11 +492,7 @@ def _resolve_groups(model: nn.Module, patterns) -> list:
 
 
 def _calib_dataset(model, data, split: str):
-    from torch.utils.data import Dataset
-
     if isinstance(data, str):
-        from .data import dataset_for_model
-
         return dataset_for_model(data, model, split)
     if isinstance(data, Dataset):
         return data
@@ -574,8 +501,6 @@ def _calib_dataset(model, data, split: str):
 
 def _table_meta(model: nn.Module, cache: DenseCache, fp: str, fields: dict, chosen: list) -> dict:
     """The header of a table: fingerprint and settings, the dense model's figures, the cost units."""
-    from .measure import count_params, memory_bytes
-
     stem = sum(m for name, m in zip(cache.names, cache.stage_macs) if name.startswith("stem"))
     warn = resolution_warning(cache.n, cache.dense_top1)
     return {"fingerprint": fp, "fields": fields, "dense_top1": cache.dense_top1, "n": cache.n,
@@ -629,11 +554,6 @@ def analyze(model: nn.Module, data, groups="*", ratios: Sequence[float] = DEFAUL
     on_row      called with each row once it is on disk (tests use it to simulate a kill)
     Returns a SensitivityTable; `table.warnings` holds the small-calibration-split warning.
     """
-    from .data import make_loader
-    from .importance import CRITERIA, DATA_CRITERIA, scores
-    from .measure import count_params, memory_bytes
-    from .surgery import SpikepruneWarning, prune
-
     ratios = parse_ratios(ratios)
     if importance not in CRITERIA:
         raise SpikepruneError(f"unknown importance {importance!r}; choose one of {', '.join(CRITERIA)}")
@@ -653,7 +573,8 @@ def analyze(model: nn.Module, data, groups="*", ratios: Sequence[float] = DEFAUL
         fp = fingerprint(fields)
 
         path = Path(out_csv) if out_csv is not None else None
-        old_meta, done, torn = _existing_rows(path, fp, fields, force, log)
+        old_meta, done, torn = distributed.from_main(  # rank 0 reads the table; every process gets it
+            lambda: _existing_rows(path, fp, fields, force, log), "reading the sensitivity table")
         todo = [(g, r) for g in chosen for r in ratios if (g.name, r) not in done]
 
         meta = dict(old_meta) if old_meta else {}
@@ -669,7 +590,8 @@ def analyze(model: nn.Module, data, groups="*", ratios: Sequence[float] = DEFAUL
                 log(f"sensitivity: warning: the dense calibration top-1 is {cache.dense_top1} now but {old_meta['dense_top1']} "
                     f"in {path}; the computation is not bit-reproducible here (e.g. another thread count)")
             meta = {**new_meta, **({"dense_top1": old_meta["dense_top1"]} if old_meta else {})}
-            writer = _RowWriter(path, meta, list(done.values()), rewrite=(old_meta is None or torn)) if path else None
+            writer = (_RowWriter(path, meta, list(done.values()), rewrite=(old_meta is None or torn))
+                      if path and distributed.is_main() else None)
             if done:
                 log(f"sensitivity: resuming {path}: {len(done)} rows reused, {len(todo)} to compute")
 
@@ -678,16 +600,25 @@ def analyze(model: nn.Module, data, groups="*", ratios: Sequence[float] = DEFAUL
                                batches=calib_batches, batch_size=min(batch_size, 64), seed=seed, progress=False)
             bar = None
             if progress:
-                from tqdm import tqdm
-
                 bar = tqdm(total=len(chosen) * len(ratios), initial=len(done), desc="sensitivity", leave=True)
             dense_top1 = meta["dense_top1"]
-            for g, r in todo:
+
+            def received(row):  # a row another process computed (several processes)
+                if writer:
+                    writer.append(row)
+                if bar:
+                    bar.update(1)
+
+            # several processes: each computes whole groups (a ratio may copy a smaller one's row)
+            share = distributed.share_by_group(
+                todo, lambda c: c[0].name, lambda c: cache.units_from(cache.best_point(start_stage(c[0].name, model))),
+                lambda c: (c[0].name, c[1]), rows_by_key, received, "exchanging sensitivity rows")
+            for g, r in share:
                 torch.manual_seed(_row_seed(seed, g.name, r))
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", SpikepruneWarning)  # a clamped ratio shows in kept/removed
                     pruned = prune(model, {g.name: r}, importance={g.name: score_map[g.name]}, round_to=round_to).eval()
-                kept = int(pruned.pruning["kept"][g.name])
+                kept = pruned.pruning.kept_counts()[g.name]
                 start = start_stage(g.name, model)
                 point = cache.best_point(start)
                 twin = next((x for x in rows_by_key.values() if x["group"] == g.name and x["kept"] == kept), None)
@@ -717,6 +648,12 @@ def analyze(model: nn.Module, data, groups="*", ratios: Sequence[float] = DEFAUL
                     on_row(row)
             if bar:
                 bar.close()
+            if distributed.active():  # every row of the run, and the file in the one-process order
+                computed = len(todo)
+                spent = cache.units_from(0) * cache.n + sum(rows_by_key[(g.name, r)]["cost"] for g, r in todo)
+                if writer:
+                    SensitivityTable(meta["dense_top1"], [rows_by_key[(g.name, r)] for g in chosen for r in ratios],
+                                     meta=meta).to_csv(path)
             if cache.nbytes():
                 log(f"sensitivity: cached {cache.nbytes() / 2**20:.1f} MiB of activations for {cache.n} images")
         rows = [rows_by_key[(g.name, r)] for g in chosen for r in ratios]
@@ -728,50 +665,3 @@ def analyze(model: nn.Module, data, groups="*", ratios: Sequence[float] = DEFAUL
         return table
     finally:
         model.train(was_training)
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI: spikeprune sensitivity
-# ------------------------------------------------------------------------------------------------
-def cmd_sensitivity(args) -> int:
-    from .cli import print_json, resolve_model
-
-    ratios = parse_ratios(args.ratios)
-    model = resolve_model(args).eval()
-    table = analyze(model, args.data, groups=args.groups, ratios=ratios, importance=args.importance,
-                    batch_size=args.batch_size, out_csv=args.output, seed=args.seed, device=args.device,
-                    round_to=args.round_to, force=args.force, calib_batches=args.calib_batches, progress=True)
-    if args.json:
-        print_json({"dense_top1": table.dense_top1, "forward_cost": table.forward_cost,
-                    "warnings": table.warnings, "rows": table.rows})
-    else:
-        print(table.format())
-        print(f"wrote {args.output}")
-    return 0
-
-
-def register_cli(sub) -> None:
-    from .cli import add_data_args, add_device_arg, add_model_args
-    from .importance import CRITERIA
-
-    p = sub.add_parser(
-        "sensitivity", help="accuracy drop and memory saved when each prunable group alone is pruned",
-        description="PSViT's per-layer sensitivity analysis on the calibration split: every group (the papers' "
-                    "'layer': residual, stem.stageK, blockN.attn.qk / .v / .heads, blockN.mlp.hidden) is pruned "
-                    "alone at each ratio and the calibration top-1 measured. Rows go to a resumable CSV: rerun "
-                    "the same command after an interruption and it continues.")
-    add_model_args(p)
-    add_data_args(p)
-    add_device_arg(p)
-    p.add_argument("-o", "--output", required=True, metavar="FILE.csv", help="the table (resumed if it exists)")
-    p.add_argument("--ratios", default=",".join(f"{r:g}" for r in DEFAULT_RATIOS),
-                   help=f"fractions to remove, in [0, 1) (default {','.join(f'{r:g}' for r in DEFAULT_RATIOS)})")
-    p.add_argument("--groups", default="*", metavar="PATTERN",
-                   help="glob pattern(s) of the groups to analyse, comma-separated (default '*', all)")
-    p.add_argument("--importance", default="l2", choices=CRITERIA, help="unit ranking (default l2, the seeds')")
-    p.add_argument("--round-to", type=int, default=1, metavar="N", help="round kept channel counts up to a multiple of N")
-    p.add_argument("--calib-batches", type=int, default=4, metavar="N", help="calibration batches for taylor / firing")
-    p.add_argument("--seed", type=int, default=0, help="seed (random importance, ties)")
-    p.add_argument("--force", action="store_true", help="replace a table written by a different run")
-    p.add_argument("--json", action="store_true", help="print the table as JSON")
-    p.set_defaults(func=cmd_sensitivity)

@@ -8,10 +8,10 @@ Writes are atomic: everything goes to a temporary sibling folder that is renamed
 """
 from __future__ import annotations
 
-import argparse
+import errno
+import glob
 import json
 import os
-import pickle
 import shutil
 import tempfile
 import zipfile
@@ -19,43 +19,151 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+# reading weights lives in checkpoint_io (below the model registry); re-exported here under the names callers know
+from .checkpoint_io import (CONFIG_NAME, WEIGHTS_NAME, check_finite, is_saved_model, read_checkpoint,  # noqa: F401
+                            read_safetensors)
 from .errors import SpikepruneError
+from .models import build_from_config, load_checkpoint_into  # noqa: F401
+from .record import PruningRecord
 
 FORMAT = "spikeprune-model"
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+# Temporary siblings are named .NAME.<pid>-<random>.tmp: the pid tells a later save whether the
+# process that wrote one is gone (a killed save), so it can be removed without racing a live writer.
+_TMP_SUFFIX, _OLD_SUFFIX = ".tmp", ".old"
+# OS errors that mean "this place cannot be written" rather than a bug: reported as one line.
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+               errno.EEXIST, errno.ENAMETOOLONG}
+
+
+_WHY = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied", errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "disk quota exceeded", errno.ENOTDIR: "a folder on the way is a file",
+        errno.EEXIST: "a folder on the way is a file", errno.ENAMETOOLONG: "the name is too long"}
+
+
+def _why(e: OSError) -> str:
+    return _WHY.get(e.errno) or e.strerror or type(e).__name__
+
+
+def _unwritable(path: Path, e: OSError) -> SpikepruneError:
+    return SpikepruneError(f"cannot write {path}: {_why(e)}; choose an output path you can write to")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    except OSError:
+        return False
+    return True
+
+
+def clean_interrupted_write(path: str | os.PathLike) -> None:
+    """Undo what a save into `path` killed midway left behind (atomic_path calls it before writing):
+    `.NAME.old` (the previous copy, moved aside during a folder swap) is put back when NAME is
+    missing -- the kill fell between the two renames, so it is the last complete copy -- and deleted
+    otherwise; `.NAME.<pid>-*.tmp` temporaries of processes that no longer run are deleted."""
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        return
+    old = parent / f".{path.name}{_OLD_SUFFIX}"
+    if os.path.lexists(old):
+        if not os.path.lexists(path):
+            os.replace(old, path)
+        elif old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    prefix = f".{path.name}."
+    for tmp in parent.glob(glob.escape(prefix) + "*" + _TMP_SUFFIX):
+        tag = tmp.name[len(prefix):-len(_TMP_SUFFIX)]
+        pid = tag.split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
+            continue  # another live process is writing this path right now
+        if pid.isdigit() and int(pid) == os.getpid():
+            continue  # ours: an enclosing atomic_path of this process
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, is_dir: bool = False):
-    """Yield a temporary path next to `path`; on success rename it onto `path`, else delete it."""
+    """Yield a temporary path next to `path`; on success rename it onto `path`, else delete it.
+
+    is_dir: the temporary is a folder, and an existing folder at `path` is replaced as a whole
+    (callers that must not replace a user's folder check first, as save_model does). A file is
+    never replaced by a folder nor a folder by a file: that is a SpikepruneError. Leftovers of a
+    save killed midway are cleaned first (clean_interrupted_write). An unwritable place (read-only
+    folder or file system, no permission, full disk) is a one-line SpikepruneError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
-    os.chmod(tmp, (0o777 if is_dir else 0o666) & ~_umask())  # mkstemp/mkdtemp make them private
+    if is_dir and path.is_file():
+        raise SpikepruneError(f"{path} exists and is a file, not a folder; choose another path or remove the file")
+    if not is_dir and path.is_dir():
+        raise SpikepruneError(f"{path} exists and is a folder; a file cannot be written there")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_interrupted_write(path)
+        prefix = f".{path.name}.{os.getpid()}-"
+        if is_dir:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=_TMP_SUFFIX, dir=path.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=_TMP_SUFFIX, dir=path.parent)
+            os.close(fd)
+            tmp = Path(name)
+        os.chmod(tmp, (0o777 if is_dir else 0o666) & ~_umask())  # mkstemp/mkdtemp make them private
+    except OSError as e:
+        if e.errno in _UNWRITABLE or isinstance(e, (PermissionError, FileExistsError, NotADirectoryError)):
+            raise _unwritable(path, e) from None
+        raise
     try:
         yield tmp
         if is_dir and path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
+            old = path.with_name(f".{path.name}{_OLD_SUFFIX}")
+            os.replace(path, old)  # a kill from here ...
+            os.replace(tmp, path)  # ... to here leaves .NAME.old and no NAME: the next save puts it back
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.ENOSPC, errno.EDQUOT):
+            raise _unwritable(path, e) from None
         raise
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """Raise a one-line SpikepruneError unless `path` (a file or folder about to be written, existing
+    or not) can be written: an existing folder must accept new files; otherwise the nearest existing
+    folder above `path` must accept new entries. Tries it by creating and removing a temporary file,
+    since os.access misses read-only mounts and what root may not do. Call it before any costly
+    work; it leaves nothing behind. Returns `path` as a Path."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise SpikepruneError(f"cannot write {what} {path}: {folder} is a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".spikeprune-write-check.", suffix=_TMP_SUFFIX, dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise SpikepruneError(f"cannot write {what} {path}: {folder} is not writable ({_why(e)}); "
+                              "choose an output path you can write to") from None
+    return path
 
 
 def _umask() -> int:
@@ -75,14 +183,21 @@ def _contiguous_state(model: torch.nn.Module) -> dict:
 
 
 def save_model(model: torch.nn.Module, path: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Save `model` to folder `path` (config.json + model.safetensors), atomically."""
+    """Save `model` to folder `path` (config.json + model.safetensors), atomically.
+
+    `path` may be new, an empty folder, or a model folder written by save_model (it is replaced);
+    anything else -- a file, a folder holding other files -- is refused, so no user file is lost."""
     path = Path(path)
+    if not callable(getattr(model, "config_dict", None)):
+        raise SpikepruneError(f"save_model saves spikeprune models (from create_model, load_model or prune); a "
+                              f"{type(model).__name__} has no config_dict() to rebuild it from")
+    _check_model_target(path)
     meta = {"format": FORMAT, "version": 1, **model.config_dict()}
     if getattr(model, "preset", None):
         meta["preset"] = model.preset
     extra = dict(extra or {})
-    if getattr(model, "pruning", None) and "pruning" not in extra:
-        extra["pruning"] = model.pruning  # the dense widths it descends from: `inspect` compares to them
+    if isinstance(getattr(model, "pruning", None), PruningRecord):
+        meta["pruning"] = model.pruning.to_dict()  # what was kept of the dense model: inspect and replay read it
     if extra:
         meta["extra"] = extra
     with atomic_path(path, is_dir=True) as tmp:
@@ -91,47 +206,75 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, extra: dict | No
     return path
 
 
-def is_saved_model(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / CONFIG_NAME).is_file()
+def _check_model_target(path: Path) -> None:
+    """Refuse to replace anything but an empty folder or a folder save_model wrote."""
+    if path.is_file() or (path.is_symlink() and not path.exists()):
+        raise SpikepruneError(f"{path} exists and is a file; save_model writes a folder and will not replace "
+                              "a file: choose another path")
+    if not path.is_dir():
+        return
+    entries = sorted(p.name for p in path.iterdir())
+    others = [n for n in entries if n not in (CONFIG_NAME, WEIGHTS_NAME)]
+    ours = not others and (not entries or _is_our_config(path / CONFIG_NAME))
+    if not ours:
+        shown = ", ".join(others[:4] or entries[:4]) + (", ..." if len(others or entries) > 4 else "")
+        raise SpikepruneError(f"{path} already exists and is not a spikeprune model folder (it holds {shown}); "
+                              "saving replaces the whole folder, so it was left alone: choose a new folder, "
+                              "or empty this one first")
+
+
+def _is_our_config(p: Path) -> bool:
+    try:
+        meta = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt", ".bin", ".safetensors")
 
 
 def read_config(path: str | os.PathLike) -> dict:
-    p = Path(path) / CONFIG_NAME
+    """The config.json of the model folder `path`, checked to be one save_model wrote."""
+    folder = Path(path)
+    if not folder.exists():
+        raise SpikepruneError(f"model folder {folder} does not exist")
+    if folder.is_file():
+        if folder.suffix in CHECKPOINT_SUFFIXES or zipfile.is_zipfile(folder):
+            raise SpikepruneError(f"{folder} is a checkpoint file, not a saved model folder: load it with "
+                                  f"spikeprune.create_model(PRESET, checkpoint_path={str(folder)!r}) "
+                                  f"(on the command line: {folder} --model PRESET)")
+        raise SpikepruneError(f"{folder} is a file, not a saved spikeprune model folder")
+    p = folder / CONFIG_NAME
     try:
         meta = json.loads(p.read_text())
     except FileNotFoundError:
         raise SpikepruneError(f"{path} is not a saved spikeprune model (no {CONFIG_NAME}); "
                               "save one with spikeprune.save_model or `spikeprune train`") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # bad JSON or not UTF-8
         raise SpikepruneError(f"{p} is not valid JSON ({e}); the model folder is damaged") from None
-    if meta.get("format") != FORMAT:
-        raise SpikepruneError(f"{p} is not a spikeprune model config (format={meta.get('format')!r})")
+    except OSError as e:
+        raise SpikepruneError(f"cannot read {p}: {e.strerror or e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise SpikepruneError(f"{p} is not a spikeprune model config (format={found!r})")
+    if not isinstance(meta.get("config"), dict):
+        raise SpikepruneError(f"{p} has no 'config' object (the model's architecture); the model folder is damaged "
+                              "or was not written by spikeprune.save_model: save the model again")
     return meta
 
 
 def load_model(path: str | os.PathLike, map_location: str = "cpu") -> torch.nn.Module:
     """Load a model saved by `save_model`: the architecture comes from config.json alone."""
-    from .models import build_from_config
-
     meta = read_config(path)
     model = build_from_config(meta)
     state = read_safetensors(Path(path) / WEIGHTS_NAME, map_location)
     _load_exact(model, state, source=str(path))
+    check_finite(state, f"the model in {path}")
     model.preset = meta.get("preset")
-    pruning = (meta.get("extra") or {}).get("pruning")
-    if pruning:
-        model.pruning = pruning
+    if meta.get("pruning") is not None:
+        model.pruning = PruningRecord.from_dict(meta["pruning"])
     return model
-
-
-def read_safetensors(path: str | os.PathLike, map_location: str = "cpu") -> dict:
-    try:
-        return load_file(str(path), device=map_location)
-    except FileNotFoundError:
-        raise SpikepruneError(f"weights file {path} is missing") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SpikepruneError(f"weights file {path} is corrupt or truncated ({e}); re-save or re-download it") from None
 
 
 def _load_exact(model: torch.nn.Module, state: dict, source: str) -> None:
@@ -148,49 +291,3 @@ def _load_exact(model: torch.nn.Module, state: dict, source: str) -> None:
                 f"missing: {', '.join(missing[:5])}" if missing else "",
                 f"unexpected: {', '.join(unexpected[:5])}" if unexpected else ""] if x))
     model.load_state_dict(state, strict=True)
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint file without executing code: safetensors, or torch.load(weights_only)."""
-    path = Path(path)
-    if not path.exists():
-        raise SpikepruneError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        if is_saved_model(path):
-            return read_safetensors(path / WEIGHTS_NAME)
-        raise SpikepruneError(f"{path} is a folder but not a saved spikeprune model")
-    if path.stat().st_size == 0:
-        raise SpikepruneError(f"checkpoint {path} is empty (0 bytes); the file was not fully written")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    is_torch = zipfile.is_zipfile(path) or head[:2] == b"\x80\x02"  # zip archive or legacy pickle
-    if path.suffix == ".safetensors" or not is_torch:
-        return read_safetensors(path)
-    try:
-        # timm's CheckpointSaver (used by the reference training scripts) stores `args` as an
-        # argparse.Namespace next to the weights: plain data, safe to allow. Nothing else is.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError) as e:
-        msg = str(e)
-        if "weights only" in msg.lower() or "weights_only" in msg or "unsupported global" in msg.lower():
-            raise SpikepruneError(
-                f"checkpoint {path} contains pickled Python objects beyond plain tensors; refusing to "
-                "unpickle it (that could run arbitrary code). Re-save it as a state dict "
-                "(torch.save(model.state_dict(), ...)) or as safetensors.") from None
-        first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
-        raise SpikepruneError(f"checkpoint {path} is corrupt or truncated ({first})") from None
-    except Exception as e:  # truncated zip, bad pickle stream, ...
-        raise SpikepruneError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
-
-
-def load_checkpoint_into(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
-    """Load a checkpoint (ours or the reference code's) into `model`, checking every key and shape."""
-    from .models.spikformer import checkpoint_filter_fn
-
-    state = read_checkpoint(path)
-    if not isinstance(state, dict):
-        raise SpikepruneError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
-    state = checkpoint_filter_fn(state, model)
-    model.load_state_dict(state, strict=True)
-    return model

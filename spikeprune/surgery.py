@@ -5,7 +5,8 @@
 Three steps, each readable on its own:
   1. `plan`: match the ratio keys to groups, score the units of every group that loses some
      (importance.py), and decide the kept unit indices per group -- all on the *input* model, so
-     every index refers to it ("dense") whatever else is pruned in the same call.
+     every index refers to it ("dense") whatever else is pruned in the same call. A per-head
+     channel group (qk, v) then keeps only the channels of the heads its heads group keeps.
   2. Compose: a layer slice cut by several groups keeps the intersection of what each keeps
      (q's output channels: the heads group keeps whole heads, the qk group keeps dims within
      every head). Intersection does not depend on order, so groups apply "all at once".
@@ -13,6 +14,8 @@ Three steps, each readable on its own:
      (on the meta device: no time spent initialising weights that are overwritten) and load the
      sliced weights, biases and BatchNorm running statistics into it. The result is a plain
      model whose config alone describes it, so save_model / load_model just work.
+     It carries `pruning`, the typed record of the kept units against the dense model
+     (spikeprune.record), composed over successive calls and replayable: prune(dense, record).
 
 Kept counts (float ratio r on a group of n units):
   removed = floor(r * n + 0.5) (round half up), kept = n - removed, never below 1: if r would
@@ -40,7 +43,10 @@ import torch
 from torch import nn
 
 from .errors import SpikepruneError
-from .groups import Group, groups as model_groups, resizer
+from .coupling import Group, groups as model_groups
+from .importance import scores
+from .models import get_family
+from .record import PruningRecord
 
 
 class SpikepruneWarning(UserWarning):
@@ -121,7 +127,7 @@ def _check_ratio(key: str, value) -> float:
     return r
 
 
-def _check_indices(g: Group, key: str, value) -> list[int]:
+def _check_indices(g: Group, key: str, value, kept_heads: list[int] | None = None) -> list[int]:
     what = "head" if g.unit == "head" else "channel"
     if len(value) == 0:
         raise SpikepruneError(f"kept indices for {g.name} (from {key!r}) are empty: at least one {what} must stay")
@@ -136,12 +142,15 @@ def _check_indices(g: Group, key: str, value) -> list[int]:
                               f"{sorted(i for i, n in Counter(value).items() if n > 1)[:8]}")
     kept = sorted(value)
     if g.heads > 1:
+        # Every kept head keeps the same number of channels (head h owns channels h*d .. h*d+d-1);
+        # heads that the heads group removes in the same call may keep none (a record replays so).
         d = g.head_dim
-        per_head = [sum(1 for i in kept if i // d == h) for h in range(g.heads)]
-        if len(set(per_head)) != 1:
+        heads = range(g.heads) if kept_heads is None else kept_heads
+        per_head = [sum(1 for i in kept if i // d == h) for h in heads]
+        if len(set(per_head)) != 1 or per_head[0] == 0:
             raise SpikepruneError(
-                f"kept indices for {g.name} keep {per_head} channels in heads 0..{g.heads - 1}: every head "
-                f"must keep the same number (head h owns channels h*{d} .. h*{d}+{d - 1}), so the "
+                f"kept indices for {g.name} keep {per_head} channels in heads {list(heads)}: every kept head "
+                f"must keep the same number, at least one (head h owns channels h*{d} .. h*{d}+{d - 1}), so the "
                 "[heads, head_dim] reshape stays valid. Prune whole heads with the heads group")
     return kept
 
@@ -179,8 +188,6 @@ def _scores_for(model, groups: list[Group], importance, data, score_kw) -> dict[
     if not groups:
         return {}
     if isinstance(importance, str):
-        from .importance import scores
-
         return scores(model, importance, data, names=[g.name for g in groups], **score_kw)
     if isinstance(importance, dict):
         missing = [g.name for g in groups if g.name not in importance]
@@ -190,6 +197,10 @@ def _scores_for(model, groups: list[Group], importance, data, score_kw) -> dict[
     if callable(importance):
         return {g.name: torch.as_tensor(importance(model, g)).detach().cpu() for g in groups}
     raise SpikepruneError(f"importance must be a criterion name, a dict of scores or a function, got {importance!r}")
+
+
+def _is_index_list(value) -> bool:
+    return isinstance(value, (list, tuple, range)) or getattr(value, "ndim", 0) == 1  # also tensors, arrays
 
 
 def plan(model: nn.Module, ratios: dict, importance="l2", round_to: int = 1, data=None, **score_kw) -> Plan:
@@ -202,11 +213,13 @@ def plan(model: nn.Module, ratios: dict, importance="l2", round_to: int = 1, dat
     kept = {g.name: list(range(g.size)) for g in gs}
     requested: dict = {}
     to_score: dict[str, float] = {}
-    for name, (key, value) in chosen.items():
+    # heads groups first: the heads they keep decide which heads count for per-head channel groups
+    for name, (key, value) in sorted(chosen.items(), key=lambda kv: by_name[kv[0]].head_group is not None):
         g = by_name[name]
-        if isinstance(value, (list, tuple, range)) or getattr(value, "ndim", 0) == 1:  # also tensors, arrays
+        if _is_index_list(value):
             idx = value.tolist() if hasattr(value, "tolist") else list(value)
-            kept[name] = _check_indices(g, key, idx)
+            heads = kept[g.head_group] if g.head_group in chosen and _is_index_list(chosen[g.head_group][1]) else None
+            kept[name] = _check_indices(g, key, idx, heads)
             requested[name] = kept[name]
         else:
             r = _check_ratio(key, value)
@@ -217,7 +230,30 @@ def plan(model: nn.Module, ratios: dict, importance="l2", round_to: int = 1, dat
     scored = _scores_for(model, [by_name[n] for n in to_score], importance, data, score_kw)
     for name, r in to_score.items():
         kept[name] = _select(by_name[name], scored[name], r, round_to, notes)
-    return Plan(groups=gs, kept=kept, requested=requested, notes=notes)
+    return Plan(groups=gs, kept=_within_kept_heads(gs, kept), requested=requested, notes=notes)
+
+
+def _within_kept_heads(gs: list[Group], kept: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Per-head channel groups keep only the channels of the heads their heads group keeps, so
+    every kept list says exactly which units of the group remain (and its length is the new width)."""
+    out = dict(kept)
+    for g in gs:
+        if g.head_group is not None and len(kept[g.head_group]) < g.heads:
+            heads = set(kept[g.head_group])
+            out[g.name] = [i for i in kept[g.name] if i // g.head_dim in heads]
+    return out
+
+
+def shape_model(model: nn.Module, kept: dict[str, list[int]]) -> nn.Module:
+    """A shapes-only model (meta device, no weights) with the widths `kept` gives (group -> kept
+    indices, against `model`; groups not named keep everything): what memory and MAC counts of a
+    candidate need, without copying a weight."""
+    gs = model_groups(model)
+    full = {g.name: list(range(g.size)) for g in gs}
+    full.update({k: list(v) for k, v in kept.items()})
+    counts = {name: len(idx) for name, idx in _within_kept_heads(gs, full).items()}
+    with torch.device("meta"):
+        return get_family(model).resize(model, counts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,7 +278,7 @@ def apply_plan(model: nn.Module, p: Plan) -> nn.Module:
     """A new model with the plan's widths and the kept slices of every weight and statistic."""
     cut = kept_channels(p)
     with torch.device("meta"):  # shapes only; every tensor is loaded below
-        new = resizer(model)(model, p.counts())
+        new = get_family(model).resize(model, p.counts())
     state = {}
     for key, t in model.state_dict().items():
         module = key.rpartition(".")[0]
@@ -264,80 +300,54 @@ def apply_plan(model: nn.Module, p: Plan) -> nn.Module:
     return new
 
 
-def prune(model: nn.Module, ratios: dict, importance="l2", round_to: int = 1, data=None, **score_kw) -> nn.Module:
+def record_of(model: nn.Module) -> PruningRecord:
+    """The model's pruning record; a model never pruned is its own dense model."""
+    rec = getattr(model, "pruning", None)
+    if isinstance(rec, PruningRecord):
+        return rec
+    return PruningRecord.identity(model.family, model.config_dict(), {g.name: g.size for g in model_groups(model)},
+                                  getattr(model, "preset", None))
+
+
+def _replay_plan(model: nn.Module, record: PruningRecord) -> dict[str, list[int]]:
+    """The kept indices of a record, checked against the (dense) model it is replayed on."""
+    if record.family != getattr(model, "family", None):
+        raise SpikepruneError(f"the pruning record is of a {record.family} model, not of this "
+                              f"{getattr(model, 'family', type(model).__name__)} model")
+    sizes = {g.name: g.size for g in model_groups(model)}
+    if sizes != record.dense_sizes or model.config_dict() != record.dense_config:
+        raise SpikepruneError("a pruning record replays on the dense model it was made from; this model's widths "
+                              "differ from the record's dense config (load the dense model, e.g. by its preset)")
+    return {g: record.kept_units(g) for g in record.kept}
+
+
+def prune(model: nn.Module, ratios, importance="l2", round_to: int = 1, data=None, **score_kw) -> nn.Module:
     """A new, physically smaller model; `model` is left untouched.
 
     ratios      {group name or glob pattern: fraction to remove in [0, 1), or the kept indices}
-                e.g. {"residual": 0.25, "block*.mlp.hidden": 0.5, "block0.attn.heads": [0, 2]}
-    importance  a criterion name (importance.CRITERIA), a dict group name -> scores, or a
+                e.g. {"residual": 0.25, "block*.mlp.hidden": 0.5, "block0.attn.heads": [0, 2]};
+                or a PruningRecord (a pruned model's `.pruning`): replayed on the dense model it
+                was made from, it rebuilds the same model bit for bit
+    importance  a criterion name (spikeprune.importance), a dict group name -> scores, or a
                 function (model, group) -> scores; lowest scores are removed first
     round_to    kept channel counts rounded up to a multiple of this (8: hardware-friendly)
     data        calibration data for the data-driven criteria (taylor, firing)
     score_kw    passed to importance.scores (batches, batch_size, seed, progress)
 
-    The new model carries `pruning`: the dense config it descends from, the kept count of every
-    group, the ratios asked for and removed, and notes (e.g. a ratio that was clamped).
+    The new model carries `pruning`, a PruningRecord (spikeprune.record): the kept units of every
+    group against the dense model, composed over successive prune calls.
     """
-    p = plan(model, ratios, importance, round_to, data, **score_kw)
-    new = apply_plan(model, p)
-    prev = getattr(model, "pruning", None) or {}
-    new.pruning = {
-        "dense_config": prev.get("dense_config") or (model.config_dict() if hasattr(model, "config_dict") else None),
-        "dense_preset": prev.get("dense_preset", getattr(model, "preset", None)),
-        "importance": importance if isinstance(importance, str) else "custom",
-        "round_to": round_to,
-        "requested": {k: v for k, v in p.requested.items() if not isinstance(v, list)},
-        "removed": p.removed(),
-        "kept": p.counts(),
-        "notes": p.notes,
-    }
-    new.preset = None  # no longer the preset; the dense one is recorded above
-    return new
-
-
-# ------------------------------------------------------------------------------------------------
-# The uniform ratios (the `uniform` policy of `spikeprune prune`, pipeline.py, uses them)
-# ------------------------------------------------------------------------------------------------
-UNIFORM_KINDS = ("stem", "residual", "qk", "v", "hidden")
-
-
-def uniform_ratios(model: nn.Module, ratio: float, skip: list[str] = ()) -> dict[str, float]:
-    """The same ratio for every channel group: PSViT's step 1, "uniform channel-wise filter
-    pruning", prunes every layer's output filters by one ratio, and every Conv / Linear output
-    belongs to exactly one channel group (stem, residual, qk, v, hidden). Heads groups are left
-    out: qk and v already thin every head, and removing heads as well would prune twice."""
-    skip = list(skip)
-    names = [g.name for g in model_groups(model) if g.kind in UNIFORM_KINDS]
-    for pat in skip:
-        if not fnmatch.filter(names, pat):
-            raise SpikepruneError(f"--skip {pat!r} matches no channel group; groups are: {', '.join(names[:10])} ...")
-    return {n: ratio for n in names if not any(fnmatch.fnmatch(n, pat) for pat in skip)}
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI: spikeprune inspect
-# ------------------------------------------------------------------------------------------------
-def cmd_inspect(args) -> int:
-    from .cli import print_json, resolve_model
-    from .inspect import format_report, inspect_model
-
-    model = resolve_model(args)  # load_model restores the pruning record (the dense widths)
-    report = inspect_model(model)
-    if args.json:
-        print_json(report)
+    if isinstance(ratios, PruningRecord):
+        new = apply_plan(model, plan(model, _replay_plan(model, ratios)))
+        new.pruning = ratios.copy()  # the same record: replaying adds no step
     else:
-        print(format_report(report))
-    return 0
-
-
-def register_cli(sub) -> None:
-    from .cli import add_model_args
-
-    # `spikeprune prune` lives in pipeline.py (registered by spikeprune.policies): one command and one
-    # run-folder layout for every policy, the fixed ones (uniform --uniform R, groups --ratio) included.
-    q = sub.add_parser("inspect", help="per-layer widths of a (pruned) model beside the dense ones, params, memory, MACs",
-                       description="Show a model's groups and layers with their current and dense widths, and its "
-                                   "parameters, memory and MACs against the dense model's.")
-    add_model_args(q)
-    q.add_argument("--json", action="store_true", help="print the report as JSON")
-    q.set_defaults(func=cmd_inspect)
+        p = plan(model, ratios, importance, round_to, data, **score_kw)
+        new = apply_plan(model, p)
+        name = importance if isinstance(importance, str) else getattr(importance, "name", "custom")
+        step = {"importance": name, "round_to": round_to,
+                "requested": {k: v for k, v in p.requested.items() if not isinstance(v, list)},
+                "notes": list(p.notes)}
+        sizes = {g.name: g.size for g in p.groups}
+        new.pruning = record_of(model).compose({g: idx for g, idx in p.kept.items() if len(idx) < sizes[g]}, step)
+    new.preset = None  # no longer the preset; the dense one is in the record
+    return new

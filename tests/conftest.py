@@ -31,7 +31,7 @@ def trained_tiny_path(request, tmp_path_factory):
     import fcntl
 
     from spikeprune.serialization import is_saved_model, save_model
-    from spikeprune.train import train
+    from spikeprune.training import train
 
     cache = getattr(request.config, "cache", None)
     root = cache.mkdir("spikeprune-trained-tiny-v1") if cache is not None else tmp_path_factory.mktemp("trained")

@@ -1,8 +1,9 @@
 """bench/policies.py must not rot: a tiny run of the whole protocol (every policy, two limits, one
 frontier target, fine-tuning, latency) on a trained 1-block model and capped `digits` splits, whose
-JSON, markdown and plot must be complete and consistent; a rerun reads the runs back; bad options
-fail clearly. Plus the two helpers the benchmark adds: stratified image caps and the one-shot
-ratios of the random floor."""
+JSON, markdown and plot must be complete and consistent, every policy run leaving its own run
+folder with report.md (the benchmark runs policies through spikeprune.run, as `spikeprune prune`
+does); a rerun reads the runs back; bad options fail clearly. Plus the random floor's ratios,
+read from a pruning record."""
 from __future__ import annotations
 
 import datetime
@@ -11,8 +12,12 @@ import json
 import os
 from pathlib import Path
 
+import itertools
+
 import pytest
 import torch
+
+from spikeprune.stats import differ, top1_standard_error
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("uniform", "psvit", "primesvt", "global", "random")
@@ -58,6 +63,20 @@ def test_smoke_run_writes_complete_results_and_resumes(bench, trained_tiny_path,
     recs = {r["name"]: r for r in doc["results"]}
     assert set(recs) == {f"{p}-L{L:g}" for p in POLICIES for L in LIMITS}
     for r in recs.values():
+        # Each policy ran through spikeprune.run: its own run folder, report and summary, with the
+        # image caps as a setting of the run (the data layer's max_images).
+        run_dir = Path(r["run_dir"])
+        assert run_dir == tmp_path / "work" / r["name"] and (run_dir / "report.md").is_file()
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["policy"] == ("groups" if r["policy"] == "random" else r["policy"])
+        assert summary["settings"]["max_images"] == {"train": 64, "calib": 60, "test": 60}
+        assert summary["calib"]["n"] == 60 and summary["pruned"]["top1"] == r["test"]["top1"]
+        assert r["widths"] == summary["pruning"]["kept_counts"] and r["removed"] == summary["removed"]
+        # The shared work came from the shared run, not recomputed: the sensitivity rows, the uniform sweep.
+        if r["policy"] in ("psvit", "primesvt"):
+            assert summary["forward_cost"]["sensitivity"]["rows_computed_this_run"] == 0
+        if r["policy"] == "uniform":
+            assert r["cost"]["own_calib_images"] == 0
         assert 0 <= r["memory_saved"] < 1
         assert r["memory_saved"] == pytest.approx(1 - r["memory_bytes"]["fp32"] / dense["memory_bytes"]["fp32"])
         assert 0 < r["memory_bytes"]["int8"] < r["memory_bytes"]["fp32"] <= dense["memory_bytes"]["fp32"]
@@ -70,6 +89,10 @@ def test_smoke_run_writes_complete_results_and_resumes(bench, trained_tiny_path,
         assert c["search_wall_s"] >= c["own_wall_s"] > 0 and c["calib_images"] >= c["own_calib_images"]
         if r["policy"] != "random":  # a policy's own result is held to the limit on the calibration split
             assert r["acc_ok"] and r["calib_drop"] <= r["limit"] + 1e-9
+        # Every test top-1 carries its standard error (60 test images).
+        for key in ("test", "finetuned"):
+            assert r[key]["se_points"] == pytest.approx(100 * top1_standard_error(r[key]["top1"], 60))
+    assert dense["test"]["se_points"] == pytest.approx(100 * top1_standard_error(dense["test"]["top1"], 60))
 
     # Shared work is charged to the policies that read it, and only to them.
     used = {r["name"]: set(r["cost"]["shared"]["used"]) for r in recs.values()}
@@ -81,6 +104,13 @@ def test_smoke_run_writes_complete_results_and_resumes(bench, trained_tiny_path,
         # The random floor sits at PrimeSVT's widths exactly.
         assert recs[f"random-L{L:g}"]["widths"] == recs[f"primesvt-L{L:g}"]["widths"]
         assert recs[f"random-L{L:g}"]["memory_bytes"] == recs[f"primesvt-L{L:g}"]["memory_bytes"]
+        # "Cannot be told apart": exactly the pairs whose fine-tuned test top-1 are within two standard errors.
+        lines = doc["indistinguishable"][f"{L:g}"]
+        for a, b in itertools.combinations([recs[f"{p}-L{L:g}"] for p in POLICIES], 2):
+            close = not differ(a["finetuned"]["top1"], b["finetuned"]["top1"], 60, 60)
+            named = any(line.startswith(bench.LABELS[a["policy"]] + " (") and
+                        f" and {bench.LABELS[b['policy']]} (" in line for line in lines)
+            assert named == close, (a["name"], b["name"], lines)
     sens = doc["shared"]["sensitivity"]["calib_images"]
     assert sens > 0 and recs["psvit-L3"]["cost"]["calib_images"] >= sens
 
@@ -102,11 +132,14 @@ def test_smoke_run_writes_complete_results_and_resumes(bench, trained_tiny_path,
     md = (out / "policies.md").read_text()
     assert doc["command"] in md and "![accuracy against memory saved](frontier.png)" in md
     for L in LIMITS:
-        section = md.split(f"Accuracy limit {L:g} points", 1)[1].split("\n\n", 2)[1]
+        _, section, following = md.split(f"Accuracy limit {L:g} points", 1)[1].split("\n\n", 3)[:3]
         rows = [ln for ln in section.splitlines() if ln.startswith("| ")]
         assert rows[0].startswith("| policy | memory saved |")
         assert [ln.split(" | ")[0][2:] for ln in rows[1:]] == ["dense"] + [bench.LABELS[p] for p in POLICIES]
         assert all(ln.count("|") == rows[0].count("|") for ln in rows)
+        close = doc["indistinguishable"][f"{L:g}"]
+        assert following.startswith("Within two standard errors of each other") == bool(close)
+        assert all(line in following for line in close)
     assert "| target |" in md and "| 20% |" in md
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -151,28 +184,15 @@ def test_bad_policy_lists_fail_clearly(bench, tmp_path, capsys, policies, messag
     assert not (tmp_path / "w").exists()
 
 
-def test_caps_are_stratified(bench):
-    from spikeprune.data import load_dataset
-
-    ds = load_dataset("digits", "calib")
-    small = bench.cap_dataset(ds, 20)
-    assert len(small) == 20 and small.labels.bincount(minlength=10).tolist() == [2] * 10
-    # The first images of each class in split order, and the original dataset untouched.
-    for c in range(10):
-        want = [i for i in range(len(ds)) if int(ds.labels[i]) == c][:2]
-        got = [i for i in range(len(small)) if int(small.labels[i]) == c]
-        for w, g in zip(want, got):
-            assert torch.equal(small[g][0], ds[w][0])
-    assert len(ds) == 180
-
-
-def test_oneshot_ratios_reproduce_stepwise_widths(bench, tiny_model):
+def test_floor_ratios_reproduce_stepwise_widths_from_the_record(bench, tiny_model):
     from spikeprune.surgery import prune
 
     dense = tiny_model(embed_dim=32, num_heads=4).eval()
     step = prune(dense, {"block0.attn.heads": 0.5})
     step = prune(step, {"block0.attn.qk": 0.25, "residual": 0.25})  # relative to the 2 heads left
     step = prune(step, {"block0.mlp.hidden": 0.3, "residual": 0.1})
-    once = prune(dense, bench.oneshot_ratios(dense, step), importance="random")
-    assert bench.widths(once) == bench.widths(step)
-    assert bench.oneshot_ratios(dense, dense) == {}
+    ratios = bench.floor_ratios(dense, step.pruning)
+    assert set(ratios) == {"block0.attn.heads", "block0.attn.qk", "residual", "block0.mlp.hidden"}
+    once = prune(dense, ratios, importance="random")
+    assert once.pruning.kept_counts() == step.pruning.kept_counts()
+    assert bench.floor_ratios(dense, prune(dense, {}).pruning) == {}

@@ -222,7 +222,8 @@ def test_imagefolder_bad_folders(tmp_path):
 # Bad input and model checks
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("spec, split, message", [
-    ("mnist", "test", "unknown dataset"),
+    ("mnist-digits", "test", "unknown dataset"),
+    ("mnist", "test", "needs a folder"),
     ("", "test", "NAME"),
     ("mnist5k", "val", "unknown split"),
     ("cifar10", "test", "needs a folder"),

@@ -6,15 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spikeprune.groups import group_map, groups
+from spikeprune.coupling import group_map, groups
 from spikeprune.importance import scores
-from spikeprune.pipeline import PruneContext, make_constraints
-from spikeprune.policies.global_l2 import CHANNEL_KINDS, global_policy, global_ranking, normalise, smallest_cut_for
+from spikeprune.policy_api import Constraints, PruneContext
+from spikeprune.policies.global_l2 import global_policy, global_ranking, normalise, smallest_cut_for
+from spikeprune.run import RunSettings
 from spikeprune.surgery import plan, prune
 
 
 def channel_groups(model):
-    return [g for g in groups(model) if g.kind in CHANNEL_KINDS]
+    return [g for g in groups(model) if g.unit == "channel"]
 
 
 def test_normalise_divides_by_the_group_mean():
@@ -65,8 +66,9 @@ def test_smallest_cut_for_a_falling_memory():
 
 
 def context(model, tmp_path, **constraints):
-    return PruneContext(model, "digits", tmp_path, constraints=make_constraints(**constraints), progress=False,
-                        uniform_ratios=(0.1, 0.2, 0.3, 0.5))
+    settings = RunSettings(data="digits", output=tmp_path, policy="global", constraints=Constraints(**constraints),
+                           progress=False, uniform_ratios=(0.1, 0.2, 0.3, 0.5))
+    return PruneContext(model, settings)
 
 
 def test_policy_within_the_accuracy_limit(trained_tiny, tmp_path):
@@ -77,6 +79,8 @@ def test_policy_within_the_accuracy_limit(trained_tiny, tmp_path):
     assert res.info["calib_top1"] == pytest.approx(ctx.calib_top1(res.model))
     assert info["removed_channels"] == sum(info["removed_per_group"].values())
     assert group_map(res.model)["residual"].size == trained_tiny.cfg.embed_dim - info["removed_per_group"].get("residual", 0)
+    # What was pruned is the model's record, against the dense model.
+    assert res.model.pruning.kept_counts() == {g.name: g.size for g in groups(res.model)}
     # The trace holds every measured cut; a rerun resumes it without another calibration pass.
     passes = ctx.evaluations
     again = context(trained_tiny, tmp_path / "a", max_acc_drop=3)

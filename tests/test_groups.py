@@ -7,7 +7,7 @@ from torch import nn
 
 import spikeprune
 from spikeprune.errors import SpikepruneError
-from spikeprune.groups import groups, register_groups, register_resizer
+from spikeprune.coupling import groups
 from spikeprune.models import create_model
 from spikeprune.models.spikformer import Spikformer, SpikformerConfig
 
@@ -25,11 +25,13 @@ def tiny(layout: str) -> Spikformer:
 def test_names_and_sizes_follow_the_config(layout):
     model = tiny(layout)
     gs = {g.name: g for g in groups(model)}
-    expected = ["stem.stage1", "stem.stage2", "stem.stage3", "residual"]
+    expected = ["stem.proj_conv", "stem.proj_conv1", "stem.proj_conv2", "residual"]
     for i in range(2):
         expected += [f"block{i}.attn.qk", f"block{i}.attn.v", f"block{i}.attn.heads", f"block{i}.mlp.hidden"]
     assert list(gs) == expected
-    assert [gs[f"stem.stage{i}"].size for i in (1, 2, 3)] == [2, 3, 5]
+    assert [gs[n].size for n in ("stem.proj_conv", "stem.proj_conv1", "stem.proj_conv2")] == [2, 3, 5]
+    # a stem group is named after the conv whose output channels it cuts
+    assert gs["stem.proj_conv1"].cuts()[0] == "patch_embed.proj_conv1 (out)"
     assert gs["residual"].size == 8
     assert (gs["block0.attn.qk"].size, gs["block0.attn.qk"].heads, gs["block0.attn.qk"].head_dim) == (6, 2, 3)
     assert (gs["block1.attn.v"].size, gs["block1.attn.heads"].size) == (5, 1)
@@ -119,40 +121,7 @@ def test_unknown_family_is_a_clear_error():
     class Net(nn.Module):
         family = "resnet"
 
-    with pytest.raises(SpikepruneError, match="no pruning-group declaration for model family 'resnet'"):
+    with pytest.raises(SpikepruneError, match="no model family 'resnet' is registered"):
         groups(Net())
-    with pytest.raises(SpikepruneError, match="declared families: .*spikformer"):
+    with pytest.raises(SpikepruneError, match="known families: .*spikformer"):
         groups(nn.Linear(2, 2))
-
-
-def test_a_new_family_plugs_in_by_declaration():
-    """The engine is generic: a two-layer MLP family declares one group and prunes."""
-    from spikeprune.groups import Group, Member
-    from spikeprune.surgery import prune
-
-    class TwoLayer(nn.Module):
-        family = "test-two-layer"
-
-        def __init__(self, hidden=6):
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(3, hidden), nn.Linear(hidden, 2)
-
-        def forward(self, x):
-            return self.fc2(torch.relu(self.fc1(x)))
-
-    @register_groups("test-two-layer")
-    def _groups(model):
-        return [Group("hidden", "hidden", "channel", model.fc1.out_features, [Member("fc1", 0), Member("fc2", 1)])]
-
-    @register_resizer("test-two-layer")
-    def _resize(model, kept):
-        return TwoLayer(kept["hidden"])
-
-    model = TwoLayer()
-    small = prune(model, {"hidden": [0, 2, 5]})
-    assert small.fc1.out_features == 3
-    with torch.no_grad():
-        model.fc1.weight[[1, 3, 4]] = 0
-        model.fc1.bias[[1, 3, 4]] = 0
-        x = torch.randn(4, 3)
-        assert torch.allclose(small(x), model(x))

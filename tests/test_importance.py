@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from spikeprune.errors import SpikepruneError
-from spikeprune.groups import groups
+from spikeprune.coupling import groups
 from spikeprune.importance import CRITERIA, score, scores
 from spikeprune.models import create_model
 from spiking_helpers import randomise
@@ -148,3 +148,124 @@ def test_errors(model, batch):
         score(model, "residual", "firing", data=batch[0][:0])
     with pytest.raises(SpikepruneError, match="cannot read calibration data"):
         score(model, "residual", "firing", data=42)
+
+
+# ------------------------------------------------------------------------------------------------
+# The registry: criteria are objects looked up by name; a user registers one without editing the package
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def registered():
+    """Register criteria for one test and remove them afterwards (the registry is process-wide)."""
+    from spikeprune import importance
+
+    added = []
+
+    def add(name, obj, **kw):
+        importance.register_importance(name, **kw)(obj)
+        added.append(name)
+        return importance.get(name)
+
+    yield add
+    for name in added:
+        importance.unregister_importance(name)
+
+
+def _fc1_row_sums(model, group, options):
+    """Score every MLP hidden unit by the sum of its fc1 row (deterministic and easy to check), every
+    other unit 1."""
+    fc1 = next((m.module for m in group.members if m.module.endswith("fc1_linear") and m.dim == 0), None)
+    return torch.ones(group.size) if fc1 is None else dict(model.named_modules())[fc1].weight.detach().sum(1)
+
+
+def test_builtins_are_registered_objects():
+    from spikeprune import importance
+
+    assert importance.names()[:6] == ("l2", "l1", "bn", "taylor", "random", "firing")
+    assert set(importance.data_names()) >= {"taylor", "firing"}
+    for name in importance.names():
+        crit = importance.get(name)
+        assert isinstance(crit, importance.Importance) and crit.name == name and crit.description
+        assert crit.needs_data == (name in ("taylor", "firing"))
+    assert importance.get(importance.get("l2")) is importance.get("l2")  # an object passes through
+
+
+def test_user_function_criterion_through_scores_and_prune(model, registered):
+    from spikeprune import importance
+    from spikeprune.surgery import prune
+
+    registered("fc1_sum", _fc1_row_sums)
+    assert "fc1_sum" in importance.names() and "fc1_sum" in CRITERIA  # the derived view follows
+    rows = model.block[0].mlp.fc1_linear.weight.detach().sum(1).double()
+    got = scores(model, "fc1_sum", names=["block0.mlp.hidden"])["block0.mlp.hidden"]
+    assert got.dtype == torch.float64 and torch.equal(got, rows)
+
+    small = prune(model, {"block0.mlp.hidden": 0.5}, importance="fc1_sum")
+    keep = rows.argsort(descending=True)[: small.block[0].mlp.fc1_linear.out_features].sort().values
+    assert torch.equal(small.block[0].mlp.fc1_linear.weight, model.block[0].mlp.fc1_linear.weight[keep])
+
+
+def test_user_class_criterion_with_data_scores_all_groups_in_one_pass(model, batch, registered):
+    from spikeprune.importance import Importance
+
+    class CountingPasses(Importance):
+        needs_data = True
+        passes = 0
+
+        def score_groups(self, model, groups, options):
+            n = sum(1 for _ in options.batches_of(model))
+            type(self).passes += 1
+            return {g.name: torch.full((g.size,), float(n)) for g in groups}
+
+    crit = registered("passes", CountingPasses, description="counts data passes")
+    out = scores(model, "passes", data=batch, batch_size=4, batches=2)
+    assert CountingPasses.passes == 1 and set(out) == {g.name for g in groups(model)}
+    assert all(torch.equal(s, torch.full_like(s, 2.0)) for s in out.values())
+    with pytest.raises(SpikepruneError, match="the 'passes' criterion needs calibration data"):
+        scores(model, "passes")
+    with pytest.raises(SpikepruneError, match="needs calibration data"):
+        crit(model, groups(model)[0])  # a direct call without data fails as clearly
+
+
+def test_registry_errors(model, registered):
+    from spikeprune import importance
+
+    with pytest.raises(SpikepruneError) as e:
+        importance.get("l3")
+    assert "unknown importance criterion 'l3'" in str(e.value)
+    assert all(n in str(e.value) for n in ("l2", "l1", "bn", "taylor", "random", "firing"))
+    with pytest.raises(SpikepruneError, match="registered: l2, l1"):
+        scores(model, "l3")
+    with pytest.raises(SpikepruneError, match="registered already"):
+        importance.register_importance("l2")(_fc1_row_sums)
+    with pytest.raises(SpikepruneError, match="is a word"):
+        importance.register_importance("two words")
+    with pytest.raises(SpikepruneError, match="needs an Importance subclass"):
+        importance.register_importance("notcallable")(42)
+    with pytest.raises(SpikepruneError, match="unknown importance criterion"):
+        importance.unregister_importance("never-registered")
+
+    registered("short", lambda m, g, o: torch.ones(g.size - 1))
+    with pytest.raises(SpikepruneError, match=r"returned scores of shape \(\d+,\) for group residual"):
+        scores(model, "short", names=["residual"])
+    registered("nan", lambda m, g, o: torch.full((g.size,), float("nan")))
+    with pytest.raises(SpikepruneError, match="non-finite"):
+        scores(model, "nan", names=["residual"])
+
+
+def test_user_criterion_by_name_in_the_cli_and_the_run_context(model, registered, tmp_path):
+    """The command line and a run's context take a registered criterion by name, like a built-in."""
+    from spikeprune.cli import build_parser, settings_from_args
+    from spikeprune.policy_api import PruneContext
+
+    registered("fc1_sum", _fc1_row_sums)
+    args = build_parser().parse_args(["prune", "--data", "digits", "--policy", "uniform", "--uniform", "0.5",
+                                      "--importance", "fc1_sum", "-o", str(tmp_path / "run")])
+    settings = settings_from_args(args)
+    assert settings.importance == "fc1_sum"
+    ctx = PruneContext(model, settings)
+    small = ctx.prune({"block0.mlp.hidden": 0.5})
+    rows = model.block[0].mlp.fc1_linear.weight.detach().sum(1).double()
+    keep = rows.argsort(descending=True)[: small.block[0].mlp.fc1_linear.out_features].sort().values
+    assert torch.equal(small.block[0].mlp.fc1_linear.weight, model.block[0].mlp.fc1_linear.weight[keep])
+    with pytest.raises(SystemExit):  # argparse refuses an unregistered name, listing the registered ones
+        build_parser().parse_args(["prune", "--importance", "nosuch", "-o", str(tmp_path / "r2")])

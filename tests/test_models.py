@@ -329,7 +329,7 @@ def test_pickle_with_code_gets_the_refusal_message(tmp_path):
     torch.save({"state_dict": sd, "payload": _RunsCodeWhenUnpickled()}, path)
     with pytest.raises(SpikepruneError) as e:
         create_model("spikformer-4-384", checkpoint_path=path, **TINY["cifar"][1])
-    assert "refusing" in str(e.value) and "\n" not in str(e.value)
+    assert "refused: this file would run code when unpickled" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_checkpoint_that_is_not_a_dict(tmp_path):

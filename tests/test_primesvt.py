@@ -12,9 +12,14 @@ import torch
 
 from spikeprune import cli
 from spikeprune.errors import SpikepruneError
+from spikeprune.coupling import groups
+from spikeprune.costs import memory_bytes
+from spikeprune.models import create_model
 from spikeprune.policies import primesvt as primesvt_module
-from spikeprune.policies.primesvt import (DEFAULT_MAX_ACC_DROP, SequentialCompression, Target,
-                                          rank_groups, resolve_constraints, robust_threshold, select_robust)
+from spikeprune.policies.primesvt import SequentialCompression, Target, rank_groups, robust_threshold, select_robust
+from spikeprune.policy_api import DEFAULT_MAX_ACC_DROP, Constraints, minimum_kept, minimum_memory
+from spikeprune.serialization import load_model, save_model
+from spikeprune.surgery import prune
 
 GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
@@ -106,7 +111,9 @@ def test_select_robust_uses_ratios_up_to_half():
     by = {r.group: r for r in res}
     assert [r.group for r in res] == ["flat", "fragile", "edge", "absent"]  # ranked order kept
     assert by["flat"].robust and by["edge"].robust
-    assert not by["fragile"].robust and "ratio 0.2" in by["fragile"].reason
+    assert not by["fragile"].robust
+    # Where it first fails and how bad it gets are two facts, said apart.
+    assert by["fragile"].reason == "fails from ratio 0.2 (drop 2.00 > 1.50); worst drop 4.00 at 0.5"
     assert [r for r, _ in by["flat"].checked] == [0.1, 0.2, 0.3, 0.4, 0.5]
     assert not by["absent"].robust and "not in the sensitivity table" in by["absent"].reason
 
@@ -234,18 +241,19 @@ def test_resume_after_kill_gives_same_result_without_redoing_search():
 # Constraints
 # ------------------------------------------------------------------------------------------------
 def test_constraints_defaults():
-    c = resolve_constraints(None, None, None, None, dense_bytes=1000, min_bytes=100)
+    c = Constraints(None, None, None, None).resolve(dense_bytes=1000, min_bytes=100)
     assert c.max_acc_drop == DEFAULT_MAX_ACC_DROP == 3.0
-    assert c.precision == "fp32" and c.budget_bytes is None and c.target_saving is None
+    assert c.precision == "fp32" and c.budget_bytes is None and c.target_saving is None and c.saving is None
+    assert c.dense_bytes == 1000 and c.min_bytes == 100
 
 
 def test_constraints_saving_and_budget():
-    c = resolve_constraints(2, 0.25, None, "int8", dense_bytes=1_000_000, min_bytes=1000)
-    assert c.budget_bytes == 750_000 and c.target_saving == 0.25
-    c = resolve_constraints(2, None, "600kB", "int8", dense_bytes=1_000_000, min_bytes=1000)
-    assert c.budget_bytes == 600_000 and c.target_saving == pytest.approx(0.4)
-    # both, consistent within rounding
-    c = resolve_constraints(2, 0.4, "600kB", "int8", dense_bytes=1_000_000, min_bytes=1000)
+    c = Constraints(2, 0.25, None, "int8").resolve(dense_bytes=1_000_000, min_bytes=1000)
+    assert c.budget_bytes == 750_000 and c.saving == 0.25
+    c = Constraints(2, None, "600kB", "int8").resolve(dense_bytes=1_000_000, min_bytes=1000)
+    assert c.budget_bytes == 600_000 and c.saving == pytest.approx(0.4)
+    # both, consistent within rounding: the tighter one
+    c = Constraints(2, 0.4, "601kB", "int8").resolve(dense_bytes=1_000_000, min_bytes=1000)
     assert c.budget_bytes == 600_000
 
 
@@ -267,13 +275,13 @@ def test_constraint_errors_carry_the_numbers(args, words):
     kw = dict(max_acc_drop=3, target_saving=None, memory_budget=None, precision="fp32")
     kw.update(args)
     with pytest.raises(SpikepruneError) as e:
-        resolve_constraints(**kw, dense_bytes=1_000_000, min_bytes=20_000)
+        Constraints(**kw).resolve(dense_bytes=1_000_000, min_bytes=20_000)
     for w in words:
         assert w in str(e.value), (w, str(e.value))
 
 
 # ------------------------------------------------------------------------------------------------
-# On a real (tiny, untrained) model through the pipeline and the CLI
+# On a real (tiny, untrained) model through a run and the CLI
 # ------------------------------------------------------------------------------------------------
 FAST = ["--data", "digits", "--ratios", "0.5,0.75", "--latency-repeats", "1", "--quiet"]
 STEP_KEYS = {"group", "ratio", "requested_ratio", "calib_top1", "acc_drop", "memory_bytes", "memory_saved", "reason",
@@ -283,9 +291,6 @@ STEP_KEYS = {"group", "ratio", "requested_ratio", "calib_top1", "acc_drop", "mem
 @pytest.fixture(scope="module")
 def saved_tiny(tmp_path_factory):
     """A seeded 1-block D=16 T=2 Spikformer for 16x16 digits, saved as a model folder."""
-    from spikeprune.models import create_model
-    from spikeprune.serialization import save_model
-
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "tiny"
     save_model(create_model("spikformer-1-32-digits", embed_dim=16, num_heads=2, T=2), path)
@@ -301,18 +306,14 @@ def full_run(saved_tiny, tmp_path_factory):
 
 
 def test_minimum_memory_is_every_group_at_minimum_width(tiny_model):
-    from spikeprune.groups import groups
-    from spikeprune.measure import memory_bytes
-    from spikeprune.surgery import prune
-
     model = tiny_model(embed_dim=16, num_heads=2)
     for round_to in (1, 4):
-        tiny = prune(model, primesvt_module.minimum_kept(groups(model), round_to))
+        tiny = prune(model, minimum_kept(groups(model), round_to))
         sizes = {g.name: g.size for g in groups(tiny)}
         assert sizes["block0.attn.heads"] == 1 and sizes["residual"] == round_to
         for p in ("fp32", "int8"):
-            assert primesvt_module.minimum_memory(model, p, round_to) == memory_bytes(tiny)[p]
-    assert primesvt_module.minimum_memory(model, "fp32") < memory_bytes(model)["fp32"]
+            assert minimum_memory(model, p, round_to) == memory_bytes(tiny)[p]
+    assert minimum_memory(model, "fp32") < memory_bytes(model)["fp32"]
 
 
 def test_cli_default_policy_end_to_end(full_run):
@@ -335,14 +336,14 @@ def test_cli_default_policy_end_to_end(full_run):
     assert all(st["acc_drop"] <= s["constraints"]["max_acc_drop"] + 1e-9 for st in steps)
     assert steps[-1]["memory_bytes"] == s["pruned"]["memory_bytes"]["fp32"]
     assert steps[-1]["calib_top1"] == s["calib"]["pruned_top1"]
-    assert s["removed"] == s["ratios"] and set(s["order"]) <= set(s["ratios"])
+    # What was pruned is the composed record: one prune call per step, against the dense model.
+    assert s["removed"] == s["pruning"]["removed"] and set(s["order"]) <= set(s["removed"])
+    assert len(s["pruning"]["steps"]) == len(steps)
+    assert steps[-1]["size_after"] == s["pruning"]["kept_counts"][steps[-1]["group"]]
     # The trajectory plot exists and the report embeds it, with the PrimeSVT section.
     assert (full_run / "plots" / "primesvt_trajectory.png").stat().st_size > 1000
     report = (full_run / "report.md").read_text()
     assert "plots/primesvt_trajectory.png" in report and "## PrimeSVT" in report and "limit / 2" in report
-    from spikeprune.serialization import load_model
-    from spikeprune.measure import memory_bytes
-
     assert memory_bytes(load_model(full_run / "model"))["fp32"] == s["pruned"]["memory_bytes"]["fp32"]
 
 
@@ -381,7 +382,7 @@ def test_cli_reports_shortfall_when_budget_unreachable(saved_tiny, tmp_path):
     """Only the smallest group is analysed, so only it can be compressed: the budget stays out of
     reach and the run says by how much, with constraints_met false."""
     out = tmp_path / "short"
-    rc = cli.main(["prune", saved_tiny, *FAST, "--groups", "stem.stage1", "--target-saving", "0.5", "-o", str(out)])
+    rc = cli.main(["prune", saved_tiny, *FAST, "--groups", "stem.proj_conv", "--target-saving", "0.5", "-o", str(out)])
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
     assert not s["constraints_met"] and not s["constraint_checks"]["memory_ok"]
@@ -403,5 +404,6 @@ def test_cli_constraint_errors(saved_tiny, tmp_path, capsys, extra, words):
     rc = cli.main(["prune", saved_tiny, *FAST, *extra, "-o", str(tmp_path / "bad")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1, err
+    assert not (tmp_path / "bad").exists()  # refused before the run folder was made
     for w in words:
         assert w in err, (w, err)

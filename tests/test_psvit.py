@@ -8,12 +8,15 @@ import json
 import pytest
 
 from spikeprune.errors import SpikepruneError
-from spikeprune.pipeline import PruneContext, run
+from spikeprune.coupling import groups
+from spikeprune.policy_api import PruneContext
+from spikeprune.run import prune_run
 from spikeprune.policies.psvit import backoff_search, exclusive_groups, group_levels, ratios_at, upgrade_chain
 from spikeprune.sensitivity import SensitivityTable
 from spikeprune.serialization import load_model
 
-FAST = dict(ratios=(0.3, 0.6), uniform_ratios=(0.2, 0.5), batch_size=64, latency_repeats=2, progress=False)
+FAST = dict(policy="psvit", ratios=(0.3, 0.6), uniform_ratios=(0.2, 0.5), batch_size=64, latency_repeats=2,
+            progress=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -59,15 +62,19 @@ def test_chain_takes_the_best_saving_per_point_within_the_budget():
     assert [c["group"] for c in short] == ["cheap", "good"]
 
 
-def test_heads_and_per_head_dims_of_one_block_are_never_both_pruned():
-    names = ["block0.attn.qk", "block0.attn.v", "block0.attn.heads", "block1.attn.heads"]
-    ex = exclusive_groups(names)
+def test_heads_and_per_head_dims_of_one_block_are_never_both_pruned(tiny_model):
+    # What the family declares (Group.head_group), read from a real model's groups.
+    declared = {g.name: g.head_group for g in groups(tiny_model(depth=2)) if g.head_group}
+    assert declared == {f"block{i}.attn.{k}": f"block{i}.attn.heads" for i in (0, 1) for k in ("qk", "v")}
+    ex = exclusive_groups(declared)
     assert ex["block0.attn.heads"] == {"block0.attn.qk", "block0.attn.v"} and ex["block0.attn.qk"] == {"block0.attn.heads"}
-    assert ex["block1.attn.heads"] == set()
+    assert "block1.attn.qk" not in ex["block0.attn.heads"]  # another block's heads are independent
     t = Table([_row("block0.attn.qk", 0.5, 0.0, 100), _row("block0.attn.v", 0.5, 0.0, 90),
                _row("block0.attn.heads", 0.5, 0.0, 150)])
-    chain = upgrade_chain(group_levels(t, 1.0), max_drop=1.0)
+    chain = upgrade_chain(group_levels(t, 1.0), max_drop=1.0, conflicts=ex)
     assert [c["group"] for c in chain] == ["block0.attn.heads"]
+    # Without the declaration nothing excludes anything: all three are taken.
+    assert len(upgrade_chain(group_levels(t, 1.0), max_drop=1.0)) == 3
 
 
 def test_backoff_search_returns_a_measured_boundary():
@@ -94,7 +101,7 @@ def test_backoff_search_returns_a_measured_boundary():
 def psvit_run(trained_tiny_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("psvit") / "run"
     model = load_model(trained_tiny_path).eval()
-    summary = run(model, "digits", out, "psvit", max_acc_drop=3.0, model_spec=str(trained_tiny_path), **FAST)
+    summary = prune_run(model, "digits", out, max_acc_drop=3.0, model_spec=str(trained_tiny_path), **FAST)
     return out, summary
 
 
@@ -141,12 +148,12 @@ def test_run_folder_and_report(psvit_run):
 def test_rerun_resumes_and_another_run_is_refused(psvit_run, trained_tiny_path):
     out, summary = psvit_run
     model = load_model(trained_tiny_path).eval()
-    again = run(model, "digits", out, "psvit", max_acc_drop=3.0, model_spec=str(trained_tiny_path), **FAST)
+    again = prune_run(model, "digits", out, max_acc_drop=3.0, model_spec=str(trained_tiny_path), **FAST)
     assert again["resumed"] and again["forward_cost"]["calib_evaluations_this_run"] == 0
-    assert again["pruned"] == summary["pruned"] and again["ratios"] == summary["ratios"]
+    assert again["pruned"] == summary["pruned"] and again["pruning"] == summary["pruning"]
     assert again["wall_time_s"] == summary["wall_time_s"]  # a finished run reports its own time
     with pytest.raises(SpikepruneError, match="holds a different run.*constraints"):
-        run(model, "digits", out, "psvit", max_acc_drop=1.0, **FAST)
+        prune_run(model, "digits", out, max_acc_drop=1.0, **FAST)
 
 
 def test_backoff_keeps_the_limit_when_the_prediction_is_wrong(trained_tiny, tmp_path, monkeypatch):
@@ -160,7 +167,7 @@ def test_backoff_keeps_the_limit_when_the_prediction_is_wrong(trained_tiny, tmp_
         return SensitivityTable(t.dense_top1, rows, t.forward_cost, t.meta, t.warnings)
 
     monkeypatch.setattr(PruneContext, "sensitivity", lying)
-    s = run(trained_tiny, "digits", tmp_path / "run", "psvit", max_acc_drop=2.0, **FAST)
+    s = prune_run(trained_tiny, "digits", tmp_path / "run", max_acc_drop=2.0, **FAST)
     ps = s["psvit"]
     assert ps["backed_off"] and ps["selected_upgrades"] < len(ps["chain"])
     assert ps["measured"][str(len(ps["chain"]))]["acc_drop"] > 2.0  # the full selection was measured and failed

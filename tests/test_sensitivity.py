@@ -11,11 +11,12 @@ import torch
 from spikeprune.cli import main
 from spikeprune.data import dataset_for_model, make_loader
 from spikeprune.errors import SpikepruneError
-from spikeprune.sensitivity import (DenseCache, Packed, SensitivityTable, analyze, calib_resolution, parse_ratios,
-                                    resolution_warning, run_from, stage_names, start_stage)
+from spikeprune.ratios import parse_ratios
+from spikeprune.sensitivity import DenseCache, Packed, SensitivityTable, analyze, run_from, stage_names, start_stage
+from spikeprune.stats import calib_resolution, resolution_warning
 from spikeprune.serialization import save_model
 from spikeprune.surgery import SpikepruneWarning, prune
-from spikeprune.train import evaluate
+from spikeprune.training import evaluate
 
 BS = 64
 
@@ -30,7 +31,7 @@ def test_staged_forward_equals_model_forward(tiny_model):
     with torch.no_grad():
         assert torch.equal(run_from(model, 0, x), model(x))
     assert stage_names(model) == ["stem.0", "stem.1", "stem.2", "stem.3", "block.0", "block.1", "head"]
-    assert start_stage("stem.stage1", model) == 0 and start_stage("stem.stage3", model) == 2
+    assert start_stage("stem.proj_conv", model) == 0 and start_stage("stem.proj_conv2", model) == 2
     assert start_stage("residual", model) == 3 and start_stage("block1.attn.qk", model) == 5
 
 
@@ -45,7 +46,7 @@ def test_cached_inputs_give_bit_identical_logits(tiny_model):
     # Stem inputs are spikes (bits); the residual stream holds spike sums (bits or uint8): never floats.
     assert cache.batches[0].inputs[3].kind == "bits" and cache.batches[0].inputs[5].kind in ("bits", "uint8")
     images = [x for x, _ in loader]
-    for group in ["stem.stage2", "stem.stage3", "residual", "block0.attn.v", "block1.mlp.hidden", "block1.attn.heads"]:
+    for group in ["stem.proj_conv1", "stem.proj_conv2", "residual", "block0.attn.v", "block1.mlp.hidden", "block1.attn.heads"]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SpikepruneWarning)
             pruned = prune(model, {group: 0.5}).eval()
@@ -74,10 +75,10 @@ def test_cached_accuracy_equals_evaluate(trained_tiny):
     fc = table.forward_cost
     assert fc["candidates"] == len(table.rows) == 8 * 2
     assert fc["spent"] < fc["full_recompute"] and fc["ratio"] == pytest.approx(fc["full_recompute"] / fc["spent"])
-    # Block groups start at their block: cheaper than a full forward; stem.stage1 starts at the image.
+    # Block groups start at their block: cheaper than a full forward; stem.proj_conv starts at the image.
     rows = {(r["group"], r["ratio"]): r for r in table.rows}
     assert rows[("block0.mlp.hidden", 0.6)]["cost"] < rows[("block0.mlp.hidden", 0.6)]["full_cost"]
-    assert rows[("stem.stage1", 0.6)]["start"] == "stem.0"
+    assert rows[("stem.proj_conv", 0.6)]["start"] == "stem.0"
 
 
 def test_resume_after_kill_gives_the_same_table(trained_tiny, tmp_path):

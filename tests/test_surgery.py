@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from spikeprune.errors import SpikepruneError
-from spikeprune.groups import groups
+from spikeprune.coupling import groups
 from spikeprune.models import create_model
 from spikeprune.models.spikformer import Spikformer, SpikformerConfig
 from spikeprune.serialization import load_model, save_model
-from spikeprune.surgery import SpikepruneWarning, apply_plan, kept_count, plan, prune, uniform_ratios
+from spikeprune.ratios import uniform_ratio_map as uniform_ratios
+from spikeprune.record import PruningRecord
+from spikeprune.surgery import SpikepruneWarning, apply_plan, kept_count, plan, prune
 from spiking_helpers import randomise
 
 CRITERIA = ["l2", "l1", "bn", "random", "taylor", "firing"]
@@ -57,8 +59,8 @@ def masked_equivalent(model: Spikformer, kept: dict[str, list[int]]) -> Spikform
     with torch.no_grad():
         for name, keep in kept.items():
             gone = lambda n: torch.tensor(sorted(set(range(n)) - set(keep)), dtype=torch.long)  # noqa: E731
-            if name.startswith("stem.stage"):
-                i = int(name[-1])
+            if name.startswith("stem."):
+                i = {"stem.proj_conv": 1, "stem.proj_conv1": 2, "stem.proj_conv2": 3}[name]
                 conv, bn, _ = sps.stage(i - 1)
                 r = gone(conv.weight.shape[0])
                 _zero_out(conv, r), _zero_out(bn, r)
@@ -140,11 +142,11 @@ def test_pruned_equals_masked_dense(data):
     pruned = apply_plan(model, p)
     masked = masked_equivalent(model, p.kept)
     dense = groups_by_name(model)
-    for g in groups(pruned):  # the new widths are the kept counts (qk / v: per-head count x kept heads)
-        n = len(p.kept[g.name])
+    for g in groups(pruned):  # the new widths are the kept counts; qk / v keep channels of kept heads only
+        assert g.size == len(p.kept[g.name]), g.name
         if g.kind in ("qk", "v"):
-            n = n // dense[g.name].heads * len(p.kept[g.name.split(".")[0] + ".attn.heads"])
-        assert g.size == n, g.name
+            heads = set(p.kept[dense[g.name].head_group])
+            assert {i // dense[g.name].head_dim for i in p.kept[g.name]} <= heads, g.name
     with torch.no_grad():
         out_p, out_m = pruned(x), masked(x)
         assert torch.allclose(out_p, out_m, rtol=0, atol=1e-10), (out_p - out_m).abs().max()
@@ -171,7 +173,7 @@ def test_masking_changes_the_output_so_the_equivalence_is_not_vacuous():
     for m in lifs:
         m.record_rate = False
     for name in ["residual", "block0.mlp.hidden", "block0.attn.qk", "block0.attn.v", "block0.attn.heads",
-                 "stem.stage2"]:
+                 "stem.proj_conv1"]:
         p = plan(model, {name: 0.5})
         with torch.no_grad():
             dense, pruned = model(x), apply_plan(model, p)(x)
@@ -252,7 +254,7 @@ def test_round_to_applies_per_head_and_to_channel_groups():
     assert pruned.cfg.embed_dim == 48  # 64 - 19 = 45 -> 48
     assert b["qk_dim"] == 2 * 24 and b["v_dim"] == 2 * 16  # per head: 32 - 10 = 22 -> 24; 32 - 19 = 13 -> 16
     assert b["mlp_hidden"] == 232  # 256 - 26 = 230 -> 232
-    assert any("round_to=8" in n for n in pruned.pruning["notes"])
+    assert any("round_to=8" in n for n in pruned.pruning.notes)
 
 
 def test_ratio_that_would_empty_a_group_keeps_one_and_warns():
@@ -260,7 +262,7 @@ def test_ratio_that_would_empty_a_group_keeps_one_and_warns():
     with pytest.warns(SpikepruneWarning, match="would remove every head"):
         pruned = prune(model, {"block0.attn.heads": 0.9})
     assert pruned.cfg.blocks[0]["heads"] == 1
-    assert any("kept the best-scored one" in n for n in pruned.pruning["notes"])
+    assert any("kept the best-scored one" in n for n in pruned.pruning.notes)
     with pytest.warns(SpikepruneWarning, match="dim per head"):
         pruned = prune(model, {"block0.attn.qk": 0.99})
     assert pruned.cfg.blocks[0]["qk_dim"] == 2
@@ -309,14 +311,14 @@ def test_family_without_declaration_is_refused():
     class Other(torch.nn.Module):
         family = "vgg"
 
-    with pytest.raises(SpikepruneError, match="no pruning-group declaration for model family 'vgg'"):
+    with pytest.raises(SpikepruneError, match="no model family 'vgg' is registered"):
         prune(Other(), {"*": 0.5})
 
 
 def test_uniform_covers_channel_groups_not_heads():
     model = create_model("spikformer-2-128-mnist")
     ratios = uniform_ratios(model, 0.3)
-    assert "residual" in ratios and "block1.attn.qk" in ratios and "stem.stage1" in ratios
+    assert "residual" in ratios and "block1.attn.qk" in ratios and "stem.proj_conv" in ratios
     assert not any(n.endswith(".heads") for n in ratios)
     assert "residual" not in uniform_ratios(model, 0.3, skip=["residual"])
     with pytest.raises(SpikepruneError, match="matches no channel group"):
@@ -325,8 +327,8 @@ def test_uniform_covers_channel_groups_not_heads():
 
 def test_saved_pruned_model_loads_in_a_fresh_process(tmp_path):
     model = randomise(create_model("spikformer-1-32-digits").eval(), 4)
-    pruned = prune(model, {"residual": 0.3, "block0.attn.heads": [1], "block0.mlp.hidden": 0.6, "stem.stage3": 0.5})
-    save_model(pruned, tmp_path / "m", extra={"pruning": pruned.pruning})
+    pruned = prune(model, {"residual": 0.3, "block0.attn.heads": [1], "block0.mlp.hidden": 0.6, "stem.proj_conv2": 0.5})
+    save_model(pruned, tmp_path / "m")
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(5))
     torch.save(x, tmp_path / "x.pt")
     code = ("import json, torch, sys; from spikeprune import load_model; "
@@ -343,11 +345,11 @@ def test_saved_pruned_model_loads_in_a_fresh_process(tmp_path):
 
 def test_inspect_shows_pruned_widths_beside_the_dense_ones(tmp_path, capsys):
     from spikeprune.cli import main
-    from spikeprune.measure import count_macs, count_params, memory_bytes
+    from spikeprune.costs import count_macs, count_params, memory_bytes
 
     dense = create_model("spikformer-1-32-digits")
     pruned = prune(dense, {"residual": 0.5, "block0.mlp.hidden": 0.25, "block0.attn.heads": [1]})
-    save_model(pruned, tmp_path / "m", extra={"pruning": pruned.pruning})
+    save_model(pruned, tmp_path / "m")
     assert main(["inspect", str(tmp_path / "m"), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["dense_known"] and r["dense_preset"] == "spikformer-1-32-digits"
@@ -366,3 +368,51 @@ def test_inspect_shows_pruned_widths_beside_the_dense_ones(tmp_path, capsys):
     # a model with no pruning record is shown against itself, and the report says so
     assert main(["inspect", "spikformer-1-32-digits"]) == 0
     assert "no pruning record" in capsys.readouterr().out
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_the_record_composes_over_calls_and_replays_bit_for_bit(tmp_path):
+    """Three successive prune calls (heads, then qk within the kept heads, then residual and
+    hidden): the record maps every kept unit back to the dense model, and replaying it on the dense
+    model rebuilds the same model, also after a save / load round trip."""
+    dense = randomise(create_model("spikformer-1-32-digits").eval(), 11)
+    a = prune(dense, {"block0.attn.heads": [1]})
+    b = prune(a, {"block0.attn.qk": 0.5, "stem.proj_conv1": [0, 2, 5]})
+    c = prune(b, {"residual": 0.25, "block0.mlp.hidden": 0.5}, importance="l1")
+    rec = c.pruning
+    assert isinstance(rec, PruningRecord) and len(rec.steps) == 3
+    d = dense.cfg.blocks[0]["qk_dim"] // 2  # head dim of the dense model
+    # the heads group keeps dense head 1; qk keeps half of head 1's channels, as dense indices
+    assert rec.kept_units("block0.attn.heads") == [1]
+    qk = rec.kept_units("block0.attn.qk")
+    assert len(qk) == d // 2 and all(d <= i < 2 * d for i in qk)
+    assert rec.kept_units("stem.proj_conv1") == [0, 2, 5]
+    assert rec.kept_counts() == {g.name: g.size for g in groups(c)}
+    assert rec.removed_fractions()["residual"] == 0.25
+    replayed = prune(dense, rec)
+    assert _same_weights(replayed, c) and replayed.cfg.to_dict() == c.cfg.to_dict()
+    assert replayed.pruning.to_dict() == rec.to_dict()
+    save_model(c, tmp_path / "c")
+    loaded = load_model(tmp_path / "c")
+    assert loaded.pruning.to_dict() == rec.to_dict()
+    assert _same_weights(prune(dense, loaded.pruning), c)
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(replayed(x), c(x))
+
+
+def test_replaying_a_record_needs_its_dense_model():
+    dense = create_model("spikformer-1-32-digits")
+    small = prune(dense, {"residual": 0.5})
+    with pytest.raises(SpikepruneError, match="replays on the dense model"):
+        prune(small, small.pruning)
+    with pytest.raises(SpikepruneError, match="format"):
+        PruningRecord.from_dict({"family": "spikformer"})
+    bad = small.pruning.to_dict()
+    bad["kept"]["residual"] = [3, 1]
+    with pytest.raises(SpikepruneError, match="damaged"):
+        PruningRecord.from_dict(bad)

@@ -12,9 +12,9 @@ from spikeprune.cli import main
 from spikeprune.data import load_dataset, make_loader
 from spikeprune.errors import SpikepruneError
 from spikeprune.serialization import load_model, save_model
-from spikeprune.train import evaluate, finetune, kd_loss, lr_at, train
+from spikeprune.training import evaluate, finetune, kd_loss, lr_at, train
 
-train_mod = importlib.import_module("spikeprune.train")  # the package binds the function `train`
+train_mod = importlib.import_module("spikeprune.training")  # the package binds the function `train`
 
 FAST = dict(progress=False, max_steps_per_epoch=4, batch_size=32, lr=3e-3)
 
@@ -185,7 +185,7 @@ def test_nan_in_first_epoch_leaves_no_folder(tiny_model, tmp_path):
 def test_bad_training_arguments(tiny_model, tmp_path):
     with pytest.raises(SpikepruneError, match="epochs"):
         train(tiny_model(), "digits", 0, progress=False)
-    with pytest.raises(SpikepruneError, match="lr > 0"):
+    with pytest.raises(SpikepruneError, match="lr must be a finite number > 0"):
         train(tiny_model(), "digits", 1, lr=-1, progress=False)
     with pytest.raises(SpikepruneError, match="resume needs"):
         train(tiny_model(), "digits", 1, resume=True, progress=False)
@@ -258,6 +258,24 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("spikeprune: error: unknown dataset") and "\n" not in err
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.json").write_text("{}")
+    (out / "config.json").write_text('{"format": "spikeprune-model"}')
     rc = main(["train", "spikformer-1-32-digits", *TINY_SET, "--data", "digits", "--epochs", "1", "-o", str(out)])
     assert rc == 2 and "--force" in capsys.readouterr().err
+    (out / "config.json").write_text("{}")  # not ours: left alone even with --force
+    rc = main(["train", "spikformer-1-32-digits", *TINY_SET, "--data", "digits", "--epochs", "1", "-o", str(out),
+               "--force"])
+    assert rc == 2 and "did not write" in capsys.readouterr().err and (out / "config.json").read_text() == "{}"
+
+
+def test_thread_count_is_set_for_training_restored_and_recorded(tiny_model, tmp_path):
+    # The CPU kernels split float32 sums by thread count: the count is part of what makes a run repeatable.
+    before = torch.get_num_threads()
+    seen = []
+    model = tiny_model()
+    model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    train(model, "digits", 1, threads=2, out_dir=tmp_path / "run", **FAST)
+    assert seen and set(seen) == {2}  # training steps and the calib evaluation
+    assert torch.get_num_threads() == before
+    assert json.loads((tmp_path / "run" / "history.json").read_text())["settings"]["torch_threads"] == 2
+    with pytest.raises(SpikepruneError, match="threads must be a whole number >= 1"):
+        train(tiny_model(), "digits", 1, threads=0, **FAST)

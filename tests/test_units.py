@@ -2,7 +2,7 @@
 import pytest
 
 from spikeprune.errors import SpikepruneError
-from spikeprune.units import format_bytes, parse_bytes
+from spikeprune.units import format_bytes, format_count, format_number, format_percent, parse_bytes
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -56,3 +56,31 @@ def test_format_bytes():
     assert format_bytes(-2_000_000_000) == "-2.00 GB"
     # parse(format(x)) stays within the printed precision
     assert abs(parse_bytes(format_bytes(7_654_321).replace(" ", "")) - 7_654_321) <= 5_000
+    assert format_bytes(None) == format_bytes(float("nan")) == "-"
+
+
+@pytest.mark.parametrize("n, kw, text", [
+    (646_522, {}, "646.52k"),
+    (239_692_032, {}, "239.69M"),
+    (1_200_000_000, {}, "1.20G"),
+    (512, {}, "512"),
+    (0, {}, "0"),
+    (-2_500, {}, "-2.50k"),
+    (999_999, {}, "1.00M"),  # rounding up to the next prefix, never '1000.00k'
+    (999.999, {}, "1.00k"),
+    (0.5, {}, "0.50"),
+    (9_590_000, {"digits": 3, "significant": True}, "9.59M"),
+    (9_600_000, {"digits": 3, "significant": True, "unit": "op"}, "9.6Mop"),
+    (None, {}, "-"),
+    (float("inf"), {}, "-"),
+])
+def test_format_count(n, kw, text):
+    assert format_count(n, **kw) == text
+
+
+def test_format_number_and_percent():
+    assert format_number(239_692_032) == "239,692,032" and format_number(1234.0) == "1,234"
+    assert format_number(0.21634) == "0.216" and format_number(6.2912, digits=2) == "6.3"
+    assert format_number(None) == format_number(float("nan")) == "-"
+    assert format_percent(0.52734) == "52.73%" and format_percent(0.5, digits=0) == "50%"
+    assert format_percent(None) == "-"

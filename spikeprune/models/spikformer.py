@@ -1,7 +1,9 @@
 """Spikformer (Zhou et al., ICLR 2023) in both reference layouts, with per-layer widths.
 
-Read top to bottom: config, stem (SPS), attention (SSA), MLP, block, model, presets, and the
-checkpoint filter that maps reference checkpoints onto ours.
+Read top to bottom: config, stem (SPS), attention (SSA), MLP, block, model, presets, the
+checkpoint filter that maps reference checkpoints onto ours, and what the engine needs to know
+about the family (its coupled groups, resizer, staged forward and cost table), registered as one
+Family object at the end.
 
 Layouts (state-dict names and shapes equal the reference code's):
   imagenet: q/k/v/proj are Conv1d k=1, fc1/fc2 Conv2d 1x1, max-pool after every stem stage.
@@ -18,8 +20,7 @@ here (they hold no function); reference checkpoints may carry them and load all 
 """
 from __future__ import annotations
 
-import copy
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,9 @@ from torch import nn
 
 from ..errors import SpikepruneError
 from ..neuron import LIF
-from . import register_model
+from ..structure import Group, Layer, Member, Probe
+from . import Family, register_family, register_model
+from .common import WRAPPERS, check_pooled_size, fit_state, pooled_tokens, strict_config, strip_module
 
 LAYOUTS = ("imagenet", "cifar")
 STEM_STAGES = 4
@@ -88,28 +91,18 @@ class SpikformerConfig:
             for key in ("qk_dim", "v_dim"):
                 if b[key] % b["heads"]:
                     raise SpikepruneError(f"block {i}: {key}={b[key]} is not divisible by heads={b['heads']}")
-        stride = 2 ** sum(self.pool_after)
-        if self.img_size % stride:
-            ok = [s for s in (28, 32, 64, 96, 128, 160, 192, 224, 256) if s % stride == 0]
-            raise SpikepruneError(
-                f"image size {self.img_size} cannot be taken: this {self.layout} stem pools "
-                f"{sum(self.pool_after)} times, so the size must be a multiple of {stride} (e.g. {ok[:4]})")
+        check_pooled_size(self.img_size, self.pool_after, f"{self.layout}")
 
     @property
     def num_tokens(self) -> int:
-        side = self.img_size // 2 ** sum(self.pool_after)
-        return side * side
+        return pooled_tokens(self.img_size, self.pool_after)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "SpikformerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SpikepruneError(f"unknown Spikformer config fields: {unknown}")
-        return cls(**copy.deepcopy(d))
+        return strict_config(cls, d, "Spikformer")
 
 
 def _pointwise(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -283,7 +276,8 @@ class Spikformer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, C, H, W] -> logits [B, classes], the mean over the T time steps."""
-        if images.dim() != 4 or images.shape[1] != self.cfg.in_channels:
+        c = self.cfg
+        if images.dim() != 4 or tuple(images.shape[1:]) != (c.in_channels, c.img_size, c.img_size):
             raise SpikepruneError(
                 f"expected images [B, {self.cfg.in_channels}, {self.cfg.img_size}, {self.cfg.img_size}], "
                 f"got {list(images.shape)}")
@@ -309,6 +303,7 @@ PRESETS: dict[str, dict] = {
     # Sized for the bundled data (28x28 MNIST digits; the 8x8 scikit-learn digits resized to 16).
     "spikformer-2-128-mnist": dict(_MNIST, embed_dim=128, depth=2, num_heads=4),
     "spikformer-1-64-mnist": dict(_MNIST, embed_dim=64, depth=1, num_heads=4),
+    "spikformer-2-128-fmnist": dict(_MNIST, embed_dim=128, depth=2, num_heads=4, T=2, pool_after=[True, False] * 2),
     "spikformer-1-32-digits": dict(layout="cifar", img_size=16, in_channels=1, num_classes=10,
                                    embed_dim=32, depth=1, num_heads=2),
 }
@@ -328,10 +323,6 @@ for _name in PRESETS:
     register_model(_name, family="spikformer")(_make(_name))
 
 
-def build_from_config(config: dict) -> Spikformer:
-    return Spikformer(SpikformerConfig.from_dict(config))
-
-
 # ---------------------------------------------------------------------------------------------
 # Checkpoints from the reference training code
 # ---------------------------------------------------------------------------------------------
@@ -345,36 +336,12 @@ def checkpoint_filter_fn(state_dict: dict, model: Spikformer) -> dict:
 
     Raises SpikepruneError naming the first mismatched keys and shapes if it does not fit.
     """
-    for wrapper in ("state_dict", "model", "state_dict_ema", "model_ema"):
+    for wrapper in WRAPPERS:
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
             state_dict = state_dict[wrapper]
             break
-    out = {}
-    for k, v in state_dict.items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        k = k[len("module."):] if k.startswith("module.") else k
-        if _is_unused_norm(k):
-            continue
-        out[k] = v
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in out]
-    unexpected = [k for k in out if k not in expected]
-    wrong = [(k, tuple(out[k].shape), tuple(expected[k].shape))
-             for k in expected if k in out and out[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        lines = []
-        if wrong:
-            lines.append("shape mismatches (checkpoint vs model): " + "; ".join(
-                f"{k} {list(a)} vs {list(b)}" for k, a, b in wrong[:5]))
-        if missing:
-            lines.append(f"missing from checkpoint ({len(missing)}): {', '.join(missing[:5])}")
-        if unexpected:
-            lines.append(f"not in the model ({len(unexpected)}): {', '.join(unexpected[:5])}")
-        raise SpikepruneError(
-            "checkpoint does not fit this model -- " + " | ".join(lines)
-            + ". Check the preset (and overrides such as num_classes or img_size) matches the training run.")
-    return out
+    out = {k: v for k, v in strip_module(state_dict).items() if not _is_unused_norm(k)}
+    return fit_state(out, model, "Spikformer")
 
 
 def reference_state_dict(model: Spikformer) -> dict:
@@ -390,3 +357,197 @@ def reference_state_dict(model: Spikformer) -> dict:
             sd[f"block.{parts[1]}.norm2.bias"] = torch.zeros(model.cfg.embed_dim)
         sd[k] = v
     return sd
+
+
+# ---------------------------------------------------------------------------------------------
+# What the engine needs to know about the family
+# ---------------------------------------------------------------------------------------------
+# Coupled groups (spikeprune.coupling explains groups; both layouts differ only in the q/k/v/proj/
+# fc1/fc2 module suffix, _conv or _linear). Names a user can map to the state dict: a stem group
+# is named after the conv whose output channels it cuts (stem.proj_conv1 = the outputs of
+# patch_embed.proj_conv1, its BN, and the inputs of proj_conv2); the last stem conv's outputs are
+# the residual width.
+def _stem_names(i: int) -> tuple[str, str]:
+    sfx = "" if i == 0 else str(i)
+    return f"patch_embed.proj_conv{sfx}", f"patch_embed.proj_bn{sfx}"
+
+
+def stem_group_name(i: int) -> str:
+    """The group cutting the output channels of stem conv i (0-based; i < STEM_STAGES - 1)."""
+    return "stem." + _stem_names(i)[0].split(".")[1]
+
+
+def spikformer_groups(model: Spikformer) -> list[Group]:
+    cfg = model.cfg
+    out: list[Group] = []
+    for i in range(STEM_STAGES - 1):  # stem convs 0..2: outputs + BN, the next conv's inputs
+        conv, bn = _stem_names(i)
+        nxt, _ = _stem_names(i + 1)
+        out.append(Group(
+            name=stem_group_name(i), kind="stem", unit="channel", size=cfg.stem_widths[i],
+            members=[Member(conv, 0), Member(bn, 0), Member(nxt, 1)],
+            probes=[Probe(nxt, "input", 1, (nxt,))]))  # conv input = LIF spikes after pooling
+
+    # Residual: every writer of the stream (the last stem conv, rpe, each proj and fc2, with their
+    # BNs) on its output channels, every reader (rpe, q, k, v, fc1, head) on its input channels.
+    conv3, bn3 = _stem_names(STEM_STAGES - 1)
+    res = [Member(conv3, 0), Member(bn3, 0),
+           Member("patch_embed.rpe_conv", 1), Member("patch_embed.rpe_conv", 0), Member("patch_embed.rpe_bn", 0)]
+    probes = [Probe("patch_embed.rpe_conv", "input", 1, ("patch_embed.rpe_conv",))]
+    for i, blk in enumerate(model.block):
+        a, m = f"block.{i}.attn", f"block.{i}.mlp"
+        ak, mk = blk.attn.kind, blk.mlp.kind
+        res += [Member(f"{a}.q_{ak}", 1), Member(f"{a}.k_{ak}", 1), Member(f"{a}.v_{ak}", 1),
+                Member(f"{a}.proj_{ak}", 0), Member(f"{a}.proj_bn", 0),
+                Member(f"{m}.fc1_{mk}", 1), Member(f"{m}.fc2_{mk}", 0), Member(f"{m}.fc2_bn", 0)]
+        probes += [Probe(a, "input", -1, (f"{a}.q_{ak}", f"{a}.k_{ak}", f"{a}.v_{ak}")),
+                   Probe(m, "input", -1, (f"{m}.fc1_{mk}",))]
+    res.append(Member("head", 1))
+    probes.append(Probe("head", "input", -1, ("head",)))
+    out.append(Group(name="residual", kind="residual", unit="channel", size=cfg.embed_dim,
+                     members=res, probes=probes))
+
+    for i, blk in enumerate(model.block):
+        a, m = f"block.{i}.attn", f"block.{i}.mlp"
+        ak, mk = blk.attn.kind, blk.mlp.kind
+        H, qk, v = blk.attn.heads, blk.attn.qk_dim, blk.attn.v_dim
+        dqk, dv = qk // H, v // H
+        q_, k_, v_, proj = f"{a}.q_{ak}", f"{a}.k_{ak}", f"{a}.v_{ak}", f"{a}.proj_{ak}"
+        heads = f"block{i}.attn.heads"
+        out.append(Group(
+            name=f"block{i}.attn.qk", kind="qk", unit="channel", size=qk, heads=H, head_group=heads,
+            members=[Member(q_, 0), Member(f"{a}.q_bn", 0), Member(k_, 0), Member(f"{a}.k_bn", 0)],
+            probes=[Probe(f"{a}.q_lif", "output", -1), Probe(f"{a}.k_lif", "output", -1)],
+            probe_reduce="prod"))
+        # v channel c only ever reaches attention-output channel c (attention mixes tokens, not
+        # channels), so what proj reads on column c is attn_lif's channel c.
+        out.append(Group(
+            name=f"block{i}.attn.v", kind="v", unit="channel", size=v, heads=H, head_group=heads,
+            members=[Member(v_, 0), Member(f"{a}.v_bn", 0), Member(proj, 1)],
+            probes=[Probe(f"{a}.attn_lif", "output", -1, (proj,))]))
+        out.append(Group(
+            name=heads, kind="heads", unit="head", size=H,
+            members=[Member(q_, 0, dqk), Member(f"{a}.q_bn", 0, dqk), Member(k_, 0, dqk),
+                     Member(f"{a}.k_bn", 0, dqk), Member(v_, 0, dv), Member(f"{a}.v_bn", 0, dv),
+                     Member(proj, 1, dv)],
+            probes=[Probe(f"{a}.attn_lif", "output", -1, (proj,), dv)]))
+        out.append(Group(
+            name=f"block{i}.mlp.hidden", kind="hidden", unit="channel", size=blk.mlp.hidden,
+            members=[Member(f"{m}.fc1_{mk}", 0), Member(f"{m}.fc1_bn", 0), Member(f"{m}.fc2_{mk}", 1)],
+            probes=[Probe(f"{m}.fc1_lif", "output", -1, (f"{m}.fc2_{mk}",))]))
+    return out
+
+
+def spikformer_resize(model: Spikformer, kept: dict[str, int]) -> Spikformer:
+    """A Spikformer with the kept unit counts (qk / v counts are the channels that remain, in the
+    kept heads)."""
+    cfg = model.cfg.to_dict()
+    cfg["embed_dim"] = kept["residual"]
+    cfg["stem_widths"] = [kept[stem_group_name(i)] for i in range(STEM_STAGES - 1)]
+    for i, b in enumerate(cfg["blocks"]):
+        b.update(heads=kept[f"block{i}.attn.heads"], qk_dim=kept[f"block{i}.attn.qk"],
+                 v_dim=kept[f"block{i}.attn.v"], mlp_hidden=kept[f"block{i}.mlp.hidden"])
+    return Spikformer(SpikformerConfig.from_dict(cfg))
+
+
+# The forward cut into stages: stem.0 .. stem.3 (stem.3 = the last stem stage + rpe, giving
+# tokens), block.0 .. block.{L-1}, head, exactly as Spikformer.forward runs them (the
+# sensitivity analysis checks on real data that running every stage equals model(images)).
+def spikformer_stages(model: Spikformer) -> list[str]:
+    return [f"stem.{i}" for i in range(STEM_STAGES)] + [f"block.{i}" for i in range(len(model.block))] + ["head"]
+
+
+def spikformer_run_stage(model: Spikformer, s: int, x: torch.Tensor) -> torch.Tensor:
+    if s < STEM_STAGES:
+        return model.patch_embed.forward_stage(s, x)
+    if s < STEM_STAGES + len(model.block):
+        return model.block[s - STEM_STAGES](x)
+    return model.head(x.mean(2).mean(0))  # tokens [T, B, N, D] -> mean over tokens, then over T
+
+
+def spikformer_first_stage(model: Spikformer, group: str) -> int:
+    """The first stage a group changes: a stem group changes the stage of its conv; the residual
+    width is first produced by the last stem stage; a block group changes its block."""
+    for i in range(STEM_STAGES - 1):
+        if group == stem_group_name(i):
+            return i
+    if group == "residual":
+        return STEM_STAGES - 1
+    if group.startswith("block"):
+        return STEM_STAGES + int(group[len("block"):].split(".")[0])
+    raise SpikepruneError(f"{group!r} is not a Spikformer group")
+
+
+def spikformer_layer_table(cfg: SpikformerConfig) -> list[Layer]:
+    """Every weight layer (and each block's attention products) in forward order, with its cost
+    (spikeprune.costs gives the rules: MACs per image over all T steps)."""
+    T, D = cfg.T, cfg.embed_dim
+    rows: list[Layer] = []
+    side, cin = cfg.img_size, cfg.in_channels
+    for i, w in enumerate([*cfg.stem_widths, D]):
+        conv, bn = _stem_names(i)
+        shape = (w, cin, 3, 3)
+        rows.append(Layer(conv, "Conv2d", shape, False, bn, w, "image" if i == 0 else "spikes",
+                          w * cin * 9 * side * side * T))
+        if cfg.pool_after[i]:
+            side = (side - 1) // 2 + 1  # MaxPool2d(3, stride 2, padding 1)
+        cin = w
+    N = side * side
+    rows.append(Layer("patch_embed.rpe_conv", "Conv2d", (D, D, 3, 3), False, "patch_embed.rpe_bn", D, "spikes",
+                      D * D * 9 * N * T))
+
+    conv = cfg.layout == "imagenet"
+    kind, k1, k2 = ("conv", (1,), (1, 1)) if conv else ("linear", (), ())
+    t1, t2 = ("Conv1d", "Conv2d") if conv else ("Linear", "Linear")
+    for b, w in enumerate(cfg.blocks):
+        pre = f"block.{b}"
+        qk, v, hidden, heads = w["qk_dim"], w["v_dim"], w["mlp_hidden"], w["heads"]
+
+        def lin(name, cout, cin, bias, src, typ=t1, ks=k1, sub="attn"):
+            # the CIFAR layout gives every Linear a bias; the ImageNet q/k/v convs have none
+            return Layer(f"{pre}.{sub}.{name}_{kind}", typ, (cout, cin, *ks), bias or not conv,
+                         f"{pre}.{sub}.{name}_bn", cout, src, cout * cin * N * T)
+
+        rows += [lin("q", qk, D, False, "real"), lin("k", qk, D, False, "real"), lin("v", v, D, False, "real")]
+        # every q spike adds one row of k^T v and every k spike one row of v: the q and k rates
+        rows.append(Layer(f"{pre}.attn.matmul", "SpikeMatmul", (), False, None, 0, "spikes",
+                          2 * N * (qk // heads) * (v // heads) * heads * T,
+                          rate_from=(f"{pre}.attn.q_lif", f"{pre}.attn.k_lif")))
+        rows.append(lin("proj", D, v, True, "spikes"))
+        rows.append(lin("fc1", hidden, D, True, "real", t2, k2, sub="mlp"))
+        rows.append(lin("fc2", D, hidden, True, "spikes", t2, k2, sub="mlp"))
+    rows.append(Layer("head", "Linear", (cfg.num_classes, D), True, None, 0, "real", cfg.num_classes * D))
+    return rows
+
+
+def _recognizes(state: dict) -> bool:
+    """A Spikformer checkpoint (any wrapping): an SPS stem conv, and SSA's q layer as only Spikformer
+    has it: a Linear (CIFAR layout) or a Conv1d, whose weight is 3-D (ImageNet layout)."""
+    for wrapper in WRAPPERS:
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    items = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    q = [v for k, v in items.items() if k.endswith(".attn.q_linear.weight")
+         or (k.endswith(".attn.q_conv.weight") and getattr(v, "dim", lambda: 0)() == 3)]
+    return bool(q) and any(k.startswith("patch_embed.proj_conv") for k in items)
+
+
+def _describe(cfg: SpikformerConfig) -> str:
+    return (f"{cfg.layout} layout, D={cfg.embed_dim}, depth {cfg.depth}, {cfg.num_heads} heads, "
+            f"{cfg.in_channels}x{cfg.img_size}x{cfg.img_size}, {cfg.num_classes} classes, T={cfg.T}")
+
+
+FAMILY = register_family(Family(
+    name="spikformer", model_class=Spikformer, config_class=SpikformerConfig,
+    groups=spikformer_groups, resize=spikformer_resize, layer_table=spikformer_layer_table,
+    checkpoint_filter=checkpoint_filter_fn, stages=spikformer_stages, run_stage=spikformer_run_stage,
+    first_stage=spikformer_first_stage, describe=_describe, recognizes=_recognizes,
+    cost_notes=("norm1/norm2 LayerNorms of the reference code are never called by its forward: not built here, "
+                "not counted",
+                "MACs of attention, computed as q (k^T v): 2*N*d_qk*d_v per head and step; the head runs once on the "
+                "time- and token-averaged features",
+                "SOPs of attention: (rate_q + rate_k)/2 x MACs (each q spike adds a row of k^T v, each k spike a row "
+                "of v)",
+                "counted as MACs, not SOPs (input is not binary): the first conv (real-valued image), q/k/v and fc1 "
+                "of every block (residual stream: sums of spike maps) and the head (averaged features)")))

@@ -41,11 +41,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..pipeline import PolicyResult, PruneContext, register_policy
+from ..coupling import groups as model_groups
+from ..costs import memory_bytes
+from ..models import get_family
+from ..policy_api import PolicyResult, PruneContext, register_policy
 from ..report import markdown_table
+from ..surgery import plan
 
 REFINE_STEPS = 3
-CHANNEL_KINDS = ("stem", "residual", "qk", "v", "hidden")  # every channel group; heads excluded
 CHECKPOINT = "global_search"
 
 
@@ -99,13 +102,9 @@ def global_ranking(groups, scores: dict[str, torch.Tensor]) -> Ranking:
 def _memory_at(ctx: PruneContext, scores: dict, ratios: dict) -> int:
     """Memory at the run's precision of the model `ratios` would give: planned kept counts and a
     shapes-only model on the meta device, no weights copied."""
-    from ..groups import resizer
-    from ..measure import memory_bytes
-    from ..surgery import plan
-
     counts = plan(ctx.model, ratios, importance=scores, round_to=ctx.round_to).counts()
     with torch.device("meta"):
-        shapes = resizer(ctx.model)(ctx.model, counts)
+        shapes = get_family(ctx.model).resize(ctx.model, counts)
     return int(memory_bytes(shapes)[ctx.constraints.precision])
 
 
@@ -126,10 +125,8 @@ def smallest_cut_for(mem_at, n_max: int, budget: int) -> int | None:
 @register_policy("global", help="global ranking: all channels of all groups ranked together by group-normalised "
                                 "magnitude (Torch-Pruning's global pruner), lowest removed first")
 def global_policy(ctx: PruneContext) -> PolicyResult:
-    from ..groups import groups
-
     limit = ctx.constraints.max_acc_drop
-    gs = [g for g in groups(ctx.model) if g.kind in CHANNEL_KINDS]
+    gs = [g for g in model_groups(ctx.model) if g.unit == "channel"]  # every channel group; whole heads excluded
     raw = ctx.dense_scores()  # the same scores ctx.prune ranks by, so the ranking and the cuts agree
     rank = global_ranking(gs, raw)
     N = len(rank)
@@ -188,8 +185,7 @@ def global_policy(ctx: PruneContext) -> PolicyResult:
         reason = ("largest cut within the accuracy limit" + (" (the memory budget is out of reach within it)"
                                                              if budget is not None else ""))
 
-    ratios = rank.ratios(chosen)
-    model = models.get(chosen) or ctx.prune(ratios)
+    model = models.get(chosen) or ctx.prune(rank.ratios(chosen))
     top1 = measured[str(chosen)]["top1"] if chosen else ctx.dense_calib_top1
     mem = ctx.memory(model)
     met = budget is None or mem <= budget
@@ -208,7 +204,7 @@ def global_policy(ctx: PruneContext) -> PolicyResult:
         "tradeoff": {"global ranking cuts": [[r["memory_saved"], r["top1"]] for r in trace]},
         "report_sections": [("Global ranking", _section(gs, counts, trace, chosen, N, reason, limit))],
     }
-    return PolicyResult(model, ratios, info)
+    return PolicyResult(model, info)
 
 
 def _section(gs, counts, trace, chosen, N, reason, limit) -> str:

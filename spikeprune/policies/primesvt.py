@@ -5,7 +5,7 @@ one after another, largest first, with L2-ranked channel filters, until the memo
 within the accuracy limit). The numbers it leaves open are defined here, and the run report
 repeats them:
 
-1. Ranking. The prunable groups (spikeprune.groups: the coupled channel sets that play the
+1. Ranking. The prunable groups (spikeprune.coupling: the coupled channel sets that play the
    papers' "layers") are sorted by `memory_bytes`, the fp32 bytes of every parameter whose size
    depends on the group, largest first (ties by name, so the order is reproducible).
 
@@ -47,11 +47,15 @@ repeats them:
 
 Constraints: --max-acc-drop L (default DEFAULT_MAX_ACC_DROP = 3 points), --target-saving s in
 (0, 1) (budget = dense * (1 - s)) or --memory-budget B (bytes, units per spikeprune.units), both
-at --precision fp32|fp16|int8. Contradictions are errors with the numbers: a negative L, s outside
-(0, 1), a budget at or above the dense size, a budget below the smallest model the groups allow
-(every group at its minimum width), or s and B both given but naming budgets more than
-CONSISTENCY_TOLERANCE (0.5%) of the dense size apart (when they agree, the tighter one is used).
-Memory is spikeprune.measure.memory_bytes at the chosen precision.
+at --precision fp32|fp16|int8. They are the run's one Constraints object (spikeprune.policy_api),
+checked and resolved into one budget in bytes before the run starts, with the same rules for every
+policy: a negative L, s outside (0, 1), a budget at or above the dense size, a budget below the
+smallest model the groups allow (every group at its minimum width), or s and B naming budgets more
+than 0.5% of the dense size apart are errors with the numbers (when they agree, the tighter one is
+used). Memory is spikeprune.costs.memory_bytes at the chosen precision.
+
+What was pruned is the model's PruningRecord: every accepted step is one prune call, and the
+calls compose, so the record of the final model is against the dense model.
 
 Resume: after each visited group (accepted or skipped) the accepted steps (group, ratio, kept
 unit indices) and the visited groups are checkpointed atomically (RUN/steps/primesvt_progress.json);
@@ -68,88 +72,24 @@ plots/primesvt_trajectory.png is embedded in report.md with a PrimeSVT section.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from ..errors import SpikepruneError
-from ..pipeline import DEFAULT_MAX_ACC_DROP, PRECISIONS, PolicyResult, PruneContext, register_policy
-from ..units import format_bytes, parse_bytes
+from ..coupling import group_map
+from ..coupling import groups as model_groups
+from ..importance import scores
+from ..plots import FIGSIZE, new_figure, save_figure
+from ..policy_api import Constraints, PolicyResult, PruneContext, register_policy
+from ..surgery import SpikepruneWarning, plan
+from ..surgery import prune as surgery_prune
+from ..units import format_bytes
 
 ROBUST_DIVISOR = 2.0
 ROBUST_MAX_RATIO = 0.5
 REFINE_STEPS = 2
-CONSISTENCY_TOLERANCE = 0.005  # of the dense size: --target-saving and --memory-budget may differ by rounding
 _EPS = 1e-9
-
-
-# ------------------------------------------------------------------------------------------------
-# Constraints
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class ResolvedConstraints:
-    """The user's limits, checked and turned into one memory budget in bytes at `precision`."""
-
-    max_acc_drop: float  # points of top-1 against the dense model
-    precision: str
-    dense_bytes: int  # the dense model at `precision`
-    min_bytes: int  # every group at its minimum width, at `precision`
-    budget_bytes: int | None = None  # None: no memory target
-    target_saving: float | None = None  # the fraction the budget amounts to (given or derived)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def resolve_constraints(max_acc_drop: float | None, target_saving: float | None,
-                        memory_budget: str | int | None, precision: str | None,
-                        dense_bytes: int, min_bytes: int) -> ResolvedConstraints:
-    """Check the constraints against each other and the model; raise SpikepruneError with numbers."""
-    precision = precision or "fp32"
-    if precision not in PRECISIONS:
-        raise SpikepruneError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    L = DEFAULT_MAX_ACC_DROP if max_acc_drop is None else float(max_acc_drop)
-    if not math.isfinite(L) or L < 0:
-        raise SpikepruneError(f"--max-acc-drop must be a non-negative number of top-1 points, got {max_acc_drop}")
-    if L > 100:
-        raise SpikepruneError(f"--max-acc-drop is in points of top-1 (0-100), got {L}; did you mean {L / 100:g}?")
-    dense, small = f"{dense_bytes:,} bytes ({format_bytes(dense_bytes)})", f"{min_bytes:,} bytes ({format_bytes(min_bytes)})"
-
-    budget_from_saving = None
-    if target_saving is not None:
-        s = float(target_saving)
-        if not (0 < s < 1):
-            raise SpikepruneError(f"--target-saving is a fraction of the dense model's memory strictly between 0 and 1 "
-                                  f"(0.25 = save a quarter), got {target_saving}")
-        budget_from_saving = int(math.floor(dense_bytes * (1 - s)))
-    budget = None if memory_budget is None else parse_bytes(memory_budget)
-
-    if budget is not None and budget_from_saving is not None:
-        gap = abs(budget - budget_from_saving)
-        if gap > CONSISTENCY_TOLERANCE * dense_bytes:
-            raise SpikepruneError(
-                f"--target-saving {target_saving} and --memory-budget {memory_budget} contradict each other: the dense "
-                f"model is {dense} at {precision}, so a saving of {float(target_saving):.2%} means a budget of "
-                f"{budget_from_saving:,} bytes, but the budget given is {budget:,} bytes ({gap:,} bytes apart). "
-                "Give only one of them.")
-    # Both given and consistent: the tighter one, as the pipeline's constraint check reads them.
-    budget = min((b for b in (budget, budget_from_saving) if b is not None), default=None)
-    if budget is None:
-        return ResolvedConstraints(L, precision, dense_bytes, min_bytes)
-
-    if budget >= dense_bytes:
-        raise SpikepruneError(
-            f"memory budget {budget:,} bytes ({format_bytes(budget)}) is not below the dense model's {dense} at "
-            f"{precision}: there is nothing to prune for it. Give a smaller budget, or a lower --precision.")
-    if budget < min_bytes:
-        raise SpikepruneError(
-            f"memory budget {budget:,} bytes ({format_bytes(budget)}) is below the smallest model pruning can reach: "
-            f"{small} at {precision} with every group at its minimum width (dense: {dense}, so at most "
-            f"{1 - min_bytes / dense_bytes:.2%} can be saved). Raise the budget or use a lower --precision.")
-    saving = 1 - budget / dense_bytes
-    return ResolvedConstraints(L, precision, dense_bytes, min_bytes, budget_bytes=budget,
-                       target_saving=float(target_saving) if target_saving is not None else saving)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,13 +132,16 @@ def select_robust(table: Any, ranked: Sequence[str], threshold: float,
             out.append(Robustness(name, False, [], None, "not in the sensitivity table"))
             continue
         checked = [x for x in rows if x[0] <= max_ratio + _EPS] or rows[:1]
-        worst = max(d for _, d in checked)
+        worst_ratio, worst = max(checked, key=lambda x: (x[1], -x[0]))
         upto = f"{checked[-1][0]:g}"
         if worst <= threshold + _EPS:
             why = f"drop <= {threshold:.2f} points at every tested ratio up to {upto} (worst {worst:.2f})"
         else:
-            bad = next(r for r, d in checked if d > threshold + _EPS)
-            why = f"drop {worst:.2f} > {threshold:.2f} points (first at ratio {bad:g})"
+            # Two facts: where the group first breaks the threshold, and how bad it gets.
+            bad, bad_drop = next((r, d) for r, d in checked if d > threshold + _EPS)
+            why = f"fails from ratio {bad:g} (drop {bad_drop:.2f} > {threshold:.2f})"
+            if (worst_ratio, worst) != (bad, bad_drop):
+                why += f"; worst drop {worst:.2f} at {worst_ratio:g}"
         out.append(Robustness(name, worst <= threshold + _EPS, checked, worst, why))
     return out
 
@@ -444,38 +387,9 @@ class SequentialCompression:
 
 
 # ------------------------------------------------------------------------------------------------
-# The policy on a real model, inside the pipeline's run (spikeprune prune --policy primesvt)
+# The policy on a real model, inside a run (spikeprune prune --policy primesvt)
 # ------------------------------------------------------------------------------------------------
 CHECKPOINT = "primesvt_progress"  # RUN/steps/primesvt_progress.json
-
-
-def minimum_kept(groups_: Iterable[Any], round_to: int = 1) -> dict[str, list[int]]:
-    """Kept indices that leave every group at its minimum width: one head; one channel (or
-    round_to, as the engine rounds up) per group, or per head for the per-head qk / v groups."""
-    kept = {}
-    for g in groups_:
-        if g.unit == "head":
-            kept[g.name] = [0]
-        elif g.heads > 1:
-            d = g.head_dim
-            kept[g.name] = [h * d + i for h in range(g.heads) for i in range(min(d, round_to))]
-        else:
-            kept[g.name] = list(range(min(g.size, round_to)))
-    return kept
-
-
-def minimum_memory(model: Any, precision: str, round_to: int = 1) -> int:
-    """Memory at `precision` of the smallest model pruning can reach: every group at its minimum
-    width. Built on the meta device (shapes only): the byte count comes from the config."""
-    import torch
-
-    from ..groups import groups, resizer
-    from ..measure import memory_bytes
-
-    counts = {name: len(idx) for name, idx in minimum_kept(groups(model), round_to).items()}
-    with torch.device("meta"):
-        tiny = resizer(model)(model, counts)
-    return int(memory_bytes(tiny)[precision])
 
 
 class _Pruner:
@@ -491,16 +405,12 @@ class _Pruner:
         self._model, self._group, self._scores = None, None, None
 
     def _score(self, model, group: str):
-        from ..importance import scores
-
         if model is self.ctx.model:  # the first step ranks the dense model: the run's shared scores
             return self.ctx.dense_scores()[group]
         kw = self.ctx.score_kwargs()
         return scores(model, self.ctx.importance, kw.pop("data"), names=[group], **kw)[group]
 
     def __call__(self, model, group: str, ratio: float):
-        from ..surgery import SpikepruneWarning, plan
-
         if self._model is not model or self._group != group:  # holds a reference: no id reuse
             self._model, self._group, self._scores = model, group, self._score(model, group)
         with warnings.catch_warnings():
@@ -510,14 +420,10 @@ class _Pruner:
         return self.apply(model, group, kept), kept
 
     def apply(self, model, group: str, kept: list[int]):
-        from ..surgery import prune
-
-        return prune(model, {group: list(kept)}, round_to=self.ctx.round_to).eval()
+        return surgery_prune(model, {group: list(kept)}, round_to=self.ctx.round_to).eval()
 
 
 def _group_size(model, group: str) -> int:
-    from ..groups import group_map
-
     return group_map(model)[group].size
 
 
@@ -546,27 +452,10 @@ def _restore(ctx: PruneContext, key: dict, pruner: _Pruner) -> Progress | None:
     return Progress(model, steps, list(saved["visited"]), list(saved["skipped"]))
 
 
-def _final_record(dense, model, steps: list[Step]) -> dict:
-    """The pruning record of the final model, against the dense model (surgery's record only
-    describes the last call, and PrimeSVT makes one call per step)."""
-    from ..groups import groups
-
-    before = {g.name: g.size for g in groups(dense)}
-    after = {g.name: g.size for g in groups(model)}
-    rec = dict(getattr(model, "pruning", None) or {})
-    rec.update(removed={n: round(1 - after[n] / before[n], 6) for n in before if after.get(n, before[n]) < before[n]},
-               kept=after, requested={s.group: s.requested_ratio for s in steps},
-               notes=[f"PrimeSVT step {i + 1}: {s.group} {s.size_before} -> {s.size_after}" for i, s in enumerate(steps)])
-    return rec
-
-
 def plot_trajectory(path, dense_bytes: int, dense_top1: float, steps: Sequence[Step], max_acc_drop: float,
                     budget_bytes: int | None, precision: str) -> None:
     """Memory against calibration top-1 after each step, numbered and labelled with its group."""
-    from ..report import FIGSIZE, _plt, _save
-
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(FIGSIZE[0] + 1.5, FIGSIZE[1] + 0.8))
+    fig, ax = new_figure(figsize=(FIGSIZE[0] + 1.5, FIGSIZE[1] + 0.8))
     xs = [dense_bytes / 1e6] + [s.memory_bytes / 1e6 for s in steps]
     ys = [100 * dense_top1] + [100 * s.calib_top1 for s in steps]
     ax.plot(xs, ys, "o-", color="tab:blue", ms=5, lw=1.2, label="after each step")
@@ -583,10 +472,10 @@ def plot_trajectory(path, dense_bytes: int, dense_top1: float, steps: Sequence[S
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     ax.set_title("PrimeSVT compression trajectory (largest robust groups first)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _report_section(cons: ResolvedConstraints, divisor: float, max_ratio: float, refine: int, threshold: float,
+def _report_section(cons: Constraints, divisor: float, max_ratio: float, refine: int, threshold: float,
                     ranked: list, judged: list[Robustness], out: Outcome, dense_top1: float) -> str:
     """Markdown for report.md: the definitions used, the ranking, the steps, the outcome."""
     by = {j.group: j for j in judged}
@@ -595,7 +484,7 @@ def _report_section(cons: ResolvedConstraints, divisor: float, max_ratio: float,
         f"Limit {L:g} points of calibration top-1; memory counted at **{cons.precision}** "
         f"(dense {format_bytes(cons.dense_bytes)}, smallest reachable {format_bytes(cons.min_bytes)}); "
         + (f"budget {format_bytes(cons.budget_bytes)} ({cons.budget_bytes:,} bytes, a saving of "
-           f"{cons.target_saving:.2%})." if cons.budget_bytes is not None else "no memory target: every robust group "
+           f"{cons.saving:.2%})." if cons.budget_bytes is not None else "no memory target: every robust group "
            "is compressed as far as the limit allows."),
         "",
         f"**Robust** means: pruned alone (sensitivity analysis, calibration split), the group loses at most "
@@ -630,7 +519,7 @@ def _report_section(cons: ResolvedConstraints, divisor: float, max_ratio: float,
         lines.append(f"**Memory budget not met.** Every robust group was compressed as far as the accuracy limit "
                      f"allows; the best feasible model needs {format_bytes(out.memory_bytes)}, "
                      f"**{out.shortfall_bytes:,} bytes ({format_bytes(out.shortfall_bytes)}) over the budget**, i.e. "
-                     f"{out.shortfall_frac:.2%} of the dense model short of the {cons.target_saving:.2%} saving asked "
+                     f"{out.shortfall_frac:.2%} of the dense model short of the {cons.saving:.2%} saving asked "
                      f"({1 - out.memory_bytes / cons.dense_bytes:.2%} reached). To get there: allow a larger "
                      "--max-acc-drop, count memory at a lower --precision, or fine-tune and prune again.")
     else:
@@ -658,8 +547,6 @@ def _option(ctx: PruneContext, name: str, default):
                       "target is met within the accuracy limit (the default policy)")
 def primesvt(ctx: PruneContext) -> PolicyResult:
     """PrimeSVT (module docstring): rank, pick robust groups, compress them in order, stop at the target."""
-    from ..groups import groups
-
     divisor = float(_option(ctx, "robust_divisor", ROBUST_DIVISOR))
     max_ratio = float(_option(ctx, "robust_max_ratio", ROBUST_MAX_RATIO))
     refine = int(_option(ctx, "refine_steps", REFINE_STEPS))
@@ -667,14 +554,11 @@ def primesvt(ctx: PruneContext) -> PolicyResult:
         raise SpikepruneError(f"--robust-max-ratio is a pruning ratio in (0, 1), got {max_ratio:g}")
     if refine < 0:
         raise SpikepruneError(f"--refine-steps must be 0 or more, got {refine}")
-    c = ctx.constraints
-    # Constraints first: a contradiction must fail before the (long) sensitivity analysis.
-    cons = resolve_constraints(c.max_acc_drop, c.target_saving, c.memory_budget, c.precision, ctx.dense_memory,
-                               minimum_memory(ctx.model, c.precision, ctx.round_to))
+    cons = ctx.constraints  # resolved against the dense model before the run started (policy_api)
     threshold = robust_threshold(cons.max_acc_drop, divisor)
     table = ctx.sensitivity()
     analysed = set(table.groups)
-    ranked = [g for g in rank_groups(groups(ctx.model)) if g.name in analysed]
+    ranked = [g for g in rank_groups(model_groups(ctx.model)) if g.name in analysed]
     judged = select_robust(table, [g.name for g in ranked], threshold, max_ratio)
     targets = [Target(j.group, {float(r["ratio"]): float(r["acc_drop"]) for r in table.for_group(j.group)})
                for j in judged if j.robust]
@@ -691,16 +575,12 @@ def primesvt(ctx: PruneContext) -> PolicyResult:
         prune_fn=pruner, memory_fn=ctx.memory, accuracy_fn=ctx.calib_top1, dense_top1=ctx.dense_calib_top1,
         dense_bytes=cons.dense_bytes, max_acc_drop=cons.max_acc_drop, budget_bytes=cons.budget_bytes,
         refine=refine, size_fn=_group_size, on_step=lambda prog: _save_progress(ctx, key, prog), log=ctx.log)
-    out = loop.run(ctx.model, targets, start)
-    if out.steps:
-        out.model.pruning = _final_record(ctx.model, out.model, out.steps)
+    out = loop.run(ctx.model, targets, start)  # each step is a prune call: out.model.pruning composes them
     if not out.met:
         ctx.log(f"PrimeSVT: memory budget not met: {out.shortfall_bytes:,} bytes ({out.shortfall_frac:.2%} of the "
                 f"dense model) over {format_bytes(cons.budget_bytes)} with every robust group at its limit")
 
     steps = [{k: v for k, v in s.to_dict().items() if k != "kept"} for s in out.steps]
-    # Fraction of each group's *dense* width removed in all (removing heads also narrows qk and v).
-    ratios = dict(out.model.pruning["removed"]) if out.steps else {}
     dense_top1 = ctx.dense_calib_top1
     info = {
         "order": [s.group for s in out.steps],
@@ -709,7 +589,7 @@ def primesvt(ctx: PruneContext) -> PolicyResult:
                                            "budget_bytes": cons.budget_bytes, "memory_bytes": out.memory_bytes},
         "primesvt": {
             "precision": cons.precision, "dense_bytes": cons.dense_bytes, "min_bytes": cons.min_bytes,
-            "budget_bytes": cons.budget_bytes, "target_saving": cons.target_saving,
+            "budget_bytes": cons.budget_bytes, "target_saving": cons.saving,
             "robust_threshold": threshold, "robust_divisor": divisor, "robust_max_ratio": max_ratio,
             "refine_steps": refine, "memory_met": out.met, "stop_reason": out.stop_reason,
             "ranking": [{"group": g.name, "params": g.params, "memory_bytes": g.memory_bytes,
@@ -726,4 +606,4 @@ def primesvt(ctx: PruneContext) -> PolicyResult:
         "report_sections": [("PrimeSVT", _report_section(cons, divisor, max_ratio, refine, threshold, ranked, judged,
                                                          out, dense_top1))],
     }
-    return PolicyResult(out.model, ratios, info)
+    return PolicyResult(out.model, info)

@@ -10,7 +10,7 @@ Step 1, uniform sweep (policies/uniform.py): every channel group pruned by the s
 Step 2, sensitivity (sensitivity.py): each prunable group alone, at each ratio of the grid
     (--ratios, default 0.1, 0.3, 0.5, 0.7, 0.9). The paper's "layer" is our coupled group: a
     Spikformer layer cannot lose output channels on its own (its readers must lose the matching
-    inputs, and the residual width is shared by every block), so `residual`, `stem.stageK` and per
+    inputs, and the residual width is shared by every block), so `residual`, the `stem.proj_conv*` and per
     block `attn.qk`, `attn.v`, `attn.heads` and `mlp.hidden` are the layers this analysis ranks.
 
 Step 3, fine-grained selection. Per group, the tested ratios become levels (ratio 0 first) with
@@ -46,10 +46,10 @@ Resume: the sweep (per ratio), the sensitivity rows and every measured prefix ar
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from ..pipeline import PolicyResult, PruneContext, register_policy
+from ..coupling import groups as model_groups
+from ..policy_api import PolicyResult, PruneContext, register_policy
 from ..report import markdown_table, plot_sensitivity, plot_uniform_sweep
 from .uniform import best_uniform, sweep_table_md, uniform_sweep
 
@@ -84,26 +84,27 @@ def group_levels(table, max_drop: float, names=None) -> dict[str, list[Level]]:
     return out
 
 
-def exclusive_groups(names) -> dict[str, set[str]]:
-    """blockN.attn.heads excludes blockN.attn.qk / blockN.attn.v and vice versa."""
+def exclusive_groups(head_group: dict[str, str]) -> dict[str, set[str]]:
+    """Which groups exclude each other: a heads group and the per-head channel groups whose heads
+    it removes (the family declares them: Group.head_group, e.g. block0.attn.qk -> block0.attn.heads).
+
+    head_group: {per-head channel group: its heads group}."""
     out: dict[str, set[str]] = {}
-    for n in names:
-        m = re.fullmatch(r"(block\d+)\.attn\.heads", n)
-        if m:
-            partners = {f"{m.group(1)}.attn.qk", f"{m.group(1)}.attn.v"} & set(names)
-            out.setdefault(n, set()).update(partners)
-            for p in partners:
-                out.setdefault(p, set()).add(n)
+    for channels, heads in head_group.items():
+        out.setdefault(heads, set()).add(channels)
+        out.setdefault(channels, set()).add(heads)
     return out
 
 
-def upgrade_chain(levels: dict[str, list[Level]], max_drop: float, stop_saving: int | None = None) -> list[dict]:
+def upgrade_chain(levels: dict[str, list[Level]], max_drop: float, stop_saving: int | None = None,
+                  conflicts: dict[str, set[str]] | None = None) -> list[dict]:
     """The greedy chain of upgrades (module docstring); each step records the cumulative prediction.
 
     stop_saving: stop after the first step whose predicted cumulative saving reaches this (bytes).
+    conflicts: exclusive_groups(...): a group is never upgraded while one it excludes is pruned.
     """
     cur = {g: 0 for g in levels}
-    conflicts = exclusive_groups(list(levels))
+    conflicts = conflicts or {}
     total, saved, chain = 0.0, 0, []
     while stop_saving is None or saved < stop_saving:
         best = None
@@ -176,7 +177,8 @@ def psvit_policy(ctx: PruneContext) -> PolicyResult:
     if budget is not None:
         need_frac = 1 - budget / ctx.dense_memory
         stop = int(need_frac * dense_fp32 + 0.999999)
-    chain = upgrade_chain(levels, limit, stop)
+    conflicts = exclusive_groups({g.name: g.head_group for g in model_groups(ctx.model) if g.head_group})
+    chain = upgrade_chain(levels, limit, stop, conflicts)
 
     state = ctx.load_checkpoint("psvit_search") or {}
     if state.get("chain") != chain:
@@ -238,7 +240,7 @@ def psvit_policy(ctx: PruneContext) -> PolicyResult:
         ],
         "report_sections": _sections(ctx, sweep, table, levels, chain, measured, k, tried, uni, limit),
     }
-    return PolicyResult(model, ratios, info)
+    return PolicyResult(model, info)
 
 
 def _sections(ctx, sweep, table, levels, chain, measured, k, tried, uni, limit) -> list[tuple[str, str]]:

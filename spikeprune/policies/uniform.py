@@ -1,7 +1,7 @@
 """Fixed-ratio policies and the uniform sweep (PSViT step 1).
 
 uniform: every channel group (stem stages, residual, qk, v, MLP hidden; not the heads groups, see
-    surgery.uniform_ratios) loses the same fraction of its channels, ranked by the run's importance
+    ratios.uniform_ratio_map) loses the same fraction of its channels, ranked by the run's importance
     criterion. With `--uniform R` the ratio is R. Without it, the ratios of the sweep grid
     (--uniform-ratios, default 0.1 .. 0.9) are all measured on the calibration split and the
     largest whose drop stays within --max-acc-drop is taken; with a memory target, the smallest
@@ -12,10 +12,15 @@ groups: explicit ratios, `--ratio PATTERN=R` (repeatable), as spikeprune.prune t
 """
 from __future__ import annotations
 
+from tqdm import tqdm
+
 from ..errors import SpikepruneError
-from ..pipeline import PolicyResult, PruneContext, register_policy
+from ..coupling import groups as model_groups
+from ..costs import count_macs, count_params, memory_bytes
+from ..policy_api import PolicyResult, PruneContext, register_policy
+from ..ratios import parse_ratios, uniform_ratio_map
 from ..report import markdown_table, plot_uniform_sweep
-from ..sensitivity import parse_ratios
+from ..surgery import match_ratios
 
 
 def uniform_sweep(ctx: PruneContext, ratios=None, skip=()) -> list[dict]:
@@ -25,9 +30,6 @@ def uniform_sweep(ctx: PruneContext, ratios=None, skip=()) -> list[dict]:
     Rows: ratio, top1, acc_drop (points), params, memory_bytes {fp32, fp16, int8},
     memory_saved_frac (fp32), macs.
     """
-    from ..measure import count_macs, count_params, memory_bytes
-    from ..surgery import uniform_ratios
-
     ratios = parse_ratios(ratios if ratios is not None else ctx.uniform_ratios, "--uniform-ratios")
     saved = ctx.load_checkpoint("uniform_sweep") or {}
     if saved.get("skip", []) != list(skip):
@@ -39,11 +41,9 @@ def uniform_sweep(ctx: PruneContext, ratios=None, skip=()) -> list[dict]:
         ctx.log(f"uniform sweep (PSViT step 1): ratios {', '.join(f'{r:g}' for r in todo)}")
     bar = None
     if ctx.progress and todo:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(ratios), initial=len(ratios) - len(todo), desc="uniform sweep", leave=False)
     for r in todo:
-        model = ctx.prune(uniform_ratios(ctx.model, r, list(skip)))
+        model = ctx.prune(uniform_ratio_map(ctx.model, r, list(skip)))
         top1 = ctx.calib_top1(model)
         mem = {k: int(v) for k, v in memory_bytes(model).items()}
         rows[r] = {"ratio": r, "top1": top1, "acc_drop": round(ctx.acc_drop(top1), 6), "params": int(count_params(model)),
@@ -88,23 +88,24 @@ def _uniform_args(g) -> None:
                    help="leave groups matching this glob dense (repeatable), e.g. --skip residual --skip 'stem.*'")
 
 
-def _uniform_check(options: dict) -> None:
+def _uniform_check(options: dict, model) -> None:
+    """--uniform in [0, 1) and every --skip pattern matching a channel group of `model`."""
+    ratio = 0.0
     if options.get("uniform") is not None:
-        parse_ratios([options["uniform"]], "--uniform")
+        (ratio,) = parse_ratios([options["uniform"]], "--uniform")
+    uniform_ratio_map(model, ratio, list(options.get("skip") or []))
 
 
 @register_policy("uniform", _uniform_args,
                  "the same ratio for every channel group: --uniform R, or the largest within the accuracy limit",
                  check=_uniform_check)
 def uniform_policy(ctx: PruneContext) -> PolicyResult:
-    from ..surgery import uniform_ratios
-
     skip = list(ctx.options.get("skip") or [])
     fixed = ctx.options.get("uniform")
     if fixed is not None:
         (r,) = parse_ratios([fixed], "--uniform")
-        ratios = uniform_ratios(ctx.model, r, skip)
-        return PolicyResult(ctx.prune(ratios), ratios, {"uniform_ratio": r, "selection": "fixed (--uniform)"})
+        return PolicyResult(ctx.prune(uniform_ratio_map(ctx.model, r, skip)),
+                            {"uniform_ratio": r, "selection": "fixed (--uniform)"})
 
     rows = uniform_sweep(ctx, skip=skip)
     limit = ctx.constraints.max_acc_drop
@@ -112,12 +113,11 @@ def uniform_policy(ctx: PruneContext) -> PolicyResult:
     if best is None:
         ctx.log(f"uniform: no ratio of the sweep keeps the calibration drop within {limit:g} points; keeping the "
                 "dense model")
-        ratios, model, top1 = {}, ctx.prune({}), ctx.dense_calib_top1
+        model, top1 = ctx.prune({}), ctx.dense_calib_top1
         chosen = 0.0
     else:
         chosen = best["ratio"]
-        ratios = uniform_ratios(ctx.model, chosen, skip)
-        model, top1 = ctx.prune(ratios), best["top1"]
+        model, top1 = ctx.prune(uniform_ratio_map(ctx.model, chosen, skip)), best["top1"]
         ctx.log(f"uniform: ratio {chosen:g} (calibration drop {best['acc_drop']:.2f} points, "
                 f"{100 * best['memory_saved_frac']:.2f}% memory saved)")
     dense = ctx.dense_calib_top1
@@ -131,7 +131,7 @@ def uniform_policy(ctx: PruneContext) -> PolicyResult:
                    "uniform sweep: calibration top-1 and memory saved against the ratio")],
         "report_sections": [("Uniform sweep", sweep_table_md(rows, limit))],
     }
-    return PolicyResult(model, ratios, info)
+    return PolicyResult(model, info)
 
 
 def _parse_ratio_options(items) -> dict[str, float]:
@@ -155,8 +155,13 @@ def _groups_args(g) -> None:
                    help="ratio for the groups matching a glob (repeatable), e.g. --ratio 'block*.mlp.hidden=0.5'")
 
 
+def _groups_check(options: dict, model) -> None:
+    """Every --ratio well formed and every pattern matching a group of `model` (before any work)."""
+    match_ratios([g.name for g in model_groups(model)], _parse_ratio_options(options.get("ratio")))
+
+
 @register_policy("groups", _groups_args, "explicit ratios per group or glob pattern (--ratio PATTERN=R)",
-                 check=lambda options: _parse_ratio_options(options.get("ratio")))
+                 check=_groups_check)
 def groups_policy(ctx: PruneContext) -> PolicyResult:
     ratios = _parse_ratio_options(ctx.options.get("ratio"))
-    return PolicyResult(ctx.prune(ratios), ratios, {"selection": "explicit (--ratio)"})
+    return PolicyResult(ctx.prune(ratios), {"selection": "explicit (--ratio)"})

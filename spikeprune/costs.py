@@ -2,10 +2,11 @@
 
 Definitions (they are also returned in `notes`, so every report carries them):
 
-* Layers: every Conv/Linear, named as in the state dict (block.0.attn.q_conv, ...), with the
-  BatchNorm that follows it attributed to it; plus one `attn.matmul` row per block for the
-  attention products q @ (k^T @ v), which have no weights. The reference code's norm1/norm2
-  LayerNorms are never called by forward; we do not build them and they are not counted.
+* Layers: the model family's cost table (its `layer_table`): every Conv/Linear, named as in the
+  state dict (block.0.attn.q_conv, ...), with the BatchNorm that follows it attributed to it, plus
+  rows for weightless products (Spikformer: one `attn.matmul` row per block for q @ (k^T @ v)).
+  Family-specific notes (Spikformer: its unused norm1/norm2 LayerNorms are not built nor counted)
+  come first in `notes`.
 * Parameters: trainable tensors only. BatchNorm running statistics are buffers: they fold into the
   preceding weights at inference and are not counted.
 * Weight memory: fp32 = 4 B and fp16 = 2 B per parameter; int8 = 1 B per Conv/Linear weight with
@@ -17,9 +18,10 @@ Definitions (they are also returned in `notes`, so every report carries them):
   in the order we compute it, q @ (k^T @ v) (the CIFAR reference's (q @ k^T) @ v costs 2 * N^2 * d).
 * SOPs (given data): rate * MACs for a layer whose input is spikes, with rate the measured mean of
   its input (a max-pooled spike map is still binary). The attention row: every q spike adds one row
-  of k^T v and every k spike one row of v, so SOPs = (rate_q + rate_k) / 2 * MACs.
-  Inputs that are not spikes are not SOPs: the first conv (real image), q/k/v and fc1 (they read
-  the residual stream, a sum of spike maps: integers, not 0/1) and the head (averaged features).
+  of k^T v and every k spike one row of v, so SOPs = (rate_q + rate_k) / 2 * MACs (a weightless
+  row takes the mean output rate of its `rate_from` modules). Inputs that are not spikes are not
+  SOPs (Spikformer: the first conv, q/k/v and fc1, which read the residual stream of spike sums,
+  and the head).
 * Energy (spec, 45 nm): E = E_MAC * MACs(first conv, once: its input is the same image at every
   step) + E_MAC * MACs(the other non-spike-input layers) + E_AC * SOPs(spike-input layers), with
   E_MAC = 4.6 pJ and E_AC = 0.9 pJ; BatchNorm, LIF, pooling and residual additions are not charged.
@@ -33,33 +35,32 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
-from math import prod
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils.data import DataLoader, Subset
 
+from .data import dataset_for_model
 from .errors import SpikepruneError
+from .models import get_family
+from .serialization import check_finite
+from .structure import Layer
+from .units import format_bytes, format_count
 
 E_MAC_PJ = 4.6  # energy of one 32-bit multiply-accumulate, 45 nm (Horowitz 2014), as the spec uses
 E_AC_PJ = 0.9  # energy of one 32-bit accumulate
 PJ_TO_MJ = 1e-9
 
 NOTES = [
-    ("norm1/norm2 LayerNorms of the reference code are never called by its forward: not built here, not "
-     "counted"),
     ("params: trainable tensors only; BatchNorm running statistics (buffers) fold into the weights at "
      "inference and are not counted"),
     ("memory: fp32 4 B, fp16 2 B per parameter; int8 1 B per Conv/Linear weight, biases and BatchNorm "
      "affine parameters kept at fp32 (4 B); quantisation scales not counted"),
     ("MACs: per image, one forward over all T steps as the reference executes it (Conv "
-     "k^2*H_out*W_out*C_in*C_out, Linear in*out per token, each T times; head once; attention q(k^T v): "
-     "2*N*d_qk*d_v per head and step)"),
-    ("SOPs: input firing rate x MACs, for layers whose input is spikes; attention: (rate_q + rate_k)/2 x "
-     "MACs (each q spike adds a row of k^T v, each k spike a row of v)"),
-    ("counted as MACs, not SOPs (input is not binary): the first conv (real-valued image), q/k/v and fc1 "
-     "of every block (residual stream: sums of spike maps) and the head (averaged features)"),
+     "k^2*H_out*W_out*C_in*C_out, Linear in*out per token, each T times)"),
+    ("SOPs: input firing rate x MACs, for layers whose input is spikes; a weightless spike product (e.g. "
+     "attention) takes the mean output rate of the modules that feed it"),
     ("energy: E_MAC=4.6 pJ x (first-conv MACs once per image, its input repeats identically over T, + MACs"
      " of the other non-spike-input layers) + E_AC=0.9 pJ x SOPs; BatchNorm, LIF, pooling and additions "
      "not charged"),
@@ -67,86 +68,21 @@ NOTES = [
 
 
 # ------------------------------------------------------------------------------------------------
-# The layer table: shapes and costs from the config's widths alone
+# The layer table: shapes and costs from the config's widths alone (the model family builds it)
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class Layer:
-    name: str  # state-dict module path, e.g. "block.0.attn.q_conv"; "block.0.attn.matmul" for attention
-    type: str  # Conv2d, Conv1d, Linear, SpikeMatmul
-    weight_shape: tuple  # () for the attention products
-    bias: bool
-    bn: str | None  # the BatchNorm whose parameters count with this layer
-    bn_features: int
-    input: str  # "image", "spikes" or "real": what the layer reads
-    macs: int  # per image, all T steps
-
-    @property
-    def weights(self) -> int:
-        return prod(self.weight_shape) if self.weight_shape else 0
-
-    @property
-    def params(self) -> int:
-        return self.weights + (self.weight_shape[0] if self.bias else 0) + 2 * self.bn_features
-
-    def memory_bytes(self) -> dict:
-        p, w = self.params, self.weights
-        return {"fp32": 4 * p, "fp16": 2 * p, "int8": w + 4 * (p - w)}
-
-
 def _config(model_or_config):
-    """The SpikformerConfig of a model, a config, or a `config_dict()`-style dict."""
-    from .models.spikformer import SpikformerConfig
-
-    if isinstance(model_or_config, SpikformerConfig):
-        return model_or_config
+    """The config object of a model, a config object, or a `config_dict()`-style dict."""
     if isinstance(model_or_config, dict):
-        d = model_or_config.get("config", model_or_config)
-        return SpikformerConfig.from_dict(d)
-    cfg = getattr(model_or_config, "cfg", None)
-    if cfg is None:
-        raise SpikepruneError(f"cannot measure a {type(model_or_config).__name__}: expected a spikeprune model "
-                              "(create_model / load_model) or its config")
+        return get_family(model_or_config).config_class.from_dict(model_or_config.get("config", model_or_config))
+    cfg = getattr(model_or_config, "cfg", model_or_config)
+    get_family(cfg)  # a clear error for anything that is not a registered family's model or config
     return cfg
 
 
 def layer_table(model_or_config) -> list[Layer]:
-    """Every weight layer (and each block's attention products) in forward order, with its cost."""
+    """Every weight layer (and weightless products such as attention) in forward order, with its cost."""
     cfg = _config(model_or_config)
-    T, D = cfg.T, cfg.embed_dim
-    rows: list[Layer] = []
-    side, cin = cfg.img_size, cfg.in_channels
-    for i, w in enumerate([*cfg.stem_widths, D]):
-        sfx = "" if i == 0 else str(i)
-        shape = (w, cin, 3, 3)
-        rows.append(Layer(f"patch_embed.proj_conv{sfx}", "Conv2d", shape, False, f"patch_embed.proj_bn{sfx}", w,
-                          "image" if i == 0 else "spikes", prod(shape) * side * side * T))
-        if cfg.pool_after[i]:
-            side = (side - 1) // 2 + 1  # MaxPool2d(3, stride 2, padding 1)
-        cin = w
-    N = side * side
-    rows.append(Layer("patch_embed.rpe_conv", "Conv2d", (D, D, 3, 3), False, "patch_embed.rpe_bn", D, "spikes",
-                      D * D * 9 * N * T))
-
-    conv = cfg.layout == "imagenet"
-    kind, k1, k2 = ("conv", (1,), (1, 1)) if conv else ("linear", (), ())
-    t1, t2 = ("Conv1d", "Conv2d") if conv else ("Linear", "Linear")
-    for b, w in enumerate(cfg.blocks):
-        pre = f"block.{b}"
-        qk, v, hidden, heads = w["qk_dim"], w["v_dim"], w["mlp_hidden"], w["heads"]
-
-        def lin(name, cout, cin, bias, src, typ=t1, ks=k1, sub="attn"):
-            # the CIFAR layout gives every Linear a bias; the ImageNet q/k/v convs have none
-            return Layer(f"{pre}.{sub}.{name}_{kind}", typ, (cout, cin, *ks), bias or not conv,
-                         f"{pre}.{sub}.{name}_bn", cout, src, cout * cin * N * T)
-
-        rows += [lin("q", qk, D, False, "real"), lin("k", qk, D, False, "real"), lin("v", v, D, False, "real")]
-        rows.append(Layer(f"{pre}.attn.matmul", "SpikeMatmul", (), False, None, 0, "spikes",
-                          2 * N * (qk // heads) * (v // heads) * heads * T))
-        rows.append(lin("proj", D, v, True, "spikes"))
-        rows.append(lin("fc1", hidden, D, True, "real", t2, k2, sub="mlp"))
-        rows.append(lin("fc2", D, hidden, True, "spikes", t2, k2, sub="mlp"))
-    rows.append(Layer("head", "Linear", (cfg.num_classes, D), True, None, 0, "real", cfg.num_classes * D))
-    return rows
+    return get_family(cfg).layer_table(cfg)
 
 
 def count_params(model_or_config) -> int:
@@ -172,7 +108,7 @@ def _check_model_matches_table(model, table: list[Layer]) -> None:
     """The table is computed from the config; make sure the model's layers really have those shapes."""
     modules = dict(model.named_modules())
     for r in table:
-        if r.type == "SpikeMatmul":
+        if not r.weight_shape:  # weightless products
             continue
         m = modules.get(r.name)
         if m is None or tuple(m.weight.shape) != r.weight_shape or (m.bias is not None) != r.bias:
@@ -217,14 +153,10 @@ class _InputRecorder(TorchFunctionMode):
 def _image_batches(data, model, n_images: int, batch_size: int, split: str):
     """Yield image batches [B, C, H, W] (at most n_images in all) from a spec, Dataset, loader or tensor."""
     if isinstance(data, str):
-        from .data import dataset_for_model
-
         data = dataset_for_model(data, model, split=split)
     if isinstance(data, torch.Tensor):
         source = (data[i:i + batch_size] for i in range(0, min(len(data), n_images), batch_size))
     elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):  # a Dataset of (image, label)
-        from torch.utils.data import DataLoader, Subset
-
         source = DataLoader(Subset(data, range(min(len(data), n_images))), batch_size=batch_size)
     else:  # any iterable of batches, e.g. a DataLoader
         source = data
@@ -244,20 +176,17 @@ def _input_rates(model, table: list[Layer], batches, device) -> tuple[dict, int]
     storage = {}
     modules = dict(model.named_modules())
     for r in table:
-        if r.type != "SpikeMatmul":
+        if r.weight_shape:
             storage[modules[r.name].weight.untyped_storage().data_ptr()] = r.name
-    qk_sums: dict[str, list] = {}
+    out_sums: dict[str, list] = {}  # module -> [sum, count] of its outputs (the rate_from modules)
     hooks = []
-    for b, blk in enumerate(model.block):
-        for which in ("q", "k"):
-            key = f"block.{b}.attn.matmul.{which}"
+    for source in sorted({m for r in table for m in r.rate_from}):
+        def hook(_m, _i, out, key=source):
+            t = out_sums.setdefault(key, [0.0, 0])
+            t[0] += float(out.sum(dtype=torch.float64))
+            t[1] += out.numel()
 
-            def hook(_m, _i, out, key=key):
-                t = qk_sums.setdefault(key, [0.0, 0])
-                t[0] += float(out.sum(dtype=torch.float64))
-                t[1] += out.numel()
-
-            hooks.append(getattr(blk.attn, f"{which}_lif").register_forward_hook(hook))
+        hooks.append(modules[source].register_forward_hook(hook))
     recorder = _InputRecorder(storage)
     n = 0
     cfg = model.cfg
@@ -277,8 +206,9 @@ def _input_rates(model, table: list[Layer], batches, device) -> tuple[dict, int]
     if n == 0:
         raise SpikepruneError("the data gave no images to measure firing rates on")
     rates = {name: (s / c, binary) for name, (s, c, binary) in recorder.tally.items()}
-    for key, (s, c) in qk_sums.items():
-        rates[key] = (s / c, True)
+    for r in table:
+        if r.rate_from:  # a weightless product: the mean of its sources' output rates
+            rates[r.name] = (sum(out_sums[m][0] / out_sums[m][1] for m in r.rate_from) / len(r.rate_from), True)
     return rates, n
 
 
@@ -327,6 +257,7 @@ def measure(model, data=None, device="cpu", n_images: int = 256, batch_size: int
     """
     if n_images < 1 or batch_size < 1 or latency_batch < 1 or repeats < 1 or warmup < 0:
         raise SpikepruneError("n_images, batch_size, latency_batch and repeats must be at least 1 (warmup >= 0)")
+    check_finite(model, "the model to measure")  # NaN weights would still give plausible-looking costs
     table = layer_table(model)
     _check_model_matches_table(model, table)
     dev = _device(device)
@@ -339,6 +270,9 @@ def measure(model, data=None, device="cpu", n_images: int = 256, batch_size: int
         if data is not None:
             batches = _image_batches(data, model, n_images, batch_size, split)
             rates, n_rate_images = _input_rates(model, table, batches, dev)
+            bad = [name for name, (rate, _) in rates.items() if not torch.isfinite(torch.tensor(float(rate)))]
+            if bad:
+                raise SpikepruneError(f"the model computed NaN or Inf inputs to {bad[0]}; it cannot be measured")
         times = None
         if latency:
             x = torch.rand(latency_batch, cfg.in_channels, cfg.img_size, cfg.img_size, device=dev)
@@ -346,7 +280,7 @@ def measure(model, data=None, device="cpu", n_images: int = 256, batch_size: int
     finally:
         model.to(home).train(was_training)
 
-    notes = list(NOTES)
+    notes = [*get_family(model).cost_notes, *NOTES]
     layers = []
     for r in table:
         row = {"name": r.name, "type": r.type, "params": r.params, "memory_bytes": r.memory_bytes(),
@@ -354,13 +288,9 @@ def measure(model, data=None, device="cpu", n_images: int = 256, batch_size: int
                "input_rate": None, "sops": None, "energy_mj": None}
         if data is not None:
             if r.input == "spikes":
-                if r.type == "SpikeMatmul":
-                    rq, rk = rates[f"{r.name}.q"][0], rates[f"{r.name}.k"][0]
-                    rate = (rq + rk) / 2
-                else:
-                    rate, binary = rates[r.name]
-                    if not binary:  # would mean the forward no longer feeds this layer spikes
-                        notes.append(f"warning: {r.name} was expected to read spikes but saw other values")
+                rate, binary = rates[r.name]
+                if not binary:  # would mean the forward no longer feeds this layer spikes
+                    notes.append(f"warning: {r.name} was expected to read spikes but saw other values")
                 row["input_rate"] = rate
                 row["sops"] = rate * r.macs
                 row["energy_mj"] = E_AC_PJ * row["sops"] * PJ_TO_MJ
@@ -389,22 +319,14 @@ def measure(model, data=None, device="cpu", n_images: int = 256, batch_size: int
 
 
 # ------------------------------------------------------------------------------------------------
-# Command line
+# The report as text
 # ------------------------------------------------------------------------------------------------
 def _si(x, unit: str = "") -> str:
-    """A short reading of a count: 1.23K, 45.6M, 7.89G."""
-    if x is None:
-        return "-"
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{suffix}{unit}"
-    return f"{x:.3g}{unit}" if isinstance(x, float) else f"{x}{unit}"
+    return format_count(x, digits=3, significant=True, unit=unit)
 
 
 def _mb(n: int) -> str:
-    if n == 0:
-        return "-"
-    return f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+    return "-" if n == 0 else format_bytes(n, digits=3)
 
 
 def format_report(report: dict) -> str:
@@ -435,40 +357,3 @@ def format_report(report: dict) -> str:
     lines.append("notes:")
     lines += [f"  - {n}" for n in report["notes"]]
     return "\n".join(lines)
-
-
-def cmd_measure(args) -> int:
-    from .cli import print_json, resolve_model
-
-    model = resolve_model(args)
-    report = measure(model, data=args.data, device=args.device, n_images=args.n_images, batch_size=args.batch_size,
-                     latency=not args.no_latency, latency_batch=args.latency_batch, repeats=args.repeats,
-                     warmup=args.warmup, split=args.split)
-    if args.json:
-        print_json(report)
-    else:
-        print(format_report(report))
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    from .cli import add_data_args, add_device_arg, add_model_args
-
-    p = subparsers.add_parser(
-        "measure", help="parameters, memory, MACs, SOPs, energy and latency, per layer and in total",
-        description="Measure a model: parameters and weight memory (fp32/fp16/int8), MACs per image, and with "
-                    "--data the firing rates behind synaptic operations (SOPs) and the energy estimate "
-                    "(E_MAC 4.6 pJ, E_AC 0.9 pJ), plus the median forward latency. Definitions are printed "
-                    "under the table.")
-    add_model_args(p)
-    add_data_args(p, default=None)
-    add_device_arg(p)
-    p.add_argument("--split", default="test", choices=["train", "calib", "test"],
-                   help="which split of --data gives the firing rates (default test)")
-    p.add_argument("--n-images", type=int, default=256, help="images used for firing rates (default 256)")
-    p.add_argument("--latency-batch", type=int, default=1, help="batch size of the timed forwards (default 1)")
-    p.add_argument("--repeats", type=int, default=20, help="timed forwards; the median is reported (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed forwards before timing (default 3)")
-    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    p.set_defaults(func=cmd_measure)

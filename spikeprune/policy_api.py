@@ -1,0 +1,440 @@
+"""The policy API: what a pruning policy receives, what it returns, and how it is registered.
+
+A policy decides *what* to prune; spikeprune.run does everything around it (run folder, resume,
+fine-tuning, measuring, report), the same way for every policy:
+
+    @register_policy("mine", add_args=lambda g: g.add_argument("--my-knob", type=float), help="...")
+    def mine(ctx: PruneContext) -> PolicyResult:
+        model = ctx.prune({"block*.mlp.hidden": 0.5})
+        return PolicyResult(model, {"calib_top1": ctx.calib_top1(model)})
+
+What was pruned is `model.pruning`, the typed PruningRecord every `spikeprune.prune` call attaches
+(successive calls compose it), so a policy never describes its choice in a second way. `add_args`
+adds the policy's own options to `spikeprune prune` (they reach it as ctx.options["my_knob"]);
+`check(options, model)` refuses bad ones before the run folder is touched. `info` (JSON-able) is
+merged into summary.json at the top level (it never replaces the run's own keys), with these keys
+read specially:
+  info["plots"]            [(filename, draw) or (filename, draw, caption)]: draw(path) writes a PNG;
+                           the run draws it into RUN/plots/ right after the policy returns and embeds
+                           it in the report (a plot that fails is named in the report's warnings)
+  info["report_sections"]  [(title, markdown)] appended to report.md
+  info["tradeoff"]         {series: [[memory_saved_fraction, calib_top1], ...]} for the
+                           accuracy-against-memory plot
+  info["calib_top1"]       the pruned model's calibration top-1 if the policy measured it
+
+Constraints: one type for every policy. The user's limits (max_acc_drop in points of top-1
+against the dense model on the same split, default 3; target_saving, a fraction of the dense
+memory, or memory_budget in bytes; at precision fp32 / fp16 / int8) are checked on their own when
+built and against the model once its dense memory is known (`Constraints.resolve`): a budget at or
+above the dense model, below the smallest model pruning can reach, or a saving and a budget that
+disagree are refused with the numbers, whichever policy runs. `ctx.constraints` is always the
+resolved object.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import distributed
+from .data import dataset_for_model
+from .errors import SpikepruneError
+from .coupling import groups as model_groups
+from .importance import needs_data, scores
+from .costs import memory_bytes
+from .models import get_family
+from .sensitivity import SensitivityTable, analyze
+from .serialization import is_saved_model, load_model, save_model, write_json
+from .surgery import prune as surgery_prune
+from .training import evaluate
+from .units import format_bytes, parse_bytes
+
+DEFAULT_MAX_ACC_DROP = 3.0  # points: the seed papers' "within 3%"
+PRECISIONS = ("fp32", "fp16", "int8")
+CONSISTENCY_TOLERANCE = 0.005  # of the dense size: --target-saving and --memory-budget may differ by rounding
+
+
+# ------------------------------------------------------------------------------------------------
+# Constraints
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Constraints:
+    """The user's limits, checked on construction; `resolve` checks them against the model.
+
+    max_acc_drop   points of top-1 the pruned model may lose against the dense model
+    target_saving  fraction of the dense memory to save, in (0, 1), or None
+    memory_budget  bytes (an int, or a string such as "8MB" / "2MiB"), or None
+    precision      fp32 | fp16 | int8: what the memory is counted at
+    Set by resolve (None before): dense_bytes, min_bytes (every group at its minimum width),
+    budget_bytes (the one budget the targets amount to, or None without a memory target).
+    """
+    max_acc_drop: float | None = None
+    target_saving: float | None = None
+    memory_budget: int | str | None = None
+    precision: str = "fp32"
+    dense_bytes: int | None = None
+    min_bytes: int | None = None
+    budget_bytes: int | None = None
+
+    def __post_init__(self):
+        precision = self.precision or "fp32"
+        if precision not in PRECISIONS:
+            raise SpikepruneError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        given = self.max_acc_drop
+        L = DEFAULT_MAX_ACC_DROP if given is None else given
+        try:
+            L = float(L)
+        except (TypeError, ValueError):
+            raise SpikepruneError(f"--max-acc-drop must be a number of top-1 points, got {given!r}") from None
+        if not math.isfinite(L) or L < 0:
+            raise SpikepruneError(f"--max-acc-drop must be a non-negative number of top-1 points (3 = at most 3 points "
+                                  f"below the dense model), got {given}")
+        if L > 100:
+            raise SpikepruneError(f"--max-acc-drop is in points of top-1 (0-100), got {L:g}; did you mean {L / 100:g}?")
+        self.max_acc_drop = L
+        if self.target_saving is not None:
+            s = self.target_saving
+            try:
+                s = float(s)
+            except (TypeError, ValueError):
+                raise SpikepruneError(f"--target-saving must be a fraction, got {self.target_saving!r}") from None
+            if not (0 < s < 1):  # also refuses NaN
+                raise SpikepruneError(f"--target-saving is a fraction of the dense model's memory strictly between 0 "
+                                      f"and 1 (0.25 = save a quarter), got {self.target_saving}")
+            self.target_saving = s
+        if self.memory_budget is not None:
+            self.memory_budget = parse_bytes(self.memory_budget)
+
+    @property
+    def resolved(self) -> bool:
+        return self.dense_bytes is not None
+
+    @property
+    def saving(self) -> float | None:
+        """The fraction of the dense memory the budget amounts to (resolved constraints only)."""
+        if self.budget_bytes is None or not self.dense_bytes:
+            return None
+        return 1 - self.budget_bytes / self.dense_bytes
+
+    def user_dict(self) -> dict:
+        """The limits as the user gave them (what a run's fingerprint hashes)."""
+        return {"max_acc_drop": self.max_acc_drop, "target_saving": self.target_saving,
+                "memory_budget": self.memory_budget, "precision": self.precision}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def resolve(self, dense_bytes: int, min_bytes: int) -> "Constraints":
+        """These constraints against a model: dense_bytes and min_bytes at `precision`. Refuses
+        contradictions with the numbers; both targets given and consistent: the tighter budget."""
+        dense_bytes, min_bytes = int(dense_bytes), int(min_bytes)
+        p = self.precision
+        dense = f"{dense_bytes:,} bytes ({format_bytes(dense_bytes)})"
+        small = f"{min_bytes:,} bytes ({format_bytes(min_bytes)})"
+        from_saving = None if self.target_saving is None else int(math.floor(dense_bytes * (1 - self.target_saving)))
+        budget = self.memory_budget
+        if budget is not None and from_saving is not None:
+            gap = abs(budget - from_saving)
+            if gap > CONSISTENCY_TOLERANCE * dense_bytes:
+                raise SpikepruneError(
+                    f"--target-saving {self.target_saving:g} and --memory-budget {budget:,} bytes contradict each "
+                    f"other: the dense model is {dense} at {p}, so a saving of {self.target_saving:.2%} means a budget "
+                    f"of {from_saving:,} bytes, but the budget given is {budget:,} bytes ({gap:,} bytes apart). "
+                    "Give only one of them.")
+        budget = min((b for b in (budget, from_saving) if b is not None), default=None)
+        if budget is not None:
+            if budget >= dense_bytes:
+                raise SpikepruneError(
+                    f"memory budget {budget:,} bytes ({format_bytes(budget)}) is not below the dense model's {dense} "
+                    f"at {p}: there is nothing to prune for it. Give a smaller budget, or a lower --precision.")
+            if budget < min_bytes:
+                raise SpikepruneError(
+                    f"memory budget {budget:,} bytes ({format_bytes(budget)}) is below the smallest model pruning can "
+                    f"reach: {small} at {p} with every group at its minimum width (dense: {dense}, so at most "
+                    f"{1 - min_bytes / dense_bytes:.2%} can be saved). Raise the budget or use a lower --precision.")
+        return replace(self, dense_bytes=dense_bytes, min_bytes=min_bytes, budget_bytes=budget)
+
+
+def minimum_kept(groups_, round_to: int = 1) -> dict[str, list[int]]:
+    """Kept indices that leave every group at its minimum width: one head; one unit (or round_to,
+    as the engine rounds up) per group, or per kept head for the per-head channel groups (only
+    head 0 survives when the group's heads are a group of their own)."""
+    kept = {}
+    for g in groups_:
+        if g.unit == "head":
+            kept[g.name] = [0]
+        elif g.heads > 1:
+            d = g.head_dim
+            heads = [0] if g.head_group else range(g.heads)
+            kept[g.name] = [h * d + i for h in heads for i in range(min(d, round_to))]
+        else:
+            kept[g.name] = list(range(min(g.size, round_to)))
+    return kept
+
+
+def minimum_memory(model: nn.Module, precision: str, round_to: int = 1) -> int:
+    """Memory at `precision` of the smallest model pruning can reach: every group at its minimum
+    width. Built on the meta device (shapes only, no weights copied)."""
+    counts = {name: len(idx) for name, idx in minimum_kept(model_groups(model), round_to).items()}
+    with torch.device("meta"):
+        tiny = get_family(model).resize(model, counts)
+    return int(memory_bytes(tiny)[precision])
+
+
+# ------------------------------------------------------------------------------------------------
+# Result and registry
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class PolicyResult:
+    """What a policy hands back: the pruned model (what was pruned is `model.pruning`) and `info`
+    for summary.json and the report (module docstring)."""
+    model: nn.Module
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class PolicySpec:
+    name: str
+    fn: Callable
+    add_args: Callable | None
+    help: str
+    check: Callable | None = None  # check(options, model) raises SpikepruneError before any work is done
+
+
+_POLICIES: dict[str, PolicySpec] = {}
+
+
+def register_policy(name: str, add_args: Callable | None = None, help: str = "", check: Callable | None = None):
+    """Decorator: `fn(ctx) -> PolicyResult` becomes `spikeprune prune --policy NAME`.
+
+    add_args(argument_group) adds the policy's own options; check(options, dense_model) validates
+    them before the run folder is touched (so a typo never leaves a half-made run behind)."""
+    def deco(fn):
+        _POLICIES[name] = PolicySpec(name, fn, add_args, help or (fn.__doc__ or "").strip().split("\n")[0], check)
+        return fn
+    return deco
+
+
+def unregister_policy(name: str) -> None:
+    """Remove a registered policy (tests register throw-away ones)."""
+    _POLICIES.pop(name, None)
+
+
+def policies() -> dict[str, PolicySpec]:
+    """Every registered policy. The built-in ones register when spikeprune.policies is imported
+    (spikeprune.run, which every entry point uses, imports it)."""
+    return dict(_POLICIES)
+
+
+def get_policy(name: str) -> PolicySpec:
+    if name not in _POLICIES:
+        raise SpikepruneError(f"unknown policy {name!r}; choose one of {', '.join(sorted(_POLICIES))}")
+    return _POLICIES[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# The context a policy works in
+# ------------------------------------------------------------------------------------------------
+class PruneContext:
+    """Everything a policy needs, with the run folder (settings.output) behind it.
+
+    Attributes: model (dense, eval), settings (the RunSettings), data (spec), run_dir, importance,
+    round_to, constraints (resolved against the dense model), device, seed, batch_size, ratios
+    (sensitivity grid), uniform_ratios (sweep grid), groups (pattern of the groups to analyse),
+    calib_batches, options (the policy's own options), progress, problems (what the run report must
+    say went wrong without stopping the run, e.g. a log that could not be written).
+    Counters: evaluations / images_evaluated (calibration passes run through calib_top1).
+    on_progress: called after every checkpoint and log line (the run persists its wall time there).
+    """
+
+    def __init__(self, model: nn.Module, settings):
+        """settings: a spikeprune.run.RunSettings (the run layer sits above this module)."""
+        self.model = model.eval()
+        self.settings = settings
+        s = settings
+        self.data, self.run_dir = s.data, Path(s.output)
+        self.importance, self.round_to = s.importance, s.round_to
+        self.device, self.seed, self.batch_size, self.workers = s.device, s.seed, s.batch_size, s.workers
+        self.ratios, self.uniform_ratios = tuple(s.ratios), tuple(s.uniform_ratios)
+        self.groups, self.calib_batches = s.groups, s.calib_batches
+        self.options = dict(s.options)
+        self.progress = s.progress
+        self.log_file = self.run_dir / "log.txt"
+        c = s.constraints
+        self.constraints = c if c.resolved else c.resolve(
+            self.memory(model, c.precision), minimum_memory(model, c.precision, s.round_to))
+        self.evaluations, self.images_evaluated = 0, 0
+        self.problems: list[str] = []
+        self.on_progress: Callable[[], None] | None = None
+        self._datasets: dict[str, object] = {}
+        self._dense_top1: float | None = None
+        self._table: SensitivityTable | None = None
+        self._dense_scores: dict | None = None
+        self._log_failed = False
+
+    # data and accuracy --------------------------------------------------------------------------
+    def dataset(self, split: str, augment: bool = False):
+        """A split at the model's image size, capped by settings.max_images[split] when set."""
+        key = (split, augment)
+        if key not in self._datasets:
+            cap = (self.settings.max_images or {}).get(split)
+            self._datasets[key] = dataset_for_model(self.data, self.model, split, augment=augment, max_images=cap)
+        return self._datasets[key]
+
+    @property
+    def calib(self):
+        """The calibration split (Dataset) at the model's image size."""
+        return self.dataset("calib")
+
+    def calib_top1(self, model: nn.Module) -> float:
+        """Top-1 of `model` on the calibration split (a fraction); counted in the run's cost. A
+        non-finite loss is an error: a model that computes NaN must never be scored."""
+        r = evaluate(model, self.calib, split="calib", batch_size=self.batch_size, device=self.device, progress=False,
+                     workers=self.workers)
+        if not math.isfinite(float(r["loss"])):
+            raise SpikepruneError(
+                f"a model evaluated during pruning gives a {r['loss']} loss on the calibration split: its outputs are "
+                "not finite (NaN / Inf weights or activations); nothing was chosen from it")
+        self.evaluations += 1
+        self.images_evaluated += int(r["n"])
+        return float(r["top1"])
+
+    @property
+    def dense_calib_top1(self) -> float:
+        if self._dense_top1 is None:
+            saved = self.load_checkpoint("dense_calib")
+            if saved is None:
+                saved = {"top1": self.calib_top1(self.model)}
+                self.checkpoint("dense_calib", saved)
+            self._dense_top1 = float(saved["top1"])
+        return self._dense_top1
+
+    def acc_drop(self, top1: float) -> float:
+        """Points of calibration top-1 lost against the dense model."""
+        return (self.dense_calib_top1 - top1) * 100.0
+
+    def within_limit(self, top1: float) -> bool:
+        return self.acc_drop(top1) <= self.constraints.max_acc_drop + 1e-9
+
+    # pruning and memory -------------------------------------------------------------------------
+    def score_kwargs(self) -> dict:
+        """How the run scores units: calibration data (for the data-driven criteria), batches, seed."""
+        return dict(data=self.calib if needs_data(self.importance) else None, batches=self.calib_batches,
+                    batch_size=min(self.batch_size, 64), seed=self.seed)
+
+    def dense_scores(self) -> dict:
+        """Importance scores of every group of the dense model, computed once per run: every policy
+        and every candidate ranks the dense model's units the same way (data criteria cost a pass)."""
+        if self._dense_scores is None:
+            kw = self.score_kwargs()
+            self._dense_scores = scores(self.model, self.importance, kw.pop("data"), **kw)
+        return self._dense_scores
+
+    def prune(self, ratios: dict, model: nn.Module | None = None) -> nn.Module:
+        """spikeprune.prune with the run's importance and round_to (the dense model's scores come
+        from dense_scores). The result's `pruning` record is against the dense model."""
+        if model is None or model is self.model:
+            return surgery_prune(self.model, ratios, importance=self.dense_scores(), round_to=self.round_to).eval()
+        return surgery_prune(model, ratios, importance=self.importance, round_to=self.round_to,
+                             **self.score_kwargs()).eval()
+
+    def memory(self, model: nn.Module, precision: str | None = None) -> int:
+        """Weight memory of `model` in bytes at `precision` (default: the constraints')."""
+        return int(memory_bytes(model)[precision or self.constraints.precision])
+
+    @property
+    def dense_memory(self) -> int:
+        return self.constraints.dense_bytes
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return self.constraints.budget_bytes
+
+    # sensitivity ------------------------------------------------------------------------------
+    def sensitivity(self) -> SensitivityTable:
+        """The per-group sensitivity table on the calibration split, computed once per run and
+        kept in RUN/sensitivity.csv (an interrupted analysis resumes from its rows)."""
+        if self._table is None:
+            self.log("sensitivity analysis: each group pruned alone at "
+                     f"{', '.join(f'{r:g}' for r in self.ratios)}")
+            self._table = analyze(self.model, self.calib, groups=self.groups, ratios=self.ratios,
+                                  importance=self.importance, batch_size=self.batch_size,
+                                  out_csv=self.run_dir / "sensitivity.csv", seed=self.seed, device=self.device,
+                                  progress=self.progress, round_to=self.round_to, calib_batches=self.calib_batches,
+                                  log=self.log)
+            fc = self._table.forward_cost
+            self.log(f"sensitivity: {fc['candidates']} candidates, {fc['spent']:,.0f} image-block passes spent vs "
+                     f"{fc['full_recompute']:,.0f} recomputing everything ({fc['ratio']:.2f}x fewer)")
+        return self._table
+
+    def sensitivity_if_computed(self) -> SensitivityTable | None:
+        """The table this run computed, or the one an earlier session of it wrote; None if neither."""
+        if self._table is None and (self.run_dir / "sensitivity.csv").is_file():
+            self._table = SensitivityTable.from_csv(self.run_dir / "sensitivity.csv")
+        return self._table
+
+    # resuming ---------------------------------------------------------------------------------
+    def _step_path(self, name: str) -> Path:
+        if not name or any(c in name for c in "/\\") or name.startswith("."):
+            raise SpikepruneError(f"checkpoint step names are plain words, got {name!r}")
+        return self.run_dir / "steps" / name
+
+    def checkpoint(self, step: str, obj) -> None:
+        """Keep the outcome of a finished step: a model (saved as a model folder, with its pruning
+        record) or JSON data."""
+        p = self._step_path(step)
+        if not distributed.is_main():  # the run folder is rank 0's
+            return
+        if isinstance(obj, nn.Module):
+            save_model(obj, p)
+        else:
+            write_json(p.with_suffix(".json"), obj)
+        if self.on_progress:
+            self.on_progress()
+
+    def load_checkpoint(self, step: str):
+        """What `checkpoint(step, ...)` stored, or None when the step has not finished."""
+        p = self._step_path(step)
+
+        def read():  # by rank 0, whose run folder it is; every process gets what it found
+            if is_saved_model(p):
+                return load_model(p).eval()
+            j = p.with_suffix(".json")
+            return json.loads(j.read_text()) if j.is_file() else None
+        return distributed.from_main(read, f"reading the finished step {step}")
+
+    def plot_path(self, filename: str) -> Path:
+        p = self.run_dir / "plots" / filename
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def log(self, msg: str) -> None:
+        """A progress line on stderr (above any progress bar) and in RUN/log.txt. A log that cannot
+        be written is said once, on stderr and in the run report, and the run goes on."""
+        if self.progress:
+            tqdm.write(msg, file=sys.stderr)
+        if not self._log_failed and distributed.is_main():  # RUN/log.txt is rank 0's
+            try:
+                self.log_file.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.log_file, "a") as f:
+                    f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+            except OSError as e:
+                self._log_failed = True
+                problem = f"this run has no complete log: writing {self.log_file} failed ({type(e).__name__}: {e})"
+                self.problems.append(problem)
+                print(f"spikeprune: warning: {problem}", file=sys.stderr)
+        if self.on_progress:
+            self.on_progress()
+
+
+__all__ = ["DEFAULT_MAX_ACC_DROP", "PRECISIONS", "Constraints", "PolicyResult", "PolicySpec", "PruneContext",
+           "get_policy", "minimum_kept", "minimum_memory", "policies", "register_policy", "unregister_policy"]
