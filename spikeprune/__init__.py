@@ -3,7 +3,7 @@
 Public API:
     create_model, list_models                 -- presets by name, reference checkpoints
     save_model, load_model                    -- safetensors + JSON widths (+ the pruning record)
-    bundled_model                             -- the shipped Spikformer trained on mnist5k
+    bundled_model                             -- the shipped models (Spikformer and SDT, trained on mnist5k)
     load_dataset                              -- mnist5k, digits, cifar10:DIR, ..., imagefolder:DIR
     train, evaluate, finetune, measure        -- training, accuracy, size / MACs / SOPs / energy / latency
     groups, prune, PruningRecord              -- coupled channel groups, physical surgery, what was pruned

@@ -33,11 +33,12 @@ from .sensitivity import analyze
 from .serialization import is_saved_model, load_model
 from .training import check_output_folder, check_training_settings, evaluate, finetune, train
 
-DATA_HELP = ("dataset as NAME[:PATH]: mnist5k (bundled), digits (bundled), cifar10:DIR, cifar100:DIR "
-             "(python-batch format), imagefolder:DIR (with train/ and val/ class folders)")
+DATA_HELP = ("dataset as NAME[:PATH]: mnist5k (bundled), digits (bundled), fashion-mnist[:DIR] and mnist:DIR (the "
+             "original IDX files; `make data` brings Fashion-MNIST), cifar10:DIR, cifar100:DIR (python-batch "
+             "format), imagefolder:DIR (with train/ and val/ class folders)")
 MODEL_HELP = ("a preset name (see `spikeprune models`), a folder saved by spikeprune, `bundled` (or "
               "bundled:sdt-1-64-mnist), or a "
-              "checkpoint file from the reference Spikformer code (then also give --model PRESET)")
+              "checkpoint file from the reference training code (then also give --model PRESET)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,7 +132,6 @@ def cmd_models(args):
     for name in list_models():
         p = preset_summary(name)
         print(f"{name:26s} {p['family']:10s} {p['params']:12,d}  {p['description']}")
-    print("(parameter counts exclude the reference code's unused norm1/norm2 LayerNorms, which are not built)")
 
 
 def cmd_inspect(args) -> int:
@@ -453,7 +453,7 @@ def cmd_finetune(args) -> int:
 def register_train(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a model (a preset from scratch, or continue a saved one)",
-        description="Train a Spikformer with AdamW (warm-up + cosine schedule), label smoothing, augmentation, "
+        description="Train a model with AdamW (warm-up + cosine schedule), label smoothing, augmentation, "
                     "and a checkpoint after every epoch. The calib split is measured each epoch; the test split "
                     "once at the end. Same --seed, same weights (CPU).",
         epilog="example: spikeprune train spikformer-2-128-mnist --data mnist5k --epochs 12 -o runs/mnist")
@@ -531,7 +531,7 @@ def register_measure(subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spikeprune",
-        description="Structured pruning for Spiking Vision Transformers: train or load a Spikformer, "
+        description="Structured pruning for Spiking Vision Transformers: train or load a Spikformer or SDT, "
                     "measure it, prune whole channels / heads / hidden units, and get back a smaller dense model.",
         epilog="Start with:  spikeprune evaluate bundled --data mnist5k   then   spikeprune prune bundled --data mnist5k -o runs/demo",
     )

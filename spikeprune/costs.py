@@ -104,6 +104,24 @@ def count_macs(model_or_config) -> int:
     return sum(r.macs for r in layer_table(model_or_config))
 
 
+def deployed_memory_bytes(model_or_config) -> dict:
+    """Weight bytes an exported file stores, by precision, from the cost table (BatchNorm folded):
+    each weight layer keeps its weights and one bias per output channel when it had a bias or a
+    folded BatchNorm. fp32 4 B, fp16 2 B per value; int8 1 B per weight plus, per output channel,
+    a 4 B fp32 bias, a 4 B fp32 scale and a 1 B zero point. Graph structure is not counted."""
+    out = {"fp32": 0, "fp16": 0, "int8": 0, "params": 0}
+    for r in layer_table(model_or_config):
+        if not r.weight_shape:
+            continue
+        channels = r.weight_shape[0]
+        biases = channels if (r.bias or r.bn) else 0
+        out["params"] += r.weights + biases
+        out["fp32"] += 4 * (r.weights + biases)
+        out["fp16"] += 2 * (r.weights + biases)
+        out["int8"] += r.weights + 4 * biases + 4 * channels + channels
+    return out
+
+
 def _check_model_matches_table(model, table: list[Layer]) -> None:
     """The table is computed from the config; make sure the model's layers really have those shapes."""
     modules = dict(model.named_modules())

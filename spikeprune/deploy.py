@@ -63,7 +63,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .data import dataset_for_model
 from .errors import SpikepruneError
-from .costs import layer_table, memory_bytes
+from .costs import deployed_memory_bytes, layer_table, memory_bytes  # deployed_memory_bytes re-exported
 from .models import get_family
 from .neuron import LIF, plain_ops
 
@@ -146,24 +146,6 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]], 
         pairs.append((row.name, row.bn))
     leftover = [n for n, m in folded.named_modules() if isinstance(m, _BatchNorm)]
     return folded, pairs, leftover
-
-
-def deployed_memory_bytes(model_or_config) -> dict:
-    """Weight bytes an exported file stores, by precision, from the cost table (BatchNorm folded):
-    each weight layer keeps its weights and one bias per output channel when it had a bias or a
-    folded BatchNorm. fp32 4 B, fp16 2 B per value; int8 1 B per weight plus, per output channel,
-    a 4 B fp32 bias, a 4 B fp32 scale and a 1 B zero point. Graph structure is not counted."""
-    out = {"fp32": 0, "fp16": 0, "int8": 0, "params": 0}
-    for r in layer_table(model_or_config):
-        if not r.weight_shape:
-            continue
-        channels = r.weight_shape[0]
-        biases = channels if (r.bias or r.bn) else 0
-        out["params"] += r.weights + biases
-        out["fp32"] += 4 * (r.weights + biases)
-        out["fp16"] += 2 * (r.weights + biases)
-        out["int8"] += r.weights + 4 * biases + 4 * channels + channels
-    return out
 
 
 def int8_reconciliation(model_or_config, file_bytes: int | None = None) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from .coupling import groups as model_groups
-from .costs import count_macs, count_params, memory_bytes
+from .costs import count_macs, count_params, deployed_memory_bytes, memory_bytes
 from .models import build_from_config
 from .record import PruningRecord
 
@@ -29,6 +29,7 @@ def _layers(model: nn.Module) -> dict[str, dict]:
 
 def _totals(model: nn.Module) -> dict:
     return {"params": int(count_params(model)), "memory_bytes": {k: int(v) for k, v in memory_bytes(model).items()},
+            "deployed_bytes": {k: int(v) for k, v in deployed_memory_bytes(model).items() if k != "params"},
             "macs": int(count_macs(model))}
 
 
@@ -90,6 +91,8 @@ def format_report(r: dict) -> str:
         f"params      {t['params']:>14,d}   dense {d['params']:>14,d}   ({r['kept_fraction']['params']:.1%} kept)",
         f"memory fp32 {t['memory_bytes']['fp32']:>14,d} B dense {d['memory_bytes']['fp32']:>14,d} B",
         f"memory int8 {t['memory_bytes']['int8']:>14,d} B dense {d['memory_bytes']['int8']:>14,d} B",
+        f"deployed    fp32 {t['deployed_bytes']['fp32']:,} B, int8 {t['deployed_bytes']['int8']:,} B "
+        "(BatchNorm folded, int8 with scales: the weights `spikeprune export` writes)",
         f"MACs/image  {t['macs']:>14,d}   dense {d['macs']:>14,d}   ({r['kept_fraction']['macs']:.1%} kept)",
     ]
     lines += [f"note: {n}" for n in r["notes"]]

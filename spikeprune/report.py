@@ -150,6 +150,12 @@ def _results_section(s: dict) -> list[str]:
                   f"pruned {format_percent(cal['pruned_top1'])}"
               + (f", fine-tuned {format_percent(cal['finetuned_top1'])}" if cal.get("finetuned_top1") is not None else "") + ".",
               "Latency: batch 1, median of the repeats, on this machine; energy: the Spikformer papers' 45 nm estimate."]
+    final = s.get("finetuned") or s.get("pruned") or {}
+    if final.get("deployed_bytes"):  # what an embedded target stores: `spikeprune export` writes these weights
+        dep = final["deployed_bytes"]
+        lines.append(f"Deployed weights (BatchNorm folded into the layer before it, as `spikeprune export` writes them; "
+                     f"int8 with its per-channel scales and zero points; the graph itself adds a little): "
+                     f"fp32 {format_bytes(dep['fp32'])}, fp16 {format_bytes(dep['fp16'])}, int8 {format_bytes(dep['int8'])}.")
     if s.get("finetune"):
         ft = s["finetune"]
         lines.append(f"Fine-tuning: {ft['epochs']} epochs, lr {ft['lr']:g}"

@@ -50,7 +50,7 @@ from .errors import SpikepruneError
 from .coupling import groups as model_groups
 from .hashing import fingerprint, model_hash
 from .importance import get as get_importance
-from .costs import measure
+from .costs import deployed_memory_bytes, measure
 from .policy_api import Constraints, PolicyResult, PolicySpec, PruneContext, get_policy
 from .ratios import DEFAULT_SENSITIVITY_RATIOS, UNIFORM_GRID, parse_ratios
 from .record import PruningRecord
@@ -507,6 +507,7 @@ def _measure_model(ctx: PruneContext, model: nn.Module, name: str) -> dict:
     t = m["total"]
     out = {"top1": acc["top1"], "top5": acc["top5"], "params": int(t["params"]),
            "memory_bytes": {k: int(v) for k, v in t["memory_bytes"].items()},
+           "deployed_bytes": {k: int(v) for k, v in deployed_memory_bytes(model).items() if k != "params"},
            "macs": int(t["macs"]), "sops": t.get("sops"), "energy_mj": t.get("energy_mj"),
            "latency_ms": t.get("latency_ms")}
     ctx.checkpoint(f"measure_{name}", out)

@@ -290,6 +290,11 @@ def test_summary_pruning_record_replays_the_model(tiny_model, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), saved.state_dict().values()))
     widths = {w["group"]: (w["before"], w["after"]) for w in s["widths"]}
     assert widths["residual"] == (dense.cfg.embed_dim, s["pruning"]["kept_counts"]["residual"])
+    # what an embedded target stores (BatchNorm folded, int8 with scales) is reported beside measure's bytes
+    from spikeprune.costs import deployed_memory_bytes
+    assert s["pruned"]["deployed_bytes"]["int8"] == deployed_memory_bytes(saved)["int8"]
+    assert s["pruned"]["deployed_bytes"]["fp32"] < s["pruned"]["memory_bytes"]["fp32"]
+    assert "Deployed weights" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_kept_dense_model_gets_an_empty_record(tiny_model, tmp_path, throwaway_policy):
