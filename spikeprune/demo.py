@@ -8,8 +8,10 @@ finished steps; `python -m spikeprune.demo --fresh` starts over.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
+from pathlib import Path
 
 from .bundled import bundled_model
 from .errors import SpikepruneError
@@ -27,13 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     t0 = time.time()
+    out = Path(args.output)
+    if args.fresh and (out / "run.json").is_file():  # only ever a run folder: --fresh must not delete other files
+        shutil.rmtree(out)
     model = bundled_model()
     print(f"spikeprune demo: {args.policy} on the bundled Spikformer-2-128 (mnist5k), accuracy limit 3 points, "
           f"{args.finetune_epochs} fine-tuning epoch(s) with distillation -> {args.output}/", flush=True)
     try:
         summary = prune_run(model, "mnist5k", args.output, policy=args.policy, max_acc_drop=3.0,
                             finetune_epochs=args.finetune_epochs, kd=args.finetune_epochs > 0,
-                            force=args.fresh, model_spec="bundled")
+                            force=args.fresh, model_spec="bundled")  # force: replace another run's folder
     except SpikepruneError as e:
         hint = " (for the demo: python -m spikeprune.demo --fresh)" if "--force" in str(e) else ""
         print(f"spikeprune: error: {e}{hint}", file=sys.stderr)
