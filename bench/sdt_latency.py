@@ -15,20 +15,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the Spikformer bench's timing helpers, shared
 
 from spikeprune.models import create_model  # noqa: E402
 from spikeprune.serialization import atomic_path, write_json  # noqa: E402
 from spikeprune.testing.reference_sdt import reference_from_config  # noqa: E402
+from latency import _make_neurons_fire, machine, time_pair  # noqa: E402  (bench/latency.py)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -36,30 +36,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CASES = [("sdt-8-512", 1, {}), ("sdt-cifar10-2-512", 8, {})]
 QUICK_CASES = [("sdt-8-512", 1, dict(embed_dim=32, depth=1, img_size=64)),
                ("sdt-cifar10-2-512", 2, dict(embed_dim=32, depth=1))]
-
-
-def time_pair(ours, ref, x, repeats: int, warmup: int) -> tuple[list[float], list[float]]:
-    """Seconds per forward of each model, timed alternately (the order flips every repeat)."""
-    times = {id(ours): [], id(ref): []}
-    with torch.no_grad():
-        for _ in range(warmup):
-            ours(x), ref(x)
-        for i in range(repeats):
-            for model in ((ours, ref) if i % 2 == 0 else (ref, ours)):
-                t0 = time.perf_counter()
-                model(x)
-                times[id(model)].append(time.perf_counter() - t0)
-    return times[id(ours)], times[id(ref)]
-
-
-def _make_neurons_fire(model, seed: int) -> None:
-    """Shift BatchNorm so that every layer spikes (at init most neurons stay silent), which makes the
-    logit comparison meaningful; latency does not depend on the values."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.weight.data = 0.5 + torch.rand(m.num_features, generator=g)
-            m.bias.data = 0.3 + 1.5 * torch.rand(m.num_features, generator=g)
 
 
 def run_case(preset: str, batch: int, overrides: dict, repeats: int, warmup: int, seed: int = 0) -> dict:
@@ -83,13 +59,6 @@ def run_case(preset: str, batch: int, overrides: dict, repeats: int, warmup: int
         "speedup": statistics.median(t_ref) / statistics.median(t_ours),
         "max_abs_logit_diff": diff,
     }
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "load_average_1m_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 
 
 def to_markdown(result: dict) -> str:
