@@ -33,6 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # the policy benchmark's machine description, shared
 
 from spikeprune.bundled import bundled_model  # noqa: E402
 from spikeprune.deploy import export  # noqa: E402
@@ -41,19 +42,10 @@ from spikeprune.models import create_model  # noqa: E402
 from spikeprune.ratios import uniform_ratio_map  # noqa: E402
 from spikeprune.serialization import load_model, write_json  # noqa: E402
 from spikeprune.surgery import prune  # noqa: E402
+from policies import _cpu_name  # noqa: E402  (bench/policies.py)
 
 OUT = ROOT / "bench" / "results"
 BATCHES = (1, 8)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _pairs(ratio: float, pruned_dir: str | None) -> list[tuple[str, torch.nn.Module, torch.nn.Module, str]]:

@@ -81,7 +81,6 @@ from .serialization import atomic_path
 from .stats import resolution_warning
 from .surgery import SpikepruneWarning, prune
 
-DEFAULT_RATIOS = DEFAULT_SENSITIVITY_RATIOS
 CACHE_LIMIT_BYTES = 1 << 30  # the dense-pass cache may hold at most this much (1 GiB)
 HEADER_TAG = "# spikeprune-sensitivity"
 FORMAT_VERSION = 1
@@ -536,7 +535,7 @@ def _row_seed(seed: int, group: str, ratio: float) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(f"{group}@{ratio!r}".encode())) % (2**63)
 
 
-def analyze(model: nn.Module, data, groups="*", ratios: Sequence[float] = DEFAULT_RATIOS, importance: str = "l2",
+def analyze(model: nn.Module, data, groups="*", ratios: Sequence[float] = DEFAULT_SENSITIVITY_RATIOS, importance: str = "l2",
             split: str = "calib", batch_size: int = 128, out_csv: str | os.PathLike | None = None, seed: int = 0,
             device: str = "cpu", progress: bool = True, round_to: int = 1, force: bool = False,
             calib_batches: int = 4, cache_limit_bytes: int = CACHE_LIMIT_BYTES,
