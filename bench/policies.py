@@ -25,7 +25,8 @@ every column means. One process, one model, one dataset, one machine:
    with its report.md, summary.json and model/). Fine-tuning (--finetune-epochs, --kd) is a
    setting of that run, the same for every policy, and the run measures the final model on the
    test split. The policies: uniform (largest sweep ratio within the limit), psvit, primesvt,
-   global (policies/global_l2.py), and random: the `groups` policy with importance `random` at
+   global (policies/global_l2.py), shrink (ours, policies/shrink.py: it reads no shared table and
+   pays for its own BatchNorm re-estimation and screening passes), and random: the `groups` policy with importance `random` at
    the per-group widths of PrimeSVT's result at that limit, read from its pruning record -- a
    floor at PrimeSVT's memory.
 3. Latency: one interleaved timer over the dense model and every final model: each repeat times
@@ -73,15 +74,15 @@ from spikeprune.units import format_bytes, format_count, format_percent  # noqa:
 
 FORMAT = "spikeprune-bench-policies"
 VERSION = 2  # 2: every policy through spikeprune.run; removed fractions from the pruning record; standard errors
-MAIN_POLICIES = ("uniform", "psvit", "primesvt", "global", "random")
+MAIN_POLICIES = ("uniform", "psvit", "primesvt", "global", "shrink", "random")
 RANDOM = "random"  # the floor: not a registered policy but the `groups` policy with random importance
 LABELS = {"uniform": "uniform", "psvit": "PSViT", "primesvt": "PrimeSVT", "global": "global L2",
-          "random": "random @ PrimeSVT memory"}
+          "shrink": "shrink (ours)", "random": "random @ PrimeSVT memory"}
 SHARED = ("dense_calib", "uniform_sweep", "sensitivity")  # the shared work, in the order it is computed
 # What each built-in policy reads of the shared work (and is charged for). A policy added with
 # register_policy may read anything: it gets all of it.
 SHARED_READS = {"uniform": ("dense_calib", "uniform_sweep"), "psvit": SHARED, "primesvt": ("dense_calib", "sensitivity"),
-                "global": ("dense_calib",), RANDOM: ("dense_calib",)}
+                "global": ("dense_calib",), "shrink": ("dense_calib",), RANDOM: ("dense_calib",)}
 README_START, README_END = "<!-- bench-policies:start -->", "<!-- bench-policies:end -->"
 
 # Settings whose default differs between the full protocol and --quick (None in argparse = not given).
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="bench/policies.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run dense, uniform, PSViT, PrimeSVT, global L2 and random-at-PrimeSVT's-memory on one model and "
+        description="Run dense, uniform, PSViT, PrimeSVT, global L2, shrink (ours) and random-at-PrimeSVT's-memory on one model and "
                     "dataset: memory, accuracy (calibration-chosen, test-measured, before and after the same "
                     "fine-tuning), SOPs, energy, interleaved latency, cost, and a memory/accuracy frontier.",
         epilog="defaults marked 'full / quick' differ with --quick. See bench/README.md.")

@@ -8,10 +8,12 @@ Importing this package registers the built-in policies with spikeprune.policy_ap
   groups    explicit ratios per group or glob pattern: `--ratio 'block*.mlp.hidden=0.5'`
   psvit     PSViT: uniform sweep, per-group sensitivity, fine-grained selection with back-off
   primesvt  PrimeSVT: robust groups compressed largest first under accuracy and memory limits
+  shrink    ours: one small cut at a time, every group's next cut measured after re-estimating
+            BatchNorm, the cheapest per byte taken, until the accuracy limit or the memory budget
   global    all channels ranked together by group-normalised magnitude (Torch-Pruning's global
             pruner; module global_l2)
 """
 from ..policy_api import PolicyResult, PruneContext, register_policy  # noqa: F401  (re-exported for policy authors)
-from . import global_l2, primesvt, psvit, uniform  # noqa: F401  (registering is what importing them does)
+from . import global_l2, primesvt, psvit, shrink, uniform  # noqa: F401  (registering is what importing them does)
 
-BUILTIN = ("uniform", "psvit", "primesvt", "global_l2")
+BUILTIN = ("uniform", "psvit", "primesvt", "global_l2", "shrink")

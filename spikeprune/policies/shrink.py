@@ -1,0 +1,458 @@
+"""shrink: our policy. Small cuts, one at a time, each chosen by measuring every group's next cut
+after re-estimating BatchNorm, until the accuracy limit or the memory budget stops it.
+
+Why not the seed papers' way. PSViT and PrimeSVT decide from a table measured once on the dense
+model, with each group pruned alone and its stale BatchNorm statistics kept. Both choices
+understate what a group can give: a cut changes the statistics of every later layer, and a table
+measured on the dense model says nothing about the model after ten other cuts. Both leave the
+residual width alone when it looks costly in that table, yet it holds most of the memory.
+
+The walk (every decision on the calibration split, BatchNorm statistics from training images):
+
+1. Candidates. Every group of the model (residual, stem, attention, heads, MLP) has a next cut:
+   the fewest units that save STEP of the current model's memory (a cut of equal bytes, so that
+   groups are compared like with like), at most MAX_CUT of the group's current width and at least
+   one unit (one channel per head for per-head groups, one head for a heads group); the units are
+   chosen by the run's importance criterion (L2 by default) on the current model.
+2. Measure after re-estimating BatchNorm. A candidate is the current model with that cut, whose
+   BatchNorm running statistics are re-estimated on RECAL_IMAGES training images
+   (spikeprune.training.recalibrate_batchnorm); its cost is the rise of the cross-entropy on
+   SCREEN_IMAGES calibration images (a smooth measure: top-1 on a few hundred images moves in whole
+   images), per byte it saves at the run's precision.
+3. Take the cheapest cut per byte. Re-measuring every group after every step would cost a pass per
+   group per step; the cost of a cut changes slowly, so each step re-measures only the FRESH
+   groups whose last measured cost is lowest, and every REFRESH steps all of them ("lazy greedy").
+4. Check the limit. The chosen model's calibration top-1 must stay within --max-acc-drop of the
+   dense model's. The check runs on the whole calibration split (the screening images are part of
+   it, so when the split is no larger they are the check). A cut that breaks the limit is undone
+   and that group's cuts are halved from then on; a group whose cut falls below one unit is
+   finished.
+5. Stop when the memory budget is met (constraints met), when every group is finished (its
+   smallest cut breaks the limit, or saves less than MIN_GAIN of the dense memory), or after
+   MAX_STEPS steps. With no memory target the walk goes as far as the limit allows.
+
+The final model carries the re-estimated BatchNorm statistics (they are buffers in its weights
+file; its pruning record gives the kept units). Options: --shrink-step, --shrink-fresh,
+--shrink-refresh, --recal-images, --screen-images.
+
+Resume: the accepted steps (group and kept unit indices) and each group's step size are
+checkpointed after every step (RUN/steps/shrink_progress.json); a rerun replays them, exactly,
+without a search, and goes on.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..coupling import group_map
+from ..errors import SpikepruneError
+from ..importance import scores
+from ..plots import FIGSIZE, new_figure, save_figure
+from ..policy_api import PolicyResult, PruneContext, minimum_kept, register_policy
+from ..surgery import SpikepruneWarning, plan
+from ..surgery import prune as surgery_prune
+from ..training import recalibrate_batchnorm
+from ..units import format_bytes
+
+STEP = 0.08  # of the current model's memory, per cut
+MAX_CUT = 0.5  # of a group's current width, per cut
+FRESH = 3  # groups re-measured per step
+REFRESH = 4  # every REFRESH steps, all groups are re-measured
+RECAL_IMAGES = 256
+SCREEN_IMAGES = 512
+MAX_STEPS = 200
+MIN_GAIN = 0.0025  # of the dense memory: a group whose next cut saves less is finished
+CHECKPOINT = "shrink_progress"  # RUN/steps/shrink_progress.json
+_EPS = 1e-9
+
+
+@dataclass
+class Cut:
+    """One accepted cut, as summary.json and the report list it."""
+
+    group: str
+    size_before: int
+    size_after: int
+    memory_bytes: int  # the model after the cut, at the run's precision
+    memory_saved: float  # fraction of the dense memory
+    screen_loss: float  # cross-entropy on the screening images, after re-estimating BatchNorm
+    calib_top1: float
+    acc_drop: float  # points against the dense model
+    cost_per_mb: float  # rise of the screening loss per MB (10^6 bytes) saved: what ranked it
+    measured: int  # candidates measured to choose it
+    kept: list | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    # PrimeSVT's trajectory plot reads these names
+    @property
+    def ratio(self) -> float:
+        return 1 - self.size_after / self.size_before if self.size_before else 0.0
+
+
+@dataclass
+class _Candidate:
+    group: str
+    model: object
+    kept: list
+    memory_bytes: int
+    loss: float
+    top1: float  # on the screening images
+    priority: float  # loss rise per byte saved
+
+
+def _preload(dataset, n: int, seed: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` images of `dataset` (a fixed random subset, or all of it when smaller) as batches."""
+    total = len(dataset)
+    if n >= total:
+        idx = list(range(total))
+    else:
+        g = torch.Generator().manual_seed(seed)
+        idx = sorted(torch.randperm(total, generator=g)[:n].tolist())
+    out = []
+    for i in range(0, len(idx), batch_size):
+        items = [dataset[j] for j in idx[i:i + batch_size]]
+        out.append((torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])))
+    return out
+
+
+class _Walk:
+    """The measuring machinery of one run: candidate cuts, BatchNorm re-estimation, screening."""
+
+    def __init__(self, ctx: PruneContext, step: float, recal_images: int, screen_images: int):
+        self.ctx, self.step = ctx, step
+        bs = min(ctx.batch_size, 128)
+        self.recal = _preload(ctx.dataset("train"), recal_images, ctx.seed, bs)
+        calib = ctx.calib
+        self.screen = _preload(calib, screen_images, ctx.seed + 1, bs)
+        self.screen_is_calib = sum(len(y) for _, y in self.screen) == len(calib)
+        self.dense_groups = group_map(ctx.model)
+        self.minimum = {k: len(v) for k, v in minimum_kept(list(self.dense_groups.values()), ctx.round_to).items()}
+        self.candidates_measured = 0
+
+    def screen_eval(self, model) -> tuple[float, float]:
+        """(mean cross-entropy, top-1) on the screening images; counted in the run's cost."""
+        dev = torch.device(self.ctx.device)
+        loss, hit, n = 0.0, 0, 0
+        with torch.inference_mode():
+            for x, y in self.screen:
+                logits = model(x.to(dev)).float()
+                y = y.to(dev)
+                loss += F.cross_entropy(logits, y, reduction="sum").item()
+                hit += int((logits.argmax(1) == y).sum())
+                n += len(y)
+        if not math.isfinite(loss):
+            raise SpikepruneError("a candidate model computes a non-finite loss on the calibration images; "
+                                  "nothing was chosen from it")
+        self.ctx.evaluations += 1
+        self.ctx.images_evaluated += n
+        return loss / n, hit / n
+
+    def recalibrate(self, model):
+        n = recalibrate_batchnorm(model, self.recal, device=self.ctx.device)
+        self.ctx.images_evaluated += n  # training images through the model: the same cost as calibration ones
+        return model
+
+    def min_units(self, group: str) -> int:
+        """The smallest cut of a group: per-head groups lose the same number of channels in every head."""
+        g = self.dense_groups[group]
+        return g.heads if g.unit == "channel" and g.heads > 1 and not g.head_group else 1
+
+    def units(self, model, group: str, scale: float) -> int:
+        """How many units of `group` the next cut removes: the fewest that save `scale` x STEP of the
+        current model's memory (estimated from the group's bytes per unit), at most MAX_CUT of its
+        width, at least its smallest cut."""
+        g = group_map(model)[group]
+        per_unit = g.memory_bytes / max(g.size, 1)
+        want = self.step * scale * self.ctx.memory(model, "fp32")
+        n = math.ceil(want / per_unit) if per_unit > 0 else 1
+        n = min(n, int(MAX_CUT * g.size))
+        low = self.min_units(group)
+        return max(low, (n // low) * low)
+
+    def cut(self, model, group: str, units: int):
+        """(model with `units` units of `group` removed, kept indices), or None when it cannot go."""
+        size = group_map(model)[group].size
+        if size - units < self.minimum[group]:
+            units = size - self.minimum[group]
+        if units <= 0:
+            return None
+        kw = self.ctx.score_kwargs()
+        s = scores(model, self.ctx.importance, kw.pop("data"), names=[group], **kw)[group]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SpikepruneWarning)
+            try:
+                kept = plan(model, {group: units / size}, importance={group: s}, round_to=self.ctx.round_to).kept[group]
+            except SpikepruneError:
+                return None
+        if len(kept) >= size:
+            return None
+        return surgery_prune(model, {group: list(kept)}, round_to=self.ctx.round_to).eval(), list(kept)
+
+    def candidate(self, model, mem_now: int, loss_now: float, group: str, units: int) -> _Candidate | None:
+        made = self.cut(model, group, units)
+        if made is None:
+            return None
+        pruned, kept = made
+        mem = self.ctx.memory(pruned)
+        if mem_now - mem < MIN_GAIN * self.ctx.dense_memory:
+            return None
+        self.recalibrate(pruned)
+        loss, top1 = self.screen_eval(pruned)
+        self.candidates_measured += 1
+        return _Candidate(group, pruned, kept, mem, loss, top1, (loss - loss_now) / (mem_now - mem))
+
+
+def _replay(ctx: PruneContext, walk: _Walk, saved: dict, key: dict):
+    if not saved or saved.get("key") != key:
+        if saved:
+            ctx.log("shrink: the saved progress belongs to other settings; starting afresh")
+        return None
+    model = ctx.model
+    cuts = [Cut(**c) for c in saved["cuts"]]
+    for c in cuts:
+        model = surgery_prune(model, {c.group: list(c.kept)}, round_to=ctx.round_to).eval()
+        if ctx.memory(model) != c.memory_bytes:
+            ctx.log(f"shrink: replaying {c.group} did not give the saved size; starting afresh")
+            return None
+    if cuts:
+        walk.recalibrate(model)
+    ctx.log(f"shrink: resumed after {len(cuts)} accepted cuts")
+    return model, cuts, saved
+
+
+def plot_walk(path, dense_bytes: int, dense_top1: float, cuts: list[Cut], max_acc_drop: float,
+              budget_bytes: int | None, precision: str) -> None:
+    fig, ax = new_figure(figsize=(FIGSIZE[0] + 1.5, FIGSIZE[1] + 0.8))
+    xs = [dense_bytes / 1e6] + [c.memory_bytes / 1e6 for c in cuts]
+    ys = [100 * dense_top1] + [100 * c.calib_top1 for c in cuts]
+    ax.plot(xs, ys, "o-", color="tab:purple", ms=4, lw=1.2, label="after each cut (BatchNorm re-estimated)")
+    ax.plot(xs[:1], ys[:1], "k*", ms=13, label="dense")
+    for i, c in enumerate(cuts, 1):
+        if len(cuts) <= 20 or i % max(1, len(cuts) // 15) == 0 or i == len(cuts):
+            ax.annotate(f"{i}. {c.group}", (xs[i], ys[i]), textcoords="offset points",
+                        xytext=(4, 6 if i % 2 else -12), fontsize=6)
+    ax.axhline(100 * dense_top1 - max_acc_drop, color="tab:red", ls="--", lw=1,
+               label=f"accuracy limit (-{max_acc_drop:g} pts)")
+    if budget_bytes is not None:
+        ax.axvline(budget_bytes / 1e6, color="tab:green", ls="--", lw=1, label=f"memory budget ({format_bytes(budget_bytes)})")
+    ax.invert_xaxis()
+    ax.set_xlabel(f"model memory at {precision} (MB, 10^6 bytes)")
+    ax.set_ylabel("calibration top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title("shrink: one cut at a time, the cheapest per byte")
+    save_figure(fig, path)
+
+
+def _report(ctx: PruneContext, cuts: list[Cut], rejected: list[dict], settings: dict, stop: str, top1: float,
+            mem: int, walk: _Walk) -> str:
+    c = ctx.constraints
+    lines = [
+        f"Limit {c.max_acc_drop:g} points of calibration top-1; memory at **{c.precision}** (dense "
+        f"{format_bytes(c.dense_bytes)})" + (f"; budget {format_bytes(c.budget_bytes)}." if c.budget_bytes else
+                                             "; no memory target: as far as the limit allows."),
+        "",
+        f"How it chose: every group's next cut (the fewest units saving {settings['step']:.0%} of the current "
+        f"memory, at most {MAX_CUT:.0%} of the group, units ranked by "
+        f"{ctx.importance}) is tried on the current model; BatchNorm statistics are re-estimated on "
+        f"{settings['recal_images']} training images; the cut whose cross-entropy on {settings['screen_images']} "
+        "calibration images rises least per byte saved is taken, if the whole calibration split stays within the "
+        "limit. A cut that breaks it is undone and that group's step halved. "
+        f"Each step re-measures the {settings['fresh']} cheapest groups, all of them every {settings['refresh']} steps.",
+        "",
+        f"**Stopped: {stop}.** {len(cuts)} cuts; {1 - mem / c.dense_bytes:.2%} of the memory saved "
+        f"({format_bytes(mem)}), calibration top-1 {top1:.2%}.",
+        "",
+    ]
+    if c.budget_bytes is not None and mem > c.budget_bytes:
+        lines += [f"**Memory budget not met:** {mem - c.budget_bytes:,} bytes ({format_bytes(mem - c.budget_bytes)}) "
+                  f"over it, {(mem - c.budget_bytes) / c.dense_bytes:.2%} of the dense model short. Every further cut "
+                  "breaks the accuracy limit: allow a larger --max-acc-drop, count memory at a lower --precision, or "
+                  "fine-tune and prune again.", ""]
+    if cuts:
+        by_group: dict[str, list[Cut]] = {}
+        for cut in cuts:
+            by_group.setdefault(cut.group, []).append(cut)
+        lines += ["Where the memory came from:", "", "| group | dense width | final width | cuts |", "|---|---|---|---|"]
+        for g, cs in sorted(by_group.items(), key=lambda kv: -len(kv[1])):
+            lines.append(f"| {g} | {walk.dense_groups[g].size} | {cs[-1].size_after} | {len(cs)} |")
+        lines += ["", "| cut | group | width | loss rise per MB | calib top-1 | drop | memory | saved |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for i, cut in enumerate(cuts, 1):
+            lines.append(f"| {i} | {cut.group} | {cut.size_before} -> {cut.size_after} | {cut.cost_per_mb:.4f} "
+                         f"| {cut.calib_top1:.2%} | {cut.acc_drop:.2f} | {format_bytes(cut.memory_bytes)} "
+                         f"| {cut.memory_saved:.2%} |")
+    if rejected:
+        lines += ["", "Cuts undone because they broke the limit (the group's cuts halved, or it was finished): "
+                  + ", ".join(f"{r['group']} at step {r['at_step']} (drop {r['acc_drop']:.2f})" for r in rejected) + "."]
+    lines += ["", f"Search cost: {walk.candidates_measured} candidates measured this session, each one BatchNorm "
+                  f"re-estimation ({settings['recal_images']} images) and one screening pass."]
+    return "\n".join(lines)
+
+
+def _add_args(g) -> None:
+    g.add_argument("--shrink-step", type=float, default=None, metavar="F",
+                   help=f"shrink: each cut saves F of the current model's memory (default {STEP:g})")
+    g.add_argument("--shrink-fresh", type=int, default=None, metavar="N",
+                   help=f"shrink: groups re-measured per step (default {FRESH})")
+    g.add_argument("--shrink-refresh", type=int, default=None, metavar="N",
+                   help=f"shrink: re-measure every group every N steps (default {REFRESH})")
+    g.add_argument("--recal-images", type=int, default=None, metavar="N",
+                   help=f"shrink: training images for re-estimating BatchNorm after a cut (default {RECAL_IMAGES})")
+    g.add_argument("--screen-images", type=int, default=None, metavar="N",
+                   help=f"shrink: calibration images candidates are compared on (default {SCREEN_IMAGES})")
+
+
+def _settings(options: dict) -> dict:
+    def get(name, default):
+        v = options.get(name)
+        return default if v is None else v
+    s = {"step": float(get("shrink_step", STEP)), "fresh": int(get("shrink_fresh", FRESH)),
+         "refresh": int(get("shrink_refresh", REFRESH)), "recal_images": int(get("recal_images", RECAL_IMAGES)),
+         "screen_images": int(get("screen_images", SCREEN_IMAGES))}
+    if not (0 < s["step"] < 1) or not math.isfinite(s["step"]):
+        raise SpikepruneError(f"--shrink-step is a fraction of a group's width in (0, 1), got {s['step']:g}")
+    for k, flag in (("fresh", "--shrink-fresh"), ("refresh", "--shrink-refresh"), ("recal_images", "--recal-images"),
+                    ("screen_images", "--screen-images")):
+        if s[k] < 1:
+            raise SpikepruneError(f"{flag} must be a whole number >= 1, got {s[k]}")
+    return s
+
+
+def _check(options: dict, model) -> None:
+    _settings(options)
+
+
+@register_policy("shrink", add_args=_add_args, check=_check,
+                 help="ours: one small cut at a time, each group's next cut measured after re-estimating "
+                      "BatchNorm, the cheapest per byte taken, until the accuracy limit or memory budget")
+def shrink(ctx: PruneContext) -> PolicyResult:
+    """shrink (module docstring)."""
+    S = _settings(ctx.options)
+    cons = ctx.constraints
+    L, budget = cons.max_acc_drop, cons.budget_bytes
+    walk = _Walk(ctx, S["step"], S["recal_images"], S["screen_images"])
+    dense_top1 = ctx.dense_calib_top1
+    patterns = [p.strip() for p in ctx.groups.split(",") if p.strip()]
+    names = [n for n in walk.dense_groups if any(fnmatch.fnmatch(n, p) for p in patterns)]  # --groups
+    key = {"settings": S, "max_acc_drop": L, "budget": budget, "precision": cons.precision,
+           "importance": ctx.importance, "round_to": ctx.round_to, "groups": names}
+
+    model, cuts, rejected = ctx.model, [], []
+    scale = {n: 1.0 for n in names}  # halved for a group each time its cut breaks the limit
+    finished: list[str] = []
+    steps_without_cut = 0
+    stale: dict[str, float] = {}  # group -> loss rise per byte of its cut when last measured
+    restored = _replay(ctx, walk, ctx.load_checkpoint(CHECKPOINT), key)
+    if restored:
+        model, cuts, saved = restored
+        rejected, scale, finished = saved["rejected"], saved["scale"], saved["finished"]
+        steps_without_cut = saved["steps_without_cut"]
+        stale.update({g: (math.inf if v is None else v) for g, v in saved["stale"].items()})
+    dense_loss, dense_screen_top1 = walk.screen_eval(ctx.model)
+    loss_now = cuts[-1].screen_loss if cuts else dense_loss
+    mem = ctx.memory(model)
+    top1 = cuts[-1].calib_top1 if cuts else dense_top1
+    stop = f"reached {MAX_STEPS} steps"
+    ctx.log(f"shrink: {len(names)} groups, each cut saving about {S['step']:.0%} of the memory, BatchNorm re-estimated on "
+            f"{sum(len(y) for _, y in walk.recal)} training images after each")
+
+    def save():
+        ctx.checkpoint(CHECKPOINT, {"key": key, "cuts": [c.to_dict() for c in cuts], "rejected": rejected,
+                                    "scale": scale, "finished": finished, "steps_without_cut": steps_without_cut,
+                                    # the lazy greedy's last measured costs (None: infinite), so a resumed
+                                    # run measures the same groups as an uninterrupted one would
+                                    "stale": {g: (None if math.isinf(v) else v) for g, v in stale.items()}})
+
+    def reject(group: str, cand: _Candidate, drop: float, step: int) -> None:
+        """A cut that breaks the limit: undone; the group's cuts halve, or it is finished."""
+        before, after = group_map(model)[group].size, group_map(cand.model)[group].size
+        rejected.append({"group": group, "at_step": step + 1, "acc_drop": round(drop, 4), "units": before - after})
+        if before - after <= walk.min_units(group):
+            finished.append(group)  # even its smallest cut breaks the limit
+            stale.pop(group, None)
+            ctx.log(f"shrink: cutting {group} {before} -> {after} breaks the limit (drop {drop:.2f}); it is finished")
+        else:
+            scale[group] /= 2
+            stale[group] = math.inf  # measured again at the next refresh
+            ctx.log(f"shrink: cutting {group} {before} -> {after} breaks the limit (drop {drop:.2f}); its cuts halve")
+
+    while True:
+        step = len(cuts) + steps_without_cut
+        if step >= MAX_STEPS:
+            break
+        if budget is not None and mem <= budget:
+            stop = "memory budget met"
+            break
+        live = [n for n in names if n not in finished]
+        if not live:
+            stop = "every group is at its limit (a smaller cut breaks the accuracy limit or nothing is left)"
+            break
+        if not stale or step % S["refresh"] == 0:
+            todo = live
+        else:
+            todo = sorted(live, key=lambda n: (stale.get(n, -math.inf), n))[:S["fresh"]]
+        found = []
+        for n in todo:
+            cand = walk.candidate(model, mem, loss_now, n, walk.units(model, n, scale[n]))
+            if cand is None:  # nothing left to cut, or too little to be worth a pass
+                finished.append(n)
+                stale.pop(n, None)
+                continue
+            # The screening pass already tells whether the cut breaks the limit: exactly when the
+            # screening images are the calibration split, as an estimate otherwise.
+            screen_drop = (dense_screen_top1 - cand.top1) * 100
+            if screen_drop > L + _EPS:
+                reject(n, cand, screen_drop, step)
+                continue
+            stale[n] = cand.priority
+            found.append(cand)
+        if not found:
+            steps_without_cut += 1
+            save()
+            continue
+        best = min(found, key=lambda c: (c.priority, c.group))
+        del found
+        size_before = group_map(model)[best.group].size
+        cal = best.top1 if walk.screen_is_calib else ctx.calib_top1(best.model)
+        drop = (dense_top1 - cal) * 100
+        if drop > L + _EPS:
+            reject(best.group, best, drop, step)
+            steps_without_cut += 1
+            save()
+            continue
+        model, mem, loss_now, top1 = best.model, best.memory_bytes, best.loss, cal
+        size_after = group_map(model)[best.group].size
+        cut = Cut(best.group, size_before, size_after, mem, 1 - mem / cons.dense_bytes, best.loss, cal,
+                  round(drop, 4), best.priority * 1e6, len(todo), best.kept)
+        cuts.append(cut)
+        stale.pop(best.group, None)  # its next cut starts from a new width: measure it again
+        ctx.log(f"shrink: cut {len(cuts)}: {best.group} {size_before} -> {size_after}; memory "
+                f"{format_bytes(mem)} ({cut.memory_saved:.2%} saved), calib top-1 {cal:.2%} (drop {drop:.2f})")
+        save()
+
+    ctx.log(f"shrink: stopped ({stop}): {len(cuts)} cuts, {1 - mem / cons.dense_bytes:.2%} saved, calib top-1 "
+            f"{top1:.2%}; {walk.candidates_measured} candidates measured")
+    met = budget is None or mem <= budget
+    info = {
+        "shrink": {**S, "stop_reason": stop, "memory_met": met, "candidates_measured": walk.candidates_measured,
+                   "cuts": [{k: v for k, v in c.to_dict().items() if k != "kept"} for c in cuts],
+                   "rejected": rejected, "dense_screen_loss": dense_loss, "dense_screen_top1": dense_screen_top1,
+                   "bn_recalibrated_on": f"{sum(len(y) for _, y in walk.recal)} training images"},
+        "shortfall": None if met else {"bytes": mem - budget, "fraction": (mem - budget) / cons.dense_bytes,
+                                       "budget_bytes": budget, "memory_bytes": mem},
+        "calib_top1": top1,
+        "tradeoff": {"shrink cuts": [[0.0, dense_top1]] + [[c.memory_saved, c.calib_top1] for c in cuts]},
+        "plots": [("shrink_walk.png",
+                   lambda path: plot_walk(path, cons.dense_bytes, dense_top1, cuts, L, budget, cons.precision),
+                   "shrink: memory against calibration top-1 after each cut")],
+        "report_sections": [("shrink", _report(ctx, cuts, rejected, S, stop, top1, mem, walk))],
+    }
+    return PolicyResult(model, info)

@@ -1,0 +1,182 @@
+"""shrink, our policy (spikeprune/policies/shrink.py), and the BatchNorm re-estimation it relies on."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import spikeprune.policies.shrink as shrink_module
+from spikeprune import cli
+from spikeprune.costs import memory_bytes
+from spikeprune.errors import SpikepruneError
+from spikeprune.record import PruningRecord
+from spikeprune.serialization import load_model, save_model
+from spikeprune.surgery import prune
+from spikeprune.training import recalibrate_batchnorm
+
+FAST = ["--data", "digits", "--latency-repeats", "1", "--quiet", "--policy", "shrink", "--recal-images", "64",
+        "--screen-images", "128"]
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchNorm re-estimation
+# ------------------------------------------------------------------------------------------------
+def test_recalibrate_batchnorm_measures_the_statistics_of_the_images_given():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, momentum=0.3), nn.ReLU(), nn.Conv2d(3, 2, 1),
+                          nn.BatchNorm2d(2)).eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    x = torch.randn(40, 1, 8, 8) * 3 + 1
+    batches = [x[:16], (x[16:], torch.zeros(24))]  # images alone or (images, labels)
+    assert recalibrate_batchnorm(model, batches) == 40
+    # the cumulative average of the batches' statistics, each batch weighted alike (torch's
+    # momentum=None rule): means and unbiased variances of what reaches the BatchNorm
+    with torch.no_grad():
+        feats = [model[0](b) for b in (x[:16], x[16:])]
+    m = [f.mean((0, 2, 3)) for f in feats]
+    v = [f.var((0, 2, 3), unbiased=True) for f in feats]
+    assert torch.allclose(model[1].running_mean, (m[0] + m[1]) / 2, atol=1e-5)
+    assert torch.allclose(model[1].running_var, (v[0] + v[1]) / 2, atol=1e-4)
+    assert model[1].momentum == 0.3 and model[4].momentum == 0.1  # restored
+    assert not model.training and all(not m.training for m in model.modules())
+    for k, w in weights.items():  # weights untouched
+        assert torch.equal(model.state_dict()[k], w), k
+    with pytest.raises(SpikepruneError, match="at least one image"):
+        recalibrate_batchnorm(model, [])
+
+
+def test_recalibration_recovers_accuracy_of_a_pruned_model(trained_tiny):
+    """Pruning leaves stale statistics behind; re-estimating them does not hurt, and usually helps."""
+    from spikeprune.data import dataset_for_model, make_loader
+    from spikeprune.training import evaluate
+
+    calib = dataset_for_model("digits", trained_tiny, "calib")
+    pruned = prune(trained_tiny, {"residual": 0.5, "block0.mlp.hidden": 0.5}).eval()
+    before = evaluate(pruned, calib, progress=False)
+    recalibrate_batchnorm(pruned, make_loader(dataset_for_model("digits", pruned, "train"), 64))
+    after = evaluate(pruned, calib, progress=False)
+    assert after["loss"] < before["loss"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The policy through the CLI
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_trained(trained_tiny_path):
+    return str(trained_tiny_path)
+
+
+@pytest.fixture(scope="module")
+def full_run(saved_trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    assert cli.main(["prune", saved_trained, *FAST, "--max-acc-drop", "5", "-o", str(out)]) == 0
+    return out
+
+
+def test_shrink_end_to_end(full_run, saved_trained):
+    s = json.loads((full_run / "summary.json").read_text())
+    info = s["shrink"]
+    cuts = info["cuts"]
+    assert s["policy"] == "shrink" and len(cuts) >= 2
+    L = s["constraints"]["max_acc_drop"]
+    # every accepted cut is within the limit and saves memory; the last one is the model returned
+    assert all(c["acc_drop"] <= L + 1e-9 for c in cuts)
+    assert all(a["memory_bytes"] > b["memory_bytes"] for a, b in zip(cuts, cuts[1:]))
+    assert cuts[-1]["memory_bytes"] == s["pruned"]["memory_bytes"]["fp32"]
+    assert cuts[-1]["calib_top1"] == pytest.approx(s["calib"]["pruned_top1"])
+    assert s["calib"]["dense_top1"] - s["calib"]["pruned_top1"] <= L / 100 + 1e-9
+    assert info["stop_reason"] and info["candidates_measured"] >= len(cuts)
+    # the residual is a candidate like any other group
+    assert {"residual", "block0.mlp.hidden"} & {c["group"] for c in cuts}
+    # the record gives the structure; the weights file carries the re-estimated BatchNorm statistics
+    model = load_model(full_run / "model")
+    rebuilt = prune(load_model(saved_trained), PruningRecord.from_dict(s["pruning"]))
+    ours, replayed = model.state_dict(), rebuilt.state_dict()
+    assert {k: v.shape for k, v in replayed.items()} == {k: v.shape for k, v in ours.items()}
+    for k, v in ours.items():
+        if "running_" in k or "num_batches" in k:
+            continue
+        assert torch.equal(v, replayed[k]), k  # the same kept units
+    assert any(not torch.equal(v, replayed[k]) for k, v in ours.items() if "running_var" in k)
+    report = (full_run / "report.md").read_text()
+    assert "## shrink" in report and "re-estimated" in report and "plots/shrink_walk.png" in report
+
+
+def test_shrink_stops_at_the_memory_budget(saved_trained, tmp_path):
+    out = tmp_path / "budget"
+    assert cli.main(["prune", saved_trained, *FAST, "--max-acc-drop", "50", "--target-saving", "0.2",
+                     "-o", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["constraints_met"] and s["shrink"]["stop_reason"] == "memory budget met"
+    assert s["memory_saved"] >= 0.2
+    # it stopped at the first cut that met the budget
+    cuts = s["shrink"]["cuts"]
+    assert all(c["memory_saved"] < 0.2 for c in cuts[:-1])
+
+
+def test_shrink_honours_the_groups_pattern(saved_trained, tmp_path):
+    out = tmp_path / "mlp-only"
+    assert cli.main(["prune", saved_trained, *FAST, "--groups", "block*.mlp.hidden", "--max-acc-drop", "50",
+                     "-o", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert {c["group"] for c in s["shrink"]["cuts"]} == {"block0.mlp.hidden"}
+
+
+def test_shrink_resume_after_kill_replays_cuts(saved_trained, full_run, tmp_path, monkeypatch):
+    out = tmp_path / "killed"
+    args = ["prune", saved_trained, *FAST, "--max-acc-drop", "5", "-o", str(out)]
+    real = shrink_module.Cut
+
+    class Killed(BaseException):
+        pass
+
+    made = []
+
+    def cut_then_die(*a, **k):
+        made.append(1)
+        if len(made) == 2:  # the second accepted cut is never saved
+            raise Killed
+        return real(*a, **k)
+
+    monkeypatch.setattr(shrink_module, "Cut", cut_then_die)
+    with pytest.raises(Killed):
+        cli.main(args)
+    saved = json.loads((out / "steps" / f"{shrink_module.CHECKPOINT}.json").read_text())
+    assert len(saved["cuts"]) == 1 and saved["cuts"][0]["kept"]
+    monkeypatch.setattr(shrink_module, "Cut", real)
+    assert cli.main(args) == 0
+    full, resumed = (json.loads((d / "summary.json").read_text()) for d in (full_run, out))
+    assert resumed["resumed"] is True
+    assert resumed["shrink"]["cuts"] == full["shrink"]["cuts"]
+    assert resumed["pruned"]["memory_bytes"] == full["pruned"]["memory_bytes"]
+    assert resumed["calib"]["pruned_top1"] == full["calib"]["pruned_top1"]
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--shrink-step", "0"], "--shrink-step"),
+    (["--shrink-step", "1.5"], "--shrink-step"),
+    (["--recal-images", "0"], "--recal-images"),
+    (["--shrink-fresh", "0"], "--shrink-fresh"),
+])
+def test_shrink_refuses_bad_options_before_touching_the_run(saved_trained, tmp_path, capsys, extra, words):
+    out = tmp_path / "bad"
+    assert cli.main(["prune", saved_trained, *FAST, *extra, "-o", str(out)]) != 0
+    assert words in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_shrink_runs_on_the_sdt_family(tmp_path):
+    from spikeprune.models import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "sdt"
+    save_model(create_model("sdt-1-64-mnist", img_size=16, num_classes=10, T=1, embed_dim=16, num_heads=2).eval(),
+               path)
+    out = tmp_path / "run"
+    assert cli.main(["prune", str(path), *FAST, "--max-acc-drop", "100", "--target-saving", "0.3",
+                     "-o", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["memory_saved"] >= 0.3 and memory_bytes(load_model(out / "model"))["fp32"] == \
+        s["pruned"]["memory_bytes"]["fp32"]
