@@ -242,7 +242,7 @@ def settings_from_args(args) -> RunSettings:
         groups=args.groups, batch_size=args.batch_size, workers=args.workers, device=args.device, seed=args.seed,
         calib_batches=args.calib_batches, finetune_epochs=args.finetune_epochs, kd=args.kd, kd_weight=args.kd_weight,
         kd_temperature=args.kd_temperature, finetune_lr=args.finetune_lr,
-        finetune_batch_size=args.finetune_batch_size,
+        finetune_batch_size=args.finetune_batch_size, limit_after_finetune=args.limit_after_finetune,
         options={d: getattr(args, d, None) for d in _POLICY_ARG_DESTS.get(name, [])},
         max_images=_parse_caps(args.max_images), measure_images=args.measure_images,
         latency_repeats=args.latency_repeats, model_spec=args.model_spec, force=args.force, progress=not args.quiet)
@@ -305,6 +305,10 @@ def register_prune(sub) -> None:
     f.add_argument("--kd-temperature", type=float, default=4.0, help="distillation temperature (default 4)")
     f.add_argument("--finetune-lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     f.add_argument("--finetune-batch-size", type=int, default=64, metavar="N", help="training batch size (default 64)")
+    f.add_argument("--limit-after-finetune", action="store_true",
+                   help="hold --max-acc-drop on the fine-tuned model (what you deploy), not on the pruned one; the "
+                        "policy then prunes further and checks its choice with short distillation (needs "
+                        "--finetune-epochs; policy shrink)")
     o = p.add_argument_group("output")
     o.add_argument("--latency-repeats", type=int, default=LATENCY_REPEATS, metavar="N",
                    help="timed repeats per latency figure (default %(default)s)")

@@ -208,18 +208,23 @@ class PolicySpec:
     add_args: Callable | None
     help: str
     check: Callable | None = None  # check(options, model) raises SpikepruneError before any work is done
+    after_finetune: bool = False  # it can hold the accuracy limit on the fine-tuned model (--limit-after-finetune)
 
 
 _POLICIES: dict[str, PolicySpec] = {}
 
 
-def register_policy(name: str, add_args: Callable | None = None, help: str = "", check: Callable | None = None):
+def register_policy(name: str, add_args: Callable | None = None, help: str = "", check: Callable | None = None,
+                    after_finetune: bool = False):
     """Decorator: `fn(ctx) -> PolicyResult` becomes `spikeprune prune --policy NAME`.
 
     add_args(argument_group) adds the policy's own options; check(options, dense_model) validates
-    them before the run folder is touched (so a typo never leaves a half-made run behind)."""
+    them before the run folder is touched (so a typo never leaves a half-made run behind).
+    after_finetune: the policy reads ctx.limit_after_finetune and, when it is set, chooses a model
+    whose calibration top-1 *after the run's fine-tuning* is meant to hold the limit."""
     def deco(fn):
-        _POLICIES[name] = PolicySpec(name, fn, add_args, help or (fn.__doc__ or "").strip().split("\n")[0], check)
+        _POLICIES[name] = PolicySpec(name, fn, add_args, help or (fn.__doc__ or "").strip().split("\n")[0], check,
+                                     after_finetune)
         return fn
     return deco
 
@@ -267,6 +272,7 @@ class PruneContext:
         self.ratios, self.uniform_ratios = tuple(s.ratios), tuple(s.uniform_ratios)
         self.groups, self.calib_batches = s.groups, s.calib_batches
         self.options = dict(s.options)
+        self.limit_after_finetune = s.limit_after_finetune  # the limit holds after the run's fine-tuning
         self.progress = s.progress
         self.log_file = self.run_dir / "log.txt"
         c = s.constraints

@@ -20,7 +20,7 @@ import torch
 from spikeprune.stats import differ, top1_standard_error
 
 ROOT = Path(__file__).resolve().parent.parent
-POLICIES = ("uniform", "psvit", "primesvt", "global", "random")
+POLICIES = ("uniform", "psvit", "primesvt", "global", "shrink", "random")
 LIMITS = (1.0, 3.0)
 
 
@@ -101,6 +101,7 @@ def test_smoke_run_writes_complete_results_and_resumes(bench, trained_tiny_path,
         assert used[f"primesvt-L{L:g}"] == {"dense_calib", "sensitivity"}
         assert used[f"uniform-L{L:g}"] == {"dense_calib", "uniform_sweep"}
         assert "sensitivity" not in used[f"global-L{L:g}"]
+        assert used[f"shrink-L{L:g}"] == {"dense_calib"}  # it reads no shared table
         # The random floor sits at PrimeSVT's widths exactly.
         assert recs[f"random-L{L:g}"]["widths"] == recs[f"primesvt-L{L:g}"]["widths"]
         assert recs[f"random-L{L:g}"]["memory_bytes"] == recs[f"primesvt-L{L:g}"]["memory_bytes"]

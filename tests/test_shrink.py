@@ -180,3 +180,37 @@ def test_shrink_runs_on_the_sdt_family(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["memory_saved"] >= 0.3 and memory_bytes(load_model(out / "model"))["fp32"] == \
         s["pruned"]["memory_bytes"]["fp32"]
+
+
+def test_limit_after_finetune_probes_with_distillation(saved_trained, tmp_path):
+    out = tmp_path / "after"
+    assert cli.main(["prune", saved_trained, *FAST, "--max-acc-drop", "2", "--limit-after-finetune",
+                     "--finetune-epochs", "1", "--kd", "--probe-steps", "4", "--walk-drop", "30",
+                     "--max-images", "train=256", "-o", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    info = s["shrink"]
+    assert info["limit_after_finetune"] and info["walk_drop"] == 30
+    assert s["constraint_checks"]["limit_judged_on"] == "fine-tuned model"
+    # the limit was judged on the fine-tuned model's calibration top-1
+    drop = (s["calib"]["dense_top1"] - s["calib"]["finetuned_top1"]) * 100
+    assert s["constraint_checks"]["acc_drop_calib"] == pytest.approx(drop)
+    probes = info["probes"]
+    assert probes, "the walk made cuts, so the choice was probed"
+    chosen = [p for p in probes if p["ok"]]
+    kept_cuts = len(s["pruning"]["steps"])
+    # bisection: the chosen k is the largest probed k within the limit, and the next probed one failed
+    assert kept_cuts == max([0] + [p["k"] for p in chosen])
+    assert all(not p["ok"] for p in probes if p["k"] > kept_cuts)
+    assert "Limit after fine-tuning" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--policy", "shrink", "--limit-after-finetune"], "--finetune-epochs"),
+    (["--policy", "primesvt", "--limit-after-finetune", "--finetune-epochs", "1"], "use --policy shrink"),
+    (["--policy", "shrink", "--walk-drop", "-1"], "--walk-drop"),
+])
+def test_limit_after_finetune_refusals(saved_trained, tmp_path, capsys, extra, words):
+    out = tmp_path / "bad"
+    assert cli.main(["prune", saved_trained, "--data", "digits", "--quiet", *extra, "-o", str(out)]) != 0
+    assert words in capsys.readouterr().err
+    assert not out.exists()

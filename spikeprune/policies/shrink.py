@@ -31,6 +31,15 @@ The walk (every decision on the calibration split, BatchNorm statistics from tra
    smallest cut breaks the limit, or saves less than MIN_GAIN of the dense memory), or after
    MAX_STEPS steps. With no memory target the walk goes as far as the limit allows.
 
+Limit after fine-tuning (`--limit-after-finetune`, with the run's `--finetune-epochs`): what users
+deploy is the fine-tuned model, and fine-tuning wins back much of what pruning loses. The walk then
+goes on to --walk-drop points (default 4 x the limit + 4) before fine-tuning; a probe replays the
+first k cuts and distils PROBE_STEPS steps from the dense model (the run's fine-tuning learning
+rate, batch size and distillation settings); the largest k whose calibration drop after the probe
+is within the limit is found by bisection over k (about log2 of the number of cuts probes) and
+handed to the run, whose fine-tuning and check follow (the run judges the limit on the fine-tuned
+model). Probes are not checkpointed: a resumed run replays the walk and probes again.
+
 The final model carries the re-estimated BatchNorm statistics (they are buffers in its weights
 file; its pruning record gives the kept units). Options: --shrink-step, --shrink-fresh,
 --shrink-refresh, --recal-images, --screen-images.
@@ -41,6 +50,7 @@ without a search, and goes on.
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 import warnings
@@ -56,7 +66,7 @@ from ..plots import FIGSIZE, new_figure, save_figure
 from ..policy_api import PolicyResult, PruneContext, minimum_kept, register_policy
 from ..surgery import SpikepruneWarning, plan
 from ..surgery import prune as surgery_prune
-from ..training import recalibrate_batchnorm
+from ..training import finetune, recalibrate_batchnorm
 from ..units import format_bytes
 
 STEP = 0.08  # of the current model's memory, per cut
@@ -66,6 +76,7 @@ REFRESH = 4  # every REFRESH steps, all groups are re-measured
 RECAL_IMAGES = 256
 SCREEN_IMAGES = 512
 MAX_STEPS = 200
+PROBE_STEPS = 100  # distillation steps per probe with --limit-after-finetune
 MIN_GAIN = 0.0025  # of the dense memory: a group whose next cut saves less is finished
 CHECKPOINT = "shrink_progress"  # RUN/steps/shrink_progress.json
 _EPS = 1e-9
@@ -227,6 +238,58 @@ def _replay(ctx: PruneContext, walk: _Walk, saved: dict, key: dict):
     return model, cuts, saved
 
 
+def _apply(ctx: PruneContext, walk: _Walk, cuts: list[Cut]):
+    """The dense model with the first cuts applied, BatchNorm re-estimated (exact: kept indices)."""
+    model = ctx.model
+    for c in cuts:
+        model = surgery_prune(model, {c.group: list(c.kept)}, round_to=ctx.round_to).eval()
+    return walk.recalibrate(model) if cuts else model
+
+
+def _choose_by_distillation(ctx: PruneContext, walk: _Walk, cuts: list[Cut], L: float, steps: int):
+    """--limit-after-finetune: the largest k such that the first k cuts, distilled `steps` steps from
+    the dense model, stay within L points on the calibration split (bisection over k; k = 0, the
+    dense model, always does). Returns (model, memory, calib top-1, probes)."""
+    s = ctx.settings
+    train = ctx.dataset("train", augment=True)
+    probes: dict[int, tuple] = {}
+
+    def probe(k: int) -> bool:
+        model = _apply(ctx, walk, cuts[:k])
+        before = cuts[k - 1].calib_top1
+        distilled, _ = finetune(copy.deepcopy(model), train, 1, teacher=ctx.model, kd_weight=s.kd_weight,
+                                kd_temperature=s.kd_temperature, lr=s.finetune_lr, batch_size=s.finetune_batch_size,
+                                max_steps_per_epoch=steps, device=ctx.device, seed=ctx.seed, progress=False)
+        distilled.eval()
+        distilled.pruning = model.pruning
+        top1 = ctx.calib_top1(distilled)
+        drop = ctx.acc_drop(top1)
+        ok = drop <= L + _EPS
+        probes[k] = (distilled, top1, {"k": k, "memory_saved": cuts[k - 1].memory_saved, "calib_top1_before": before,
+                                       "calib_top1": top1, "acc_drop": round(drop, 4), "ok": ok})
+        ctx.log(f"shrink: probe k={k} ({cuts[k - 1].memory_saved:.2%} saved): calib top-1 {before:.2%} -> {top1:.2%} "
+                f"after {steps} distillation steps (drop {drop:.2f}) -> {'within' if ok else 'over'} the limit")
+        return ok
+
+    lo, hi = 0, len(cuts)  # lo: known within the limit; hi: the largest k not yet known to fail
+    if cuts and not probe(hi):
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if probe(mid):
+                lo = mid
+            else:
+                hi = mid
+    else:
+        lo = hi
+    table = [p[2] for p in probes.values()]
+    if lo == 0:
+        ctx.log("shrink: no probe stays within the limit after short distillation: the model stays dense")
+        return ctx.model, ctx.memory(ctx.model), ctx.dense_calib_top1, table
+    model, top1, _ = probes[lo]
+    ctx.log(f"shrink: after-fine-tuning choice: the first {lo} of {len(cuts)} cuts ({cuts[lo - 1].memory_saved:.2%} saved)")
+    return model, ctx.memory(model), top1, table
+
+
 def plot_walk(path, dense_bytes: int, dense_top1: float, cuts: list[Cut], max_acc_drop: float,
               budget_bytes: int | None, precision: str) -> None:
     fig, ax = new_figure(figsize=(FIGSIZE[0] + 1.5, FIGSIZE[1] + 0.8))
@@ -252,7 +315,7 @@ def plot_walk(path, dense_bytes: int, dense_top1: float, cuts: list[Cut], max_ac
 
 
 def _report(ctx: PruneContext, cuts: list[Cut], rejected: list[dict], settings: dict, stop: str, top1: float,
-            mem: int, walk: _Walk) -> str:
+            mem: int, walk: _Walk, walk_L: float, probes: list[dict] | None) -> str:
     c = ctx.constraints
     lines = [
         f"Limit {c.max_acc_drop:g} points of calibration top-1; memory at **{c.precision}** (dense "
@@ -292,6 +355,16 @@ def _report(ctx: PruneContext, cuts: list[Cut], rejected: list[dict], settings: 
     if rejected:
         lines += ["", "Cuts undone because they broke the limit (the group's cuts halved, or it was finished): "
                   + ", ".join(f"{r['group']} at step {r['at_step']} (drop {r['acc_drop']:.2f})" for r in rejected) + "."]
+    if probes is not None:
+        lines += ["", f"**Limit after fine-tuning.** The walk went on to a drop of {walk_L:g} points before "
+                  f"fine-tuning; each probe below replays the first k cuts and distils {settings['probe_steps']} steps "
+                  "from the dense model, and the largest k whose calibration drop after that is within the limit "
+                  "(bisection over k) is the model handed to the run's fine-tuning.", "",
+                  "| k cuts | memory saved | calib top-1 before | after short distillation | drop | within |",
+                  "|---|---|---|---|---|---|"]
+        for pr in sorted(probes, key=lambda p: p["k"]):
+            lines.append(f"| {pr['k']} | {pr['memory_saved']:.2%} | {pr['calib_top1_before']:.2%} "
+                         f"| {pr['calib_top1']:.2%} | {pr['acc_drop']:.2f} | {'yes' if pr['ok'] else 'no'} |")
     lines += ["", f"Search cost: {walk.candidates_measured} candidates measured this session, each one BatchNorm "
                   f"re-estimation ({settings['recal_images']} images) and one screening pass."]
     return "\n".join(lines)
@@ -306,6 +379,11 @@ def _add_args(g) -> None:
                    help=f"shrink: re-measure every group every N steps (default {REFRESH})")
     g.add_argument("--recal-images", type=int, default=None, metavar="N",
                    help=f"shrink: training images for re-estimating BatchNorm after a cut (default {RECAL_IMAGES})")
+    g.add_argument("--walk-drop", type=float, default=None, metavar="POINTS",
+                   help="shrink with --limit-after-finetune: how far (calibration points, before fine-tuning) the "
+                        "walk may go before the probes choose (default 4 x max-acc-drop + 4)")
+    g.add_argument("--probe-steps", type=int, default=None, metavar="N",
+                   help=f"shrink with --limit-after-finetune: distillation steps per probe (default {PROBE_STEPS})")
     g.add_argument("--screen-images", type=int, default=None, metavar="N",
                    help=f"shrink: calibration images candidates are compared on (default {SCREEN_IMAGES})")
 
@@ -316,11 +394,17 @@ def _settings(options: dict) -> dict:
         return default if v is None else v
     s = {"step": float(get("shrink_step", STEP)), "fresh": int(get("shrink_fresh", FRESH)),
          "refresh": int(get("shrink_refresh", REFRESH)), "recal_images": int(get("recal_images", RECAL_IMAGES)),
-         "screen_images": int(get("screen_images", SCREEN_IMAGES))}
+         "screen_images": int(get("screen_images", SCREEN_IMAGES)), "probe_steps": int(get("probe_steps", PROBE_STEPS)),
+         "walk_drop": options.get("walk_drop")}
+    if s["walk_drop"] is not None:
+        w = float(s["walk_drop"])
+        if not (math.isfinite(w) and 0 <= w <= 100):
+            raise SpikepruneError(f"--walk-drop is in calibration top-1 points (0-100), got {s['walk_drop']}")
+        s["walk_drop"] = w
     if not (0 < s["step"] < 1) or not math.isfinite(s["step"]):
         raise SpikepruneError(f"--shrink-step is a fraction of a group's width in (0, 1), got {s['step']:g}")
     for k, flag in (("fresh", "--shrink-fresh"), ("refresh", "--shrink-refresh"), ("recal_images", "--recal-images"),
-                    ("screen_images", "--screen-images")):
+                    ("screen_images", "--screen-images"), ("probe_steps", "--probe-steps")):
         if s[k] < 1:
             raise SpikepruneError(f"{flag} must be a whole number >= 1, got {s[k]}")
     return s
@@ -330,7 +414,7 @@ def _check(options: dict, model) -> None:
     _settings(options)
 
 
-@register_policy("shrink", add_args=_add_args, check=_check,
+@register_policy("shrink", add_args=_add_args, check=_check, after_finetune=True,
                  help="ours: one small cut at a time, each group's next cut measured after re-estimating "
                       "BatchNorm, the cheapest per byte taken, until the accuracy limit or memory budget")
 def shrink(ctx: PruneContext) -> PolicyResult:
@@ -338,11 +422,15 @@ def shrink(ctx: PruneContext) -> PolicyResult:
     S = _settings(ctx.options)
     cons = ctx.constraints
     L, budget = cons.max_acc_drop, cons.budget_bytes
+    after = ctx.limit_after_finetune
+    # With the limit on the fine-tuned model, the walk goes further than the limit (fine-tuning
+    # recovers part of the loss) and short distillation probes then choose how far to keep.
+    walk_L = (S["walk_drop"] if S["walk_drop"] is not None else min(100.0, 4 * L + 4)) if after else L
     walk = _Walk(ctx, S["step"], S["recal_images"], S["screen_images"])
     dense_top1 = ctx.dense_calib_top1
     patterns = [p.strip() for p in ctx.groups.split(",") if p.strip()]
     names = [n for n in walk.dense_groups if any(fnmatch.fnmatch(n, p) for p in patterns)]  # --groups
-    key = {"settings": S, "max_acc_drop": L, "budget": budget, "precision": cons.precision,
+    key = {"settings": S, "max_acc_drop": L, "walk_drop": walk_L, "budget": budget, "precision": cons.precision,
            "importance": ctx.importance, "round_to": ctx.round_to, "groups": names}
 
     model, cuts, rejected = ctx.model, [], []
@@ -409,7 +497,7 @@ def shrink(ctx: PruneContext) -> PolicyResult:
             # The screening pass already tells whether the cut breaks the limit: exactly when the
             # screening images are the calibration split, as an estimate otherwise.
             screen_drop = (dense_screen_top1 - cand.top1) * 100
-            if screen_drop > L + _EPS:
+            if screen_drop > walk_L + _EPS:
                 reject(n, cand, screen_drop, step)
                 continue
             stale[n] = cand.priority
@@ -423,7 +511,7 @@ def shrink(ctx: PruneContext) -> PolicyResult:
         size_before = group_map(model)[best.group].size
         cal = best.top1 if walk.screen_is_calib else ctx.calib_top1(best.model)
         drop = (dense_top1 - cal) * 100
-        if drop > L + _EPS:
+        if drop > walk_L + _EPS:
             reject(best.group, best, drop, step)
             steps_without_cut += 1
             save()
@@ -440,12 +528,16 @@ def shrink(ctx: PruneContext) -> PolicyResult:
 
     ctx.log(f"shrink: stopped ({stop}): {len(cuts)} cuts, {1 - mem / cons.dense_bytes:.2%} saved, calib top-1 "
             f"{top1:.2%}; {walk.candidates_measured} candidates measured")
+    probes = None
+    if after:
+        model, mem, top1, probes = _choose_by_distillation(ctx, walk, cuts, L, S["probe_steps"])
     met = budget is None or mem <= budget
     info = {
         "shrink": {**S, "stop_reason": stop, "memory_met": met, "candidates_measured": walk.candidates_measured,
                    "cuts": [{k: v for k, v in c.to_dict().items() if k != "kept"} for c in cuts],
                    "rejected": rejected, "dense_screen_loss": dense_loss, "dense_screen_top1": dense_screen_top1,
-                   "bn_recalibrated_on": f"{sum(len(y) for _, y in walk.recal)} training images"},
+                   "bn_recalibrated_on": f"{sum(len(y) for _, y in walk.recal)} training images",
+                   "limit_after_finetune": after, "walk_drop": walk_L, "probes": probes},
         "shortfall": None if met else {"bytes": mem - budget, "fraction": (mem - budget) / cons.dense_bytes,
                                        "budget_bytes": budget, "memory_bytes": mem},
         "calib_top1": top1,
@@ -453,6 +545,6 @@ def shrink(ctx: PruneContext) -> PolicyResult:
         "plots": [("shrink_walk.png",
                    lambda path: plot_walk(path, cons.dense_bytes, dense_top1, cuts, L, budget, cons.precision),
                    "shrink: memory against calibration top-1 after each cut")],
-        "report_sections": [("shrink", _report(ctx, cuts, rejected, S, stop, top1, mem, walk))],
+        "report_sections": [("shrink", _report(ctx, cuts, rejected, S, stop, top1, mem, walk, walk_L, probes))],
     }
     return PolicyResult(model, info)
