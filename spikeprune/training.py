@@ -143,17 +143,20 @@ def evaluate(model: nn.Module, data, split: str = "test", batch_size: int = 256,
     return {"top1": hit1 / n, "top5": hitk / n, "loss": loss_sum / n, "n": n}
 
 
-def recalibrate_batchnorm(model: nn.Module, batches, device="cpu") -> int:
+def recalibrate_batchnorm(model: nn.Module, batches, device="cpu", only: set[str] | None = None) -> int:
     """Re-estimate every BatchNorm's running mean and variance from `batches` (an iterable of image
     tensors, or of (images, labels)): the cumulative average over them, as if the statistics had
     been measured on these images from the start ("adaptive BN", EagleEye, ECCV 2020). Only the
     BatchNorm layers run in train mode; weights are not touched and no gradient is kept. Pruning
     removes channels that fed the later layers, so their stored statistics describe a model that no
     longer exists; re-estimating them is cheap and recovers much of the accuracy lost.
+    only: names of the BatchNorm modules to re-estimate (None: all); the others keep their statistics
+    and normalise with them (a layer upstream of a cut sees the same inputs as before it).
     Returns the number of images seen; the model is left in eval mode on `device`."""
     dev = _device(device)
     model.to(dev).eval()
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats and (only is None or name in only)]
     if not bns:
         return 0
     momenta = [m.momentum for m in bns]

@@ -17,6 +17,7 @@ from spikeprune.surgery import prune
 from spikeprune.training import recalibrate_batchnorm
 
 FAST = ["--data", "digits", "--latency-repeats", "1", "--quiet", "--policy", "shrink", "--recal-images", "64",
+        "--check-recal-images", "128",
         "--screen-images", "128"]
 
 
@@ -45,6 +46,10 @@ def test_recalibrate_batchnorm_measures_the_statistics_of_the_images_given():
         assert torch.equal(model.state_dict()[k], w), k
     with pytest.raises(SpikepruneError, match="at least one image"):
         recalibrate_batchnorm(model, [])
+    # only: the other BatchNorm layers keep their statistics and normalise with them
+    kept = model[1].running_mean.clone()
+    recalibrate_batchnorm(model, [x * 2], only={"4"})
+    assert torch.equal(model[1].running_mean, kept) and int(model[4].num_batches_tracked) == 1
 
 
 def test_recalibration_recovers_accuracy_of_a_pruned_model(trained_tiny):
@@ -122,6 +127,11 @@ def test_shrink_honours_the_groups_pattern(saved_trained, tmp_path):
                      "-o", str(out)]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert {c["group"] for c in s["shrink"]["cuts"]} == {"block0.mlp.hidden"}
+    # BatchNorm layers upstream of the MLP keep the dense model's statistics; the MLP's are re-estimated
+    dense, pruned = load_model(saved_trained).state_dict(), load_model(out / "model").state_dict()
+    assert torch.equal(pruned["patch_embed.proj_bn.running_var"], dense["patch_embed.proj_bn.running_var"])
+    assert torch.equal(pruned["block.0.attn.q_bn.running_var"], dense["block.0.attn.q_bn.running_var"])
+    assert not torch.equal(pruned["block.0.mlp.fc2_bn.running_var"], dense["block.0.mlp.fc2_bn.running_var"])
 
 
 def test_shrink_resume_after_kill_replays_cuts(saved_trained, full_run, tmp_path, monkeypatch):
