@@ -268,8 +268,7 @@ def _replay(ctx: PruneContext, walk: _Walk, saved: dict, key: dict):
     model = ctx.model
     cuts = [Cut(**c) for c in saved["cuts"]]
     for c in cuts:
-        model = walk.recalibrate(surgery_prune(model, {c.group: list(c.kept)}, round_to=ctx.round_to).eval(), c.group,
-                                 check=True)
+        model = _apply_cut(ctx, walk, model, c)
         if ctx.memory(model) != c.memory_bytes:
             ctx.log(f"shrink: replaying {c.group} did not give the saved size; starting afresh")
             return None
@@ -277,12 +276,18 @@ def _replay(ctx: PruneContext, walk: _Walk, saved: dict, key: dict):
     return model, cuts, saved
 
 
+def _apply_cut(ctx: PruneContext, walk: _Walk, model, cut: Cut):
+    """`model` with an accepted cut replayed from its kept indices, BatchNorm re-estimated as the
+    walk did when it accepted it (so a replay gives the same statistics)."""
+    pruned = surgery_prune(model, {cut.group: list(cut.kept)}, round_to=ctx.round_to).eval()
+    return walk.recalibrate(pruned, cut.group, check=True)
+
+
 def _apply(ctx: PruneContext, walk: _Walk, cuts: list[Cut]):
-    """The dense model with the first cuts applied, BatchNorm re-estimated (exact: kept indices)."""
+    """The dense model with the first cuts applied (exact: kept indices)."""
     model = ctx.model
     for c in cuts:
-        model = walk.recalibrate(surgery_prune(model, {c.group: list(c.kept)}, round_to=ctx.round_to).eval(), c.group,
-                                 check=True)
+        model = _apply_cut(ctx, walk, model, c)
     return model
 
 
