@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frontier-limit", type=float, default=None, metavar="POINTS",
                    help="accuracy limit of the frontier runs (default: the largest of --limits; 100 = none)")
     g.add_argument("--no-frontier", action="store_true", help="skip the frontier")
+    g.add_argument("--frontier-finetune", action="store_true",
+                   help="fine-tune every frontier model with the common budget, so the frontier compares the "
+                        "policies' choices at equal memory after fine-tuning (costs a fine-tuning per point)")
     g.add_argument("--ratios", default=None, help=f"sensitivity grid (full: {FULL['ratios']} / quick: {QUICK['ratios']})")
     g.add_argument("--uniform-ratios", default=None,
                    help=f"uniform sweep grid (full: {FULL['uniform_ratios']} / quick: {QUICK['uniform_ratios']})")
@@ -204,6 +207,9 @@ def resolve_settings(args) -> dict:
             raise SpikepruneError(f"--{k.replace('_', '-')} must be at least 1, got {pick[k]}")
     if pick["finetune_epochs"] < 0:
         raise SpikepruneError(f"--finetune-epochs must be 0 or more, got {pick['finetune_epochs']}")
+    if args.frontier_finetune and (pick["finetune_epochs"] == 0 or args.no_frontier):
+        raise SpikepruneError("--frontier-finetune fine-tunes the frontier models: give --finetune-epochs N (N >= 1) "
+                              "and leave out --no-frontier")
     if args.kd and pick["finetune_epochs"] == 0:
         raise SpikepruneError("--kd distils during fine-tuning: give --finetune-epochs N (N >= 1) as well")
     if pick["latency_repeats"] < 1 or pick["measure_images"] < 1 or args.latency_warmup < 0:
@@ -217,6 +223,8 @@ def resolve_settings(args) -> dict:
         "overrides": list(args.overrides), "data": args.data, "device": args.device, "quick": bool(args.quick),
         "policies": policies, "limits": limits, "targets": [] if args.no_frontier else targets,
         "frontier_limit": float(frontier_limit),
+        # only when set, so the work folders of earlier benchmarks keep their settings hash
+        **({"frontier_finetune": True} if args.frontier_finetune else {}),
         "ratios": list(parse_ratios(pick["ratios"], "--ratios")),
         "uniform_ratios": list(parse_ratios(pick["uniform_ratios"], "--uniform-ratios")),
         "importance": args.importance, "round_to": args.round_to, "calib_batches": args.calib_batches,
@@ -236,6 +244,7 @@ def resolve_settings(args) -> dict:
 # Runs: every policy through spikeprune.run, the entry point of `spikeprune prune`
 # ------------------------------------------------------------------------------------------------
 SHARED_POLICY = "bench-shared-work"  # registered by the benchmark while it runs (shared_work below)
+TIMING_STEP = "shared_work_timing"  # WORK/shared/<importance>/steps/shared_work_timing.json
 
 
 def shared_work(ctx):
@@ -250,6 +259,9 @@ def shared_work(ctx):
     # its cost is measured on a pass of its own here; the figure the runs read is the checkpointed one.
     jobs = {"dense_calib": lambda: ctx.calib_top1(ctx.model), "uniform_sweep": lambda: uniform_sweep(ctx),
             "sensitivity": ctx.sensitivity}
+    # A step finished in an earlier session of a resumed benchmark is read back from the run's cache
+    # at no cost; its first measurement is the one to charge, kept beside the run's other steps.
+    first = ctx.load_checkpoint(TIMING_STEP) or {}
     timed = {}
     for name in ctx.options["steps"].split(","):
         n0, t0 = ctx.images_evaluated, time.perf_counter()
@@ -262,7 +274,10 @@ def shared_work(ctx):
             entry["forward_cost"] = {k: v for k, v in fc.items() if k != "unit"}
             # image-block passes -> whole-model forwards of one image, the unit of every other count
             entry["calib_images"] = fc["spent"] / fc["full_forward_units"] if fc["full_forward_units"] else 0.0
+        if name in first:
+            entry = {**first[name], "reused": True}
         timed[name] = entry
+        ctx.checkpoint(TIMING_STEP, {**first, **timed})  # after each step: a session may stop in the next
     return PolicyResult(ctx.model, {"shared_work": timed, "calib_top1": ctx.dense_calib_top1})
 
 
@@ -590,9 +605,32 @@ def frontier_table(doc: dict) -> str:
                 cells.append("error")
             else:
                 mark = "" if pt["constraints_met"] else " (not met)"
-                cells.append(f"{format_percent(pt['test_top1'])} at {format_percent(pt['memory_saved'], 1)}{mark}")
+                ft = pt.get("finetuned_test_top1")
+                top1 = format_percent(pt["test_top1"]) + (f" -> **{format_percent(ft)}**" if ft is not None else "")
+                cells.append(f"{top1} at {format_percent(pt['memory_saved'], 1)}{mark}")
         lines.append(f"| {format_percent(t, 0)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def frontier_ranking(doc: dict, n_test: int) -> list[str]:
+    """Per target, the policies by fine-tuned test top-1, and which of them the test split cannot
+    tell from the best (less than two standard errors apart)."""
+    from spikeprune.stats import differ
+
+    out = []
+    for t in doc["settings"]["targets"]:
+        pts = [x for x in doc["frontier"] if abs(x["target"] - t) < 1e-12 and x.get("finetuned_test_top1") is not None
+               and x.get("memory_ok")]
+        if not pts:
+            continue
+        pts.sort(key=lambda x: -x["finetuned_test_top1"])
+        best = pts[0]
+        tie = [LABELS.get(x["policy"], x["policy"]) for x in pts[1:]
+               if not differ(best["finetuned_test_top1"], x["finetuned_test_top1"], n_test)]
+        out.append(f"- {format_percent(t, 0)} saved, after fine-tuning: "
+                   + ", ".join(f"{LABELS.get(x['policy'], x['policy'])} {format_percent(x['finetuned_test_top1'])}" for x in pts)
+                   + (f"; within two standard errors of the best: {', '.join(tie)}" if tie else "; the best by more than two standard errors"))
+    return out
 
 
 def write_markdown(doc: dict, plot_name: str | None, heading: str = "#") -> str:
@@ -637,10 +675,15 @@ def write_markdown(doc: dict, plot_name: str | None, heading: str = "#") -> str:
               "when fine-tuning ran). 'search s' and 'calib fwd' (calibration images through the whole model) include "
               "the shared work each policy read; the random floor is charged only its own work, not PrimeSVT's.", ""]
     if doc["frontier"]:
+        tuned = bool(S.get("frontier_finetune"))
         lines += [f"{h2} Frontier: test top-1 at each memory target (limit {S['frontier_limit']:g} points, "
-                  "no fine-tuning)", "",
-                  "Each cell: test top-1 of the model the policy chose on the calibration split, at the memory it "
-                  "saved; 'not met' when it could not reach the target within the limit.", "", frontier_table(doc), ""]
+                  + ("before -> after the common fine-tuning)" if tuned else "no fine-tuning)"), "",
+                  "Each cell: test top-1 of the model the policy chose on the calibration split"
+                  + (", then (bold) after the same fine-tuning as the limit runs," if tuned else ",")
+                  + " at the memory it saved; 'not met' when it could not reach the target within the limit.", "",
+                  frontier_table(doc), ""]
+        if tuned:
+            lines += frontier_ranking(doc, n_test) + [""]
         if plot_name:
             lines += [f"![accuracy against memory saved]({plot_name})", ""]
     lines += [f"{h2} Shared work (computed once, charged to every policy that read it)", ""]
@@ -653,6 +696,8 @@ def write_markdown(doc: dict, plot_name: str | None, heading: str = "#") -> str:
                 fc = sh[k]["forward_cost"]
                 extra = (f"; {fc['spent']:,.0f} image-block passes, {fc['ratio']:.2f}x fewer than recomputing "
                          f"every candidate")
+            if sh[k].get("reused"):
+                extra += "; measured when it was computed, in an earlier session of this benchmark"
             lines.append(f"- {k.replace('_', ' ')}: {sh[k]['wall_s']:.1f} s, {sh[k]['calib_images']:,.0f} calibration "
                          f"image forwards{extra} (charged to {readers[k]})")
     if doc["notes"]:
@@ -673,6 +718,9 @@ def plot_frontier(path: Path, doc: dict) -> None:
         if not pts:
             continue
         xs, ys = [100 * x["memory_saved"] for x in pts], [100 * x["test_top1"] for x in pts]
+        if all(x.get("finetuned_test_top1") is not None for x in pts):  # the fine-tuned curve; before it, dashed
+            ax.plot(xs, ys, "--", color=colors(i), lw=0.8, alpha=0.6)
+            ys = [100 * x["finetuned_test_top1"] for x in pts]
         ax.plot(xs, ys, "-", color=colors(i), lw=1.3, label=LABELS.get(p, p))
         for x, y, pt in zip(xs, ys, pts):
             ax.plot([x], [y], "o", color=colors(i), ms=6, mfc=colors(i) if pt["constraints_met"] else "white", zorder=3)
@@ -684,7 +732,9 @@ def plot_frontier(path: Path, doc: dict) -> None:
     ax.set_xlabel("memory saved (%, fp32)")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(f"{doc['model']} on {doc['settings']['data']}: accuracy against memory saved\n"
-                 "(targets dotted; hollow = target not met within the limit; no fine-tuning)", fontsize=9)
+                 "(targets dotted; hollow = target not met within the limit; "
+                 + ("solid: fine-tuned, dashed: before)" if doc["settings"].get("frontier_finetune") else "no fine-tuning)"),
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save_figure(fig, path)
@@ -732,8 +782,8 @@ def run_all(bench: Bench, shared: dict) -> tuple[list, list, dict]:
                 frontier.append({"policy": p, "target": t, "error": "PrimeSVT failed at this target"})
                 continue
             try:
-                rec = bench.run_policy(name, p, cons, main=False, shared=shared[bench.importance_of(p)],
-                                       primesvt_record=prime)
+                rec = bench.run_policy(name, p, cons, main=bool(S.get("frontier_finetune")),
+                                       shared=shared[bench.importance_of(p)], primesvt_record=prime)
             except SpikepruneError as e:  # e.g. a target below the smallest model: record it, go on
                 log(f"{name}: {e}")
                 frontier.append({"policy": p, "target": t, "error": str(e)})
@@ -743,6 +793,7 @@ def run_all(bench: Bench, shared: dict) -> tuple[list, list, dict]:
             frontier.append({"policy": p, "target": t, "memory_saved": rec["memory_saved"],
                              "memory_bytes": rec["memory_bytes"], "calib_top1": rec["calib_top1"],
                              "calib_drop": rec["calib_drop"], "test_top1": rec["test"]["top1"],
+                             "finetuned_test_top1": rec["finetuned"]["top1"] if rec["finetuned"] else None,
                              "constraints_met": rec["constraints_met"], "memory_ok": rec["memory_ok"],
                              "cost": rec["cost"], "removed": rec["removed"], "run_dir": rec["run_dir"]})
     return results, frontier, models

@@ -400,6 +400,9 @@ PRESETS: dict[str, dict] = {
     "sdt-cifar100-2-512": dict(_CIFAR, num_classes=100, embed_dim=512, depth=2),
     # Sized for the bundled 28x28 mnist5k digits (CPU training); the CIFAR stem and pooling.
     "sdt-1-64-mnist": dict(_MNIST, embed_dim=64, depth=1, num_heads=8),
+    # The Spikformer Fashion-MNIST preset's sizes (D=128, depth 2, stem 16-32-64, T=2), so the two
+    # families compare at one width and one training cost (about 100 images/s on one CPU thread).
+    "sdt-2-128-fmnist": dict(_MNIST, embed_dim=128, depth=2, num_heads=8, stem_widths=[16, 32, 64]),
 }
 
 
