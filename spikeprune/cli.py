@@ -405,7 +405,19 @@ def cmd_train(args) -> int:
     print(f"trained {_describe_model(model, args.model_spec)} for {len(history)} epochs on {args.data}: "
           f"{calib}test top-1 {test['top1']:.2%}, test top-5 {test['top5']:.2%}")
     print(f"saved to {args.out}  (try: spikeprune evaluate {args.out} --data {args.data})")
+    _print_best(args.out, history)
     return 0
+
+
+def _print_best(out, history: list[dict]) -> None:
+    """Name OUT/best when an earlier epoch did better on the calibration split than the last one."""
+    scored = [h for h in history if h.get("calib_top1") is not None]
+    if not scored:
+        return
+    top = max(scored, key=lambda h: h["calib_top1"])
+    if top["calib_top1"] > scored[-1]["calib_top1"]:
+        print(f"epoch {top['epoch']} had the best calibration top-1 ({top['calib_top1']:.2%} against "
+              f"{scored[-1]['calib_top1']:.2%} last): its model is {Path(out) / 'best'}")
 
 
 def cmd_evaluate(args) -> int:
@@ -451,6 +463,7 @@ def cmd_finetune(args) -> int:
     for name, acc in (("before", before), ("after", after)):
         print(f"{name:8s} {acc['calib']:12.2%} {acc['test']:11.2%}")
     print(f"saved to {args.out}")
+    _print_best(args.out, history)
     return 0
 
 

@@ -27,6 +27,9 @@ Output folder OUT (out_dir):
     OUT/model.safetensors      } final model. A save_model folder: load_model(OUT), `spikeprune evaluate OUT`
     OUT/history.json           settings, per-epoch metrics (train loss / accuracy, calib accuracy),
                                best calib epoch
+    OUT/best/                  the model after the epoch with the best calibration top-1 so far (a
+                               save_model folder; when the last epoch is not the best, the one to
+                               choose on the calibration split). Only when calibration data is given.
     OUT/checkpoint/            what --resume reads, replaced as one folder after every epoch:
         model/                           the model (a save_model folder)
         optimizer.safetensors            AdamW moments per parameter (plain tensors, no pickle)
@@ -62,6 +65,7 @@ from .serialization import (CONFIG_NAME, FORMAT, WEIGHTS_NAME, atomic_path, chec
 MIN_LR_FACTOR = 0.01  # the cosine ends at 1% of the peak learning rate
 STATE_FORMAT = "spikeprune-train-state"
 CHECKPOINT = "checkpoint"
+BEST = "best"  # OUT/best/: the best calibration epoch's model
 OPTIMIZER_NAME, STATE_NAME, HISTORY_NAME = "optimizer.safetensors", "train_state.json", "history.json"
 
 
@@ -351,7 +355,7 @@ def _read_checkpoint(out: Path) -> tuple[Path, dict] | None:
 
 def _clean_stale_temps(out: Path) -> None:
     """Remove what a killed run may have left (ours only: '.<name>.*.tmp' of dead processes, '.<name>.old')."""
-    for name in (CHECKPOINT, WEIGHTS_NAME, CONFIG_NAME, HISTORY_NAME):
+    for name in (CHECKPOINT, WEIGHTS_NAME, CONFIG_NAME, HISTORY_NAME, BEST):
         clean_interrupted_write(out / name)
 
 
@@ -449,7 +453,7 @@ def train(model: nn.Module, data, epochs: int, *, lr: float = 5e-4, weight_decay
             if not overwrite:
                 raise SpikepruneError(f"{out} already holds a training run; pass --resume to continue it, "
                                       "--force to replace it, or choose another folder")
-            for name in (CHECKPOINT, CONFIG_NAME, WEIGHTS_NAME, HISTORY_NAME):
+            for name in (CHECKPOINT, CONFIG_NAME, WEIGHTS_NAME, HISTORY_NAME, BEST):
                 p = out / name
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         elif resume and progress:
@@ -486,6 +490,10 @@ def train(model: nn.Module, data, epochs: int, *, lr: float = 5e-4, weight_decay
                 record.update(calib_top1=m["top1"], calib_top5=m["top5"], calib_loss=m["loss"])
                 if best is None or m["top1"] > best["calib_top1"]:
                     best = {"epoch": epoch + 1, "calib_top1": m["top1"]}
+                    if out is not None and distributed.is_main():
+                        with atomic_path(out / BEST, is_dir=True) as tmp:
+                            save_model(model, tmp, extra={"epochs_trained": epoch + 1, "data": settings["data"],
+                                                          "calib_top1": m["top1"]})
             record["seconds"] = round(time.time() - t0, 2)
             history.append(record)
             if progress:

@@ -1,6 +1,9 @@
 """Training, evaluation and fine-tuning on a tiny model and the bundled digits: metrics, learning,
 determinism, resume, NaN handling, distillation, atomic outputs and the CLI."""
+import contextlib
+import copy
 import importlib
+import io
 import json
 from pathlib import Path
 
@@ -8,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spikeprune.cli import main
+from spikeprune.cli import _print_best, main
 from spikeprune.data import load_dataset, make_loader
 from spikeprune.errors import SpikepruneError
 from spikeprune.serialization import load_model, save_model
@@ -279,3 +282,31 @@ def test_thread_count_is_set_for_training_restored_and_recorded(tiny_model, tmp_
     assert json.loads((tmp_path / "run" / "history.json").read_text())["settings"]["torch_threads"] == 2
     with pytest.raises(SpikepruneError, match="threads must be a whole number >= 1"):
         train(tiny_model(), "digits", 1, threads=0, **FAST)
+
+
+def test_best_calibration_epoch_is_kept_in_out_best(tiny_model, tmp_path, monkeypatch):
+    """OUT/best holds the model of the epoch with the best calibration top-1 (here the second of
+    three), so a user can choose on the calibration split when the last epoch is not the best; the
+    CLI names it."""
+    import spikeprune.training as training
+
+    scripted, snapshots = iter([0.5, 0.7, 0.6]), []
+
+    def fake_evaluate(model, data, **kw):
+        snapshots.append(copy.deepcopy(model).eval())
+        return {"top1": next(scripted), "top5": 1.0, "loss": 1.0, "n": 10}
+
+    monkeypatch.setattr(training, "evaluate", fake_evaluate)
+    out = tmp_path / "run"
+    model, history = train(tiny_model(), "digits", 3, out_dir=out, **FAST)
+    best = load_model(out / "best")
+    assert _same_weights(best, snapshots[1]) and not _same_weights(best, model)
+    assert json.loads((out / "best" / "config.json").read_text())["extra"]["epochs_trained"] == 2
+    assert json.loads((out / "history.json").read_text())["best"] == {"epoch": 2, "calib_top1": 0.7}
+    assert _leftovers(out) == []
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        _print_best(out, history)
+    assert "epoch 2 had the best calibration top-1 (70.00% against 60.00% last)" in buf.getvalue()
+    assert str(out / "best") in buf.getvalue()
