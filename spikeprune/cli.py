@@ -415,7 +415,8 @@ def _print_best(out, history: list[dict]) -> None:
     if not scored:
         return
     top = max(scored, key=lambda h: h["calib_top1"])
-    if top["calib_top1"] > scored[-1]["calib_top1"]:
+    # (a run resumed from a version without OUT/best has none until its next best epoch)
+    if top["calib_top1"] > scored[-1]["calib_top1"] and (Path(out) / "best").is_dir():
         print(f"epoch {top['epoch']} had the best calibration top-1 ({top['calib_top1']:.2%} against "
               f"{scored[-1]['calib_top1']:.2%} last): its model is {Path(out) / 'best'}")
 
