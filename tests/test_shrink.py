@@ -119,6 +119,27 @@ def test_shrink_stops_at_the_memory_budget(saved_trained, tmp_path):
     # it stopped at the first cut that met the budget
     cuts = s["shrink"]["cuts"]
     assert all(c["memory_saved"] < 0.2 for c in cuts[:-1])
+    # and that cut was trimmed to the bytes still needed: one unit fewer would not have met it
+    last, before = cuts[-1], (cuts[-2]["memory_saved"] if len(cuts) > 1 else 0.0)
+    per_unit = (last["memory_saved"] - before) / (last["size_before"] - last["size_after"])
+    assert last["memory_saved"] - per_unit < 0.2
+
+
+def test_shrink_halves_a_rejected_cut_until_its_smallest_then_finishes_the_group(saved_trained, tmp_path):
+    """A cut that breaks the limit is retried with at most half its units (also when MAX_CUT, not the
+    step, sized it), in whole per-head cuts; a group whose smallest cut breaks it is finished."""
+    out = tmp_path / "halving"
+    assert cli.main(["prune", saved_trained, *FAST, "--groups", "block0.attn.qk", "--shrink-step", "0.9",
+                     "--max-acc-drop", "0", "-o", str(out)]) == 0
+    info = json.loads((out / "summary.json").read_text())["shrink"]
+    rejected = info["rejected"]
+    assert not info["cuts"]  # limit 0: every cut of attention's q/k costs this model calibration images
+    assert rejected and info["stop_reason"].startswith("every group is at its limit")
+    assert rejected[0]["units"] == 12  # MAX_CUT of 24
+    for a, b in zip(rejected, rejected[1:]):
+        assert b["units"] <= a["units"] // 2, (a, b)  # never the same cut twice
+    assert all(r["units"] % 2 == 0 for r in rejected)  # 2 heads: the same channels from each
+    assert rejected[-1]["units"] == 2
 
 
 def test_shrink_honours_the_groups_pattern(saved_trained, tmp_path):

@@ -26,11 +26,13 @@ The walk (every decision on the calibration split, BatchNorm statistics from tra
    CHECK_RECAL_IMAGES training images (fewer leave them noisy enough to cost accuracy by
    themselves), and its top-1 on the whole calibration split must stay within --max-acc-drop of
    the dense model's. A cut that breaks the limit is undone and that group's cuts are halved from
-   then on; a group whose cut falls below one unit is finished. When the screening images are the
+   then on (in bytes, and its next cut has at most half the units of the undone one); a group
+   whose smallest cut breaks the limit is finished. When the screening images are the
    whole calibration split, candidates they already put over the limit are set aside unchecked.
-5. Stop when the memory budget is met (constraints met), when every group is finished (its
-   smallest cut breaks the limit, or saves less than MIN_GAIN of the dense memory), or after
-   MAX_STEPS steps. With no memory target the walk goes as far as the limit allows.
+5. Stop when the memory budget is met (constraints met; the cut that meets it is trimmed to the
+   bytes still needed, so that a target is met, not overshot by up to a whole cut), when every
+   group is finished (its smallest cut breaks the limit, or saves less than MIN_GAIN of the dense
+   memory), or after MAX_STEPS steps. With no memory target the walk goes as far as the limit allows.
 
 Limit after fine-tuning (`--limit-after-finetune`, with the run's `--finetune-epochs`): what users
 deploy is the fine-tuned model, and fine-tuning wins back much of what pruning loses. The walk then
@@ -194,19 +196,28 @@ class _Walk:
     def min_units(self, group: str) -> int:
         """The smallest cut of a group: per-head groups lose the same number of channels in every head."""
         g = self.dense_groups[group]
-        return g.heads if g.unit == "channel" and g.heads > 1 and not g.head_group else 1
+        return g.heads if g.unit == "channel" and g.heads > 1 else 1
 
-    def units(self, model, group: str, scale: float) -> int:
+    def units(self, model, group: str, scale: float, cap: int | None = None, need: int | None = None) -> int:
         """How many units of `group` the next cut removes: the fewest that save `scale` x STEP of the
         current model's memory (estimated from the group's bytes per unit), at most MAX_CUT of its
-        width, at least its smallest cut."""
+        width and at most `cap` (half a cut of it that broke the limit), at least its smallest cut.
+        `need`: bytes (at the run's precision) still over the memory budget; a cut saving more than
+        that is trimmed to it, so that a target is met, not overshot by up to a whole cut."""
         g = group_map(model)[group]
-        per_unit = g.memory_bytes / max(g.size, 1)
-        want = self.step * scale * self.ctx.memory(model, "fp32")
+        per_unit = g.memory_bytes / max(g.size, 1)  # fp32 bytes
+        fp32_now = self.ctx.memory(model, "fp32")
+        want = self.step * scale * fp32_now
         n = math.ceil(want / per_unit) if per_unit > 0 else 1
         n = min(n, int(MAX_CUT * g.size))
+        if cap is not None:
+            n = min(n, cap)
         low = self.min_units(group)
-        return max(low, (n // low) * low)
+        n = max(low, (n // low) * low)
+        if need is not None and per_unit > 0:
+            enough = math.ceil(need * fp32_now / max(self.ctx.memory(model), 1) / per_unit)
+            n = min(n, max(low, -(-enough // low) * low))  # whole smallest cuts, rounded up: the budget is met
+        return n
 
     def cut(self, model, group: str, units: int):
         """(model with `units` units of `group` removed, kept indices), or None when it cannot go."""
@@ -227,13 +238,15 @@ class _Walk:
             return None
         return surgery_prune(model, {group: list(kept)}, round_to=self.ctx.round_to).eval(), list(kept)
 
-    def candidate(self, model, mem_now: int, loss_now: float, group: str, units: int) -> _Candidate | None:
+    def candidate(self, model, mem_now: int, loss_now: float, group: str, units: int,
+                  need: int | None = None) -> _Candidate | None:
         made = self.cut(model, group, units)
         if made is None:
             return None
         pruned, kept = made
         mem = self.ctx.memory(pruned)
-        if mem_now - mem < MIN_GAIN * self.ctx.dense_memory:
+        # a cut trimmed to the last bytes of a budget may save less than MIN_GAIN and still be worth it
+        if mem_now - mem < min(MIN_GAIN * self.ctx.dense_memory, need if need is not None else math.inf):
             return None
         self.recalibrate(pruned, group)
         loss, top1 = self.screen_eval(pruned)
@@ -372,7 +385,8 @@ def _report(ctx: PruneContext, cuts: list[Cut], rejected: list[dict], settings: 
         f"{ctx.importance}) is tried on the current model; BatchNorm statistics are re-estimated on "
         f"{settings['recal_images']} training images; the cut whose cross-entropy on {settings['screen_images']} "
         "calibration images rises least per byte saved is taken, if the whole calibration split stays within the "
-        "limit. A cut that breaks it is undone and that group's step halved. "
+        "limit. A cut that breaks it is undone and that group's next cut halved. The cut that meets a memory "
+        "target is trimmed to the bytes still needed. "
         f"Each step re-measures the {settings['fresh']} cheapest groups, all of them every {settings['refresh']} steps.",
         "",
         f"**Stopped: {stop}.** {len(cuts)} cuts; {1 - mem / c.dense_bytes:.2%} of the memory saved "
@@ -480,18 +494,22 @@ def shrink(ctx: PruneContext) -> PolicyResult:
     dense_top1 = ctx.dense_calib_top1
     patterns = [p.strip() for p in ctx.groups.split(",") if p.strip()]
     names = [n for n in walk.dense_groups if any(fnmatch.fnmatch(n, p) for p in patterns)]  # --groups
-    key = {"settings": S, "max_acc_drop": L, "walk_drop": walk_L, "budget": budget, "precision": cons.precision,
+    # "walk": the version of the walk's rules; progress saved under other rules starts afresh
+    key = {"walk": 2, "settings": S, "max_acc_drop": L, "walk_drop": walk_L, "budget": budget, "precision": cons.precision,
            "importance": ctx.importance, "round_to": ctx.round_to, "groups": names}
 
     model, cuts, rejected = ctx.model, [], []
     scale = {n: 1.0 for n in names}  # halved for a group each time its cut breaks the limit
+    # A group's next cut is at most half the units of its last cut that broke the limit: halving the
+    # scale alone changes nothing while MAX_CUT, not the scale, sizes the cut.
+    cap: dict[str, int] = {}
     finished: list[str] = []
     steps_without_cut = 0
     stale: dict[str, float] = {}  # group -> loss rise per byte of its cut when last measured
     restored = _replay(ctx, walk, ctx.load_checkpoint(CHECKPOINT), key)
     if restored:
         model, cuts, saved = restored
-        rejected, scale, finished = saved["rejected"], saved["scale"], saved["finished"]
+        rejected, scale, finished, cap = saved["rejected"], saved["scale"], saved["finished"], saved["cap"]
         steps_without_cut = saved["steps_without_cut"]
         stale.update({g: (math.inf if v is None else v) for g, v in saved["stale"].items()})
     dense_loss, dense_screen_top1 = walk.screen_eval(ctx.model)
@@ -504,7 +522,8 @@ def shrink(ctx: PruneContext) -> PolicyResult:
 
     def save():
         ctx.checkpoint(CHECKPOINT, {"key": key, "cuts": [c.to_dict() for c in cuts], "rejected": rejected,
-                                    "scale": scale, "finished": finished, "steps_without_cut": steps_without_cut,
+                                    "scale": scale, "cap": cap, "finished": finished,
+                                    "steps_without_cut": steps_without_cut,
                                     # the lazy greedy's last measured costs (None: infinite), so a resumed
                                     # run measures the same groups as an uninterrupted one would
                                     "stale": {g: (None if math.isinf(v) else v) for g, v in stale.items()}})
@@ -513,12 +532,15 @@ def shrink(ctx: PruneContext) -> PolicyResult:
         """A cut that breaks the limit: undone; the group's cuts halve, or it is finished."""
         before, after = group_map(model)[group].size, group_map(cand.model)[group].size
         rejected.append({"group": group, "at_step": step + 1, "acc_drop": round(drop, 4), "units": before - after})
-        if before - after <= walk.min_units(group):
+        low = walk.min_units(group)
+        half = (before - after) // 2 // low * low  # whole smallest cuts
+        if half < low:
             finished.append(group)  # even its smallest cut breaks the limit
             stale.pop(group, None)
             ctx.log(f"shrink: cutting {group} {before} -> {after} breaks the limit (drop {drop:.2f}); it is finished")
         else:
             scale[group] /= 2
+            cap[group] = half
             stale[group] = math.inf  # measured again at the next refresh
             ctx.log(f"shrink: cutting {group} {before} -> {after} breaks the limit (drop {drop:.2f}); its cuts halve")
 
@@ -539,7 +561,8 @@ def shrink(ctx: PruneContext) -> PolicyResult:
             todo = sorted(live, key=lambda n: (stale.get(n, -math.inf), n))[:S["fresh"]]
         found = []
         for n in todo:
-            cand = walk.candidate(model, mem, loss_now, n, walk.units(model, n, scale[n]))
+            need = None if budget is None else mem - budget
+            cand = walk.candidate(model, mem, loss_now, n, walk.units(model, n, scale[n], cap.get(n), need), need)
             if cand is None:  # nothing left to cut, or too little to be worth a pass
                 finished.append(n)
                 stale.pop(n, None)
