@@ -495,8 +495,8 @@ def shrink(ctx: PruneContext) -> PolicyResult:
     patterns = [p.strip() for p in ctx.groups.split(",") if p.strip()]
     names = [n for n in walk.dense_groups if any(fnmatch.fnmatch(n, p) for p in patterns)]  # --groups
     # "walk": the version of the walk's rules; progress saved under other rules starts afresh
-    key = {"walk": 2, "settings": S, "max_acc_drop": L, "walk_drop": walk_L, "budget": budget, "precision": cons.precision,
-           "importance": ctx.importance, "round_to": ctx.round_to, "groups": names}
+    key = {"walk": 2, "settings": S, "max_acc_drop": L, "walk_drop": walk_L, "budget": budget,
+           "precision": cons.precision, "importance": ctx.importance, "round_to": ctx.round_to, "groups": names}
 
     model, cuts, rejected = ctx.model, [], []
     scale = {n: 1.0 for n in names}  # halved for a group each time its cut breaks the limit
@@ -560,8 +560,8 @@ def shrink(ctx: PruneContext) -> PolicyResult:
         else:
             todo = sorted(live, key=lambda n: (stale.get(n, -math.inf), n))[:S["fresh"]]
         found = []
+        need = None if budget is None else mem - budget  # bytes still over the budget
         for n in todo:
-            need = None if budget is None else mem - budget
             cand = walk.candidate(model, mem, loss_now, n, walk.units(model, n, scale[n], cap.get(n), need), need)
             if cand is None:  # nothing left to cut, or too little to be worth a pass
                 finished.append(n)
