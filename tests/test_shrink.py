@@ -185,7 +185,54 @@ def test_shrink_resume_after_kill_replays_cuts(saved_trained, full_run, tmp_path
     assert resumed["calib"]["pruned_top1"] == full["calib"]["pruned_top1"]
 
 
+def test_shrink_holdout_confirms_the_walk_on_images_it_never_saw(saved_trained, tmp_path, monkeypatch):
+    """--holdout: the walk checks on part of the calibration split; the rest confirms where it stopped,
+    and the walk is cut back (bisection over its cuts) to the most cuts that hold the limit there."""
+    seen: list[int] = []
+    real_eval = shrink_module._eval
+
+    def held_drop_is_50_points_per_saved_fraction(self, model):
+        seen.append(sum(len(y) for _, y in self.held))
+        saved = 1 - memory_bytes(model)["fp32"] / memory_bytes(load_model(saved_trained))["fp32"]
+        return 1.0 - 0.5 * saved  # drop 50 x saved points: within a 15-point limit up to 30% saved
+
+    def check_never_sees_held_out(ctx, model, batches):
+        assert batches is not walk_held[0]
+        return real_eval(ctx, model, batches)
+
+    walk_held: list = [None]
+    real_init = shrink_module._Walk.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        walk_held[0] = self.held
+        images = {tuple(x.flatten()[:64].tolist()) for xs, _ in self.held for x in xs}
+        assert not images & {tuple(x.flatten()[:64].tolist()) for xs, _ in self.check for x in xs}
+
+    monkeypatch.setattr(shrink_module._Walk, "__init__", init)
+    monkeypatch.setattr(shrink_module._Walk, "held_top1", held_drop_is_50_points_per_saved_fraction)
+    out = tmp_path / "held"
+    assert cli.main(["prune", saved_trained, *FAST, "--max-acc-drop", "15", "--holdout", "0.5", "-o", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    info, held = s["shrink"], s["shrink"]["held_out"]
+    cuts, k = info["cuts"], held["kept_cuts"]
+    n_calib = s["calib"]["n"]
+    assert set(seen) == {n_calib // 2}
+    assert all(c["acc_drop"] <= 15 + 1e-9 for c in cuts)  # checked on the other half
+    assert cuts[-1]["memory_saved"] > 0.3, "the walk went past what the held-out images allow"
+    # the largest k within 30% saved, found by bisection, and the model returned has just those cuts
+    assert k == max([0] + [i + 1 for i, c in enumerate(cuts) if c["memory_saved"] <= 0.3])
+    assert len(s["pruning"]["steps"]) == k
+    assert s["memory_saved"] == pytest.approx(cuts[k - 1]["memory_saved"])
+    assert all(ch["ok"] == (ch["k"] <= k) for ch in held["checks"]) and len(held["checks"]) < len(cuts)
+    assert "cut back to its first" in info["stop_reason"]
+    # the run's figures are on the whole calibration split
+    assert s["constraint_checks"]["acc_drop_calib"] <= 15 + 1e-9
+    assert "Held out (--holdout 0.5)" in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize("extra, words", [
+    (["--holdout", "1"], "--holdout"),
     (["--shrink-step", "0"], "--shrink-step"),
     (["--shrink-step", "1.5"], "--shrink-step"),
     (["--recal-images", "0"], "--recal-images"),

@@ -137,41 +137,70 @@ def _preload(dataset, n: int, seed: int, batch_size: int) -> list[tuple[torch.Te
     return out
 
 
+def _eval(ctx: PruneContext, model, batches) -> tuple[float, float]:
+    """(mean cross-entropy, top-1) of `model` on preloaded calibration batches; counted in the run's cost."""
+    dev = torch.device(ctx.device)
+    loss, hit, n = 0.0, 0, 0
+    with torch.inference_mode():
+        for x, y in batches:
+            logits = model(x.to(dev)).float()
+            y = y.to(dev)
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            hit += int((logits.argmax(1) == y).sum())
+            n += len(y)
+    if not math.isfinite(loss):
+        raise SpikepruneError("a candidate model computes a non-finite loss on the calibration images; "
+                              "nothing was chosen from it")
+    ctx.evaluations += 1
+    ctx.images_evaluated += n
+    return loss / n, hit / n
+
+
 class _Walk:
     """The measuring machinery of one run: candidate cuts, BatchNorm re-estimation, screening."""
 
-    def __init__(self, ctx: PruneContext, step: float, recal_images: int, screen_images: int, check_recal_images: int):
+    def __init__(self, ctx: PruneContext, step: float, recal_images: int, screen_images: int, check_recal_images: int,
+                 holdout: float = 0.0):
         self.ctx, self.step = ctx, step
         bs = min(ctx.batch_size, 128)
         train = ctx.dataset("train")
         self.recal = _preload(train, recal_images, ctx.seed, bs)
         self.recal_check = _preload(train, check_recal_images, ctx.seed + 2, bs)
         calib = ctx.calib
+        # --holdout: the walk checks its cuts on one part of the calibration split and never sees the
+        # other, which then confirms where it stopped (a walk checked ~100 times against the same images
+        # keeps the cuts that happen to pass on them, and loses more on new images than the limit says).
+        self.check, self.held = None, None
+        if holdout > 0:
+            n = len(calib)
+            n_held = round(holdout * n)
+            if not 1 <= n_held < n:
+                raise SpikepruneError(f"--holdout {holdout:g} of a calibration split of {n} images leaves "
+                                      f"{n_held} held out and {n - n_held} to check on: both need at least one")
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed + 3)).tolist()
+            calib = torch.utils.data.Subset(calib, sorted(perm[n_held:]))
+            self.check = _preload(calib, len(calib), 0, bs)
+            self.held = _preload(torch.utils.data.Subset(ctx.calib, sorted(perm[:n_held])), n_held, 0, bs)
         self.screen = _preload(calib, screen_images, ctx.seed + 1, bs)
-        self.screen_is_calib = sum(len(y) for _, y in self.screen) == len(calib)
+        self.screen_is_check = sum(len(y) for _, y in self.screen) == len(calib)  # every image the check uses
         self.dense_groups = group_map(ctx.model)
         self.order = _call_order(ctx.model, self.screen[0][0][:2], ctx.device)
         self.batchnorms = {n for n, m in ctx.model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
         self.minimum = {k: len(v) for k, v in minimum_kept(list(self.dense_groups.values()), ctx.round_to).items()}
         self.candidates_measured = 0
 
+    def check_top1(self, model) -> float:
+        """Top-1 on the images the walk checks the limit on: the calibration split, or with --holdout
+        the part of it not held out."""
+        return self.ctx.calib_top1(model) if self.check is None else _eval(self.ctx, model, self.check)[1]
+
+    def held_top1(self, model) -> float:
+        """Top-1 on the held-out calibration images (--holdout), which the walk never sees."""
+        return _eval(self.ctx, model, self.held)[1]
+
     def screen_eval(self, model) -> tuple[float, float]:
         """(mean cross-entropy, top-1) on the screening images; counted in the run's cost."""
-        dev = torch.device(self.ctx.device)
-        loss, hit, n = 0.0, 0, 0
-        with torch.inference_mode():
-            for x, y in self.screen:
-                logits = model(x.to(dev)).float()
-                y = y.to(dev)
-                loss += F.cross_entropy(logits, y, reduction="sum").item()
-                hit += int((logits.argmax(1) == y).sum())
-                n += len(y)
-        if not math.isfinite(loss):
-            raise SpikepruneError("a candidate model computes a non-finite loss on the calibration images; "
-                                  "nothing was chosen from it")
-        self.ctx.evaluations += 1
-        self.ctx.images_evaluated += n
-        return loss / n, hit / n
+        return _eval(self.ctx, model, self.screen)
 
     def downstream(self, group: str) -> set[str]:
         """The BatchNorm layers that run at or after the first layer `group` cuts: the only ones
@@ -304,13 +333,52 @@ def _apply(ctx: PruneContext, walk: _Walk, cuts: list[Cut]):
     return model
 
 
+def _largest_within(n: int, within) -> int:
+    """The largest k in 0..n with within(k) true, by bisection over k (k = 0, the dense model, is
+    taken to be within; the cuts are assumed to cost more the more of them there are)."""
+    lo, hi = 0, n  # lo: known within the limit; hi: the largest k not yet known to fail
+    if n and not within(hi):
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if within(mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+    return n
+
+
+def _confirm_on_held_out(ctx: PruneContext, walk: _Walk, cuts: list[Cut], L: float):
+    """--holdout: the largest k such that the first k cuts stay within L points on the held-out
+    calibration images (bisection over k). Returns (k, model, the checks made, the dense model's
+    top-1 on the held-out images)."""
+    dense = walk.held_top1(ctx.model)
+    checks: dict[int, tuple] = {}
+
+    def within(k: int) -> bool:
+        model = _apply(ctx, walk, cuts[:k])
+        top1 = walk.held_top1(model)
+        drop = (dense - top1) * 100
+        checks[k] = (model, {"k": k, "memory_saved": cuts[k - 1].memory_saved, "check_top1": cuts[k - 1].calib_top1,
+                             "held_out_top1": top1, "acc_drop": round(drop, 4), "ok": drop <= L + _EPS})
+        ctx.log(f"shrink: the first {k} cuts ({cuts[k - 1].memory_saved:.2%} saved) on the held-out images: top-1 "
+                f"{top1:.2%} (drop {drop:.2f}) -> {'within' if drop <= L + _EPS else 'over'} the limit")
+        return drop <= L + _EPS
+
+    k = _largest_within(len(cuts), within)
+    model = checks[k][0] if k in checks else _apply(ctx, walk, cuts[:k])
+    return k, model, [c[1] for _, c in sorted(checks.items())], dense
+
+
 def _choose_by_distillation(ctx: PruneContext, walk: _Walk, cuts: list[Cut], L: float, steps: int):
     """--limit-after-finetune: the largest k such that the first k cuts, distilled `steps` steps from
-    the dense model, stay within L points on the calibration split (bisection over k; k = 0, the
-    dense model, always does). Returns (model, memory, calib top-1, probes)."""
+    the dense model, stay within L points on the calibration split (with --holdout: on its held-out
+    images) (bisection over k; k = 0, the dense model, always does). Returns (model, memory, calib
+    top-1, probes)."""
     s = ctx.settings
     train = ctx.dataset("train", augment=True)
     probes: dict[int, tuple] = {}
+    dense_held = walk.held_top1(ctx.model) if walk.held else None
 
     def probe(k: int) -> bool:
         model = _apply(ctx, walk, cuts[:k])
@@ -321,7 +389,7 @@ def _choose_by_distillation(ctx: PruneContext, walk: _Walk, cuts: list[Cut], L: 
         distilled.eval()
         distilled.pruning = model.pruning
         top1 = ctx.calib_top1(distilled)
-        drop = ctx.acc_drop(top1)
+        drop = ctx.acc_drop(top1) if dense_held is None else (dense_held - walk.held_top1(distilled)) * 100
         ok = drop <= L + _EPS
         probes[k] = (distilled, top1, {"k": k, "memory_saved": cuts[k - 1].memory_saved, "calib_top1_before": before,
                                        "calib_top1": top1, "acc_drop": round(drop, 4), "ok": ok})
@@ -329,16 +397,7 @@ def _choose_by_distillation(ctx: PruneContext, walk: _Walk, cuts: list[Cut], L: 
                 f"after {steps} distillation steps (drop {drop:.2f}) -> {'within' if ok else 'over'} the limit")
         return ok
 
-    lo, hi = 0, len(cuts)  # lo: known within the limit; hi: the largest k not yet known to fail
-    if cuts and not probe(hi):
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if probe(mid):
-                lo = mid
-            else:
-                hi = mid
-    else:
-        lo = hi
+    lo = _largest_within(len(cuts), probe)
     table = [p[2] for p in probes.values()]
     if lo == 0:
         ctx.log("shrink: no probe stays within the limit after short distillation: the model stays dense")
@@ -373,7 +432,7 @@ def plot_walk(path, dense_bytes: int, dense_top1: float, cuts: list[Cut], max_ac
 
 
 def _report(ctx: PruneContext, cuts: list[Cut], rejected: list[dict], settings: dict, stop: str, top1: float,
-            mem: int, walk: _Walk, walk_L: float, probes: list[dict] | None) -> str:
+            mem: int, walk: _Walk, walk_L: float, probes: list[dict] | None, held: dict | None = None) -> str:
     c = ctx.constraints
     lines = [
         f"Limit {c.max_acc_drop:g} points of calibration top-1; memory at **{c.precision}** (dense "
@@ -384,12 +443,17 @@ def _report(ctx: PruneContext, cuts: list[Cut], rejected: list[dict], settings: 
         f"memory, at most {MAX_CUT:.0%} of the group, units ranked by "
         f"{ctx.importance}) is tried on the current model; BatchNorm statistics are re-estimated on "
         f"{settings['recal_images']} training images; the cut whose cross-entropy on {settings['screen_images']} "
-        "calibration images rises least per byte saved is taken, if the whole calibration split stays within the "
-        "limit. A cut that breaks it is undone and that group's next cut halved. The cut that meets a memory "
+        "calibration images rises least per byte saved is taken, if "
+        + ("the whole calibration split stays" if held is None else
+           f"the {1 - settings['holdout']:.0%} of the calibration split not held out stays")
+        + " within the limit. A cut that breaks it is undone and that group's next cut halved. The cut that meets a memory "
         "target is trimmed to the bytes still needed. "
         f"Each step re-measures the {settings['fresh']} cheapest groups, all of them every {settings['refresh']} steps.",
         "",
-        f"**Stopped: {stop}.** {len(cuts)} cuts; {1 - mem / c.dense_bytes:.2%} of the memory saved "
+        f"**Stopped: {stop}.** "
+        + (f"{len(cuts)} cuts" if held is None or held["kept_cuts"] == len(cuts) else
+           f"{held['kept_cuts']} of the walk's {len(cuts)} cuts kept")
+        + f"; {1 - mem / c.dense_bytes:.2%} of the memory saved "
         f"({format_bytes(mem)}), calibration top-1 {top1:.2%}.",
         "",
     ]
@@ -405,7 +469,8 @@ def _report(ctx: PruneContext, cuts: list[Cut], rejected: list[dict], settings: 
         lines += ["Where the memory came from:", "", "| group | dense width | final width | cuts |", "|---|---|---|---|"]
         for g, cs in sorted(by_group.items(), key=lambda kv: -len(kv[1])):
             lines.append(f"| {g} | {walk.dense_groups[g].size} | {cs[-1].size_after} | {len(cs)} |")
-        lines += ["", "| cut | group | width | loss rise per MB | calib top-1 | drop | memory | saved |",
+        lines += ["", f"| cut | group | width | loss rise per MB | {'calib' if held is None else 'checked'} top-1 | drop "
+                      "| memory | saved |",
                   "|---|---|---|---|---|---|---|---|"]
         for i, cut in enumerate(cuts, 1):
             lines.append(f"| {i} | {cut.group} | {cut.size_before} -> {cut.size_after} | {cut.cost_per_mb:.4f} "
@@ -414,11 +479,23 @@ def _report(ctx: PruneContext, cuts: list[Cut], rejected: list[dict], settings: 
     if rejected:
         lines += ["", "Cuts undone because they broke the limit (the group's cuts halved, or it was finished): "
                   + ", ".join(f"{r['group']} at step {r['at_step']} (drop {r['acc_drop']:.2f})" for r in rejected) + "."]
+    if held is not None:
+        lines += ["", f"**Held out (--holdout {settings['holdout']:g}).** {held['images']:,} calibration images took "
+                  "no part in the walk, so a cut that passed the check by luck on the others is found out on them. "
+                  f"The walk's result is confirmed on them (dense top-1 there {held['dense_top1']:.2%}); "
+                  "where it breaks the limit there, the largest number of its first cuts that holds it is found by "
+                  f"bisection: **{held['kept_cuts']} of {len(cuts)} cuts kept**, calibration top-1 {top1:.2%} on the "
+                  "whole split.", "", "| first k cuts | memory saved | top-1 checked | top-1 held out | drop held out "
+                  "| within |", "|---|---|---|---|---|---|"]
+        for ch in held["checks"]:
+            lines.append(f"| {ch['k']} | {ch['memory_saved']:.2%} | {ch['check_top1']:.2%} | {ch['held_out_top1']:.2%} "
+                         f"| {ch['acc_drop']:.2f} | {'yes' if ch['ok'] else 'no'} |")
     if probes is not None:
         lines += ["", f"**Limit after fine-tuning.** The walk went on to a drop of {walk_L:g} points before "
                   f"fine-tuning; each probe below replays the first k cuts and distils {settings['probe_steps']} steps "
                   "from the dense model, and the largest k whose calibration drop after that is within the limit "
-                  "(bisection over k) is the model handed to the run's fine-tuning.", "",
+                  "(bisection over k) is the model handed to the run's fine-tuning"
+                  + (" (the drop judged on the held-out calibration images)." if walk.held else "."), "",
                   "| k cuts | memory saved | calib top-1 before | after short distillation | drop | within |",
                   "|---|---|---|---|---|---|"]
         for pr in sorted(probes, key=lambda p: p["k"]):
@@ -446,6 +523,9 @@ def _add_args(g) -> None:
                         "walk may go before the probes choose (default 4 x max-acc-drop + 4)")
     g.add_argument("--probe-steps", type=int, default=None, metavar="N",
                    help=f"shrink with --limit-after-finetune: distillation steps per probe (default {PROBE_STEPS})")
+    g.add_argument("--holdout", type=float, default=None, metavar="F",
+                   help="shrink: hold out F of the calibration split from the walk; where the walk's result breaks "
+                        "the limit on those images, it is cut back until it holds (default 0: none held out)")
     g.add_argument("--screen-images", type=int, default=None, metavar="N",
                    help=f"shrink: calibration images candidates are compared on (default {SCREEN_IMAGES})")
 
@@ -459,6 +539,11 @@ def _settings(options: dict) -> dict:
          "screen_images": int(get("screen_images", SCREEN_IMAGES)),
          "check_recal_images": int(get("check_recal_images", CHECK_RECAL_IMAGES)), "probe_steps": int(get("probe_steps", PROBE_STEPS)),
          "walk_drop": options.get("walk_drop")}
+    holdout = float(get("holdout", 0.0))
+    if not (math.isfinite(holdout) and 0 <= holdout < 1):
+        raise SpikepruneError(f"--holdout is a fraction of the calibration split in [0, 1), got {holdout:g}")
+    if holdout > 0:  # only when used: progress saved without it keeps its key
+        s["holdout"] = holdout
     if s["walk_drop"] is not None:
         w = float(s["walk_drop"])
         if not (math.isfinite(w) and 0 <= w <= 100):
@@ -490,8 +575,9 @@ def shrink(ctx: PruneContext) -> PolicyResult:
     # With the limit on the fine-tuned model, the walk goes further than the limit (fine-tuning
     # recovers part of the loss) and short distillation probes then choose how far to keep.
     walk_L = (S["walk_drop"] if S["walk_drop"] is not None else min(100.0, 4 * L + 4)) if after else L
-    walk = _Walk(ctx, S["step"], S["recal_images"], S["screen_images"], S["check_recal_images"])
-    dense_top1 = ctx.dense_calib_top1
+    holdout = S.get("holdout", 0.0)
+    walk = _Walk(ctx, S["step"], S["recal_images"], S["screen_images"], S["check_recal_images"], holdout)
+    dense_top1 = ctx.dense_calib_top1 if walk.check is None else walk.check_top1(ctx.model)  # on what the walk checks
     patterns = [p.strip() for p in ctx.groups.split(",") if p.strip()]
     names = [n for n in walk.dense_groups if any(fnmatch.fnmatch(n, p) for p in patterns)]  # --groups
     # "walk": the version of the walk's rules; progress saved under other rules starts afresh
@@ -571,7 +657,7 @@ def shrink(ctx: PruneContext) -> PolicyResult:
             # over the limit is not worth a check (a subset is too noisy to reject anything: on 512
             # images one standard error is over a point).
             screen_drop = (dense_screen_top1 - cand.top1) * 100
-            if walk.screen_is_calib and screen_drop > walk_L + _EPS:
+            if walk.screen_is_check and screen_drop > walk_L + _EPS:
                 reject(n, cand, screen_drop, step)
                 continue
             stale[n] = cand.priority
@@ -584,7 +670,7 @@ def shrink(ctx: PruneContext) -> PolicyResult:
         del found
         size_before = group_map(model)[best.group].size
         walk.recalibrate(best.model, best.group, check=True)  # the statistics the model is checked and returned with
-        cal = ctx.calib_top1(best.model)
+        cal = walk.check_top1(best.model)
         drop = (dense_top1 - cal) * 100
         if drop > walk_L + _EPS:
             reject(best.group, best, drop, step)
@@ -603,16 +689,24 @@ def shrink(ctx: PruneContext) -> PolicyResult:
 
     ctx.log(f"shrink: stopped ({stop}): {len(cuts)} cuts, {1 - mem / cons.dense_bytes:.2%} saved, calib top-1 "
             f"{top1:.2%}; {walk.candidates_measured} candidates measured")
-    probes = None
+    probes = held = None
     if after:
         model, mem, top1, probes = _choose_by_distillation(ctx, walk, cuts, L, S["probe_steps"])
+    elif walk.held is not None:
+        k, model, checks, dense_held = _confirm_on_held_out(ctx, walk, cuts, L)
+        mem, top1 = ctx.memory(model), ctx.calib_top1(model)  # the whole calibration split, as the run reports it
+        held = {"images": sum(len(y) for _, y in walk.held), "dense_top1": dense_held, "kept_cuts": k, "checks": checks}
+        if k < len(cuts):
+            stop = f"the walk: {stop}; then cut back to its first {k} cuts, which hold the limit on the held-out images"
+        ctx.log(f"shrink: kept the first {k} of {len(cuts)} cuts ({1 - mem / cons.dense_bytes:.2%} saved), calib top-1 "
+                f"{top1:.2%} on the whole split")
     met = budget is None or mem <= budget
     info = {
         "shrink": {**S, "stop_reason": stop, "memory_met": met, "candidates_measured": walk.candidates_measured,
                    "cuts": [{k: v for k, v in c.to_dict().items() if k != "kept"} for c in cuts],
                    "rejected": rejected, "dense_screen_loss": dense_loss, "dense_screen_top1": dense_screen_top1,
                    "bn_recalibrated_on": f"{sum(len(y) for _, y in walk.recal)} training images",
-                   "limit_after_finetune": after, "walk_drop": walk_L, "probes": probes},
+                   "limit_after_finetune": after, "walk_drop": walk_L, "probes": probes, "held_out": held},
         "shortfall": None if met else {"bytes": mem - budget, "fraction": (mem - budget) / cons.dense_bytes,
                                        "budget_bytes": budget, "memory_bytes": mem},
         "calib_top1": top1,
@@ -620,6 +714,6 @@ def shrink(ctx: PruneContext) -> PolicyResult:
         "plots": [("shrink_walk.png",
                    lambda path: plot_walk(path, cons.dense_bytes, dense_top1, cuts, L, budget, cons.precision),
                    "shrink: memory against calibration top-1 after each cut")],
-        "report_sections": [("shrink", _report(ctx, cuts, rejected, S, stop, top1, mem, walk, walk_L, probes))],
+        "report_sections": [("shrink", _report(ctx, cuts, rejected, S, stop, top1, mem, walk, walk_L, probes, held))],
     }
     return PolicyResult(model, info)
