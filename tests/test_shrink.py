@@ -282,6 +282,24 @@ def test_limit_after_finetune_probes_with_distillation(saved_trained, tmp_path):
     assert "Limit after fine-tuning" in (out / "report.md").read_text()
 
 
+def test_limit_after_finetune_with_a_memory_target_cuts_to_it_and_lets_the_run_judge(saved_trained, tmp_path):
+    """With a target, fewer cuts would miss it: the walk goes to the target whatever it costs before
+    fine-tuning, no probe runs, and the run's check on the fine-tuned model decides."""
+    out = tmp_path / "after-target"
+    assert cli.main(["prune", saved_trained, *FAST, "--max-acc-drop", "1", "--limit-after-finetune",
+                     "--finetune-epochs", "1", "--kd", "--target-saving", "0.5", "--max-images", "train=256",
+                     "-o", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    info = s["shrink"]
+    assert info["walk_drop"] == 100 and info["probes"] is None
+    assert info["stop_reason"] == "memory budget met" and s["memory_saved"] >= 0.5
+    assert max(c["acc_drop"] for c in info["cuts"]) > 1, "the limit did not stop the walk before fine-tuning"
+    checks = s["constraint_checks"]
+    assert checks["limit_judged_on"] == "fine-tuned model"
+    assert checks["acc_ok"] == (checks["acc_drop_calib"] <= 1 + 1e-9) and s["constraints_met"] == checks["acc_ok"]
+    assert "with a memory target" in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--policy", "shrink", "--limit-after-finetune"], "--finetune-epochs"),
     (["--policy", "primesvt", "--limit-after-finetune", "--finetune-epochs", "1"], "use --policy shrink"),

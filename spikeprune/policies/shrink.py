@@ -41,7 +41,10 @@ first k cuts and distils PROBE_STEPS steps from the dense model (the run's fine-
 rate, batch size and distillation settings); the largest k whose calibration drop after the probe
 is within the limit is found by bisection over k (about log2 of the number of cuts probes) and
 handed to the run, whose fine-tuning and check follow (the run judges the limit on the fine-tuned
-model). Probes are not checkpointed: a resumed run replays the walk and probes again.
+model). Probes are not checkpointed: a resumed run replays the walk and probes again. With a memory
+target as well, the target says how far to cut: the walk goes to it (no limit before fine-tuning
+unless --walk-drop), no probe runs (fewer cuts would miss the target), and the run's fine-tuning and
+check judge the limit on that model.
 
 The final model carries the re-estimated BatchNorm statistics (they are buffers in its weights
 file; its pruning record gives the kept units). Options: --shrink-step, --shrink-fresh,
@@ -490,6 +493,10 @@ def _report(ctx: PruneContext, cuts: list[Cut], rejected: list[dict], settings: 
         for ch in held["checks"]:
             lines.append(f"| {ch['k']} | {ch['memory_saved']:.2%} | {ch['check_top1']:.2%} | {ch['held_out_top1']:.2%} "
                          f"| {ch['acc_drop']:.2f} | {'yes' if ch['ok'] else 'no'} |")
+    if ctx.limit_after_finetune and probes is None:
+        lines += ["", f"**Limit after fine-tuning, with a memory target.** The walk went to the target (limit before "
+                  f"fine-tuning: {walk_L:g} points); fewer cuts would miss it, so no probe chose among them: the run's "
+                  "fine-tuning follows and its check judges the limit on the fine-tuned model."]
     if probes is not None:
         lines += ["", f"**Limit after fine-tuning.** The walk went on to a drop of {walk_L:g} points before "
                   f"fine-tuning; each probe below replays the first k cuts and distils {settings['probe_steps']} steps "
@@ -574,7 +581,10 @@ def shrink(ctx: PruneContext) -> PolicyResult:
     after = ctx.limit_after_finetune
     # With the limit on the fine-tuned model, the walk goes further than the limit (fine-tuning
     # recovers part of the loss) and short distillation probes then choose how far to keep.
-    walk_L = (S["walk_drop"] if S["walk_drop"] is not None else min(100.0, 4 * L + 4)) if after else L
+    # With a memory target as well, the target says how far to cut and the run's fine-tuning and check
+    # judge the limit: the walk goes to the target (no limit before fine-tuning unless --walk-drop).
+    walk_L = L if not after else (S["walk_drop"] if S["walk_drop"] is not None else
+                                  100.0 if budget is not None else min(100.0, 4 * L + 4))
     holdout = S.get("holdout", 0.0)
     walk = _Walk(ctx, S["step"], S["recal_images"], S["screen_images"], S["check_recal_images"], holdout)
     dense_top1 = ctx.dense_calib_top1 if walk.check is None else walk.check_top1(ctx.model)  # on what the walk checks
@@ -690,7 +700,11 @@ def shrink(ctx: PruneContext) -> PolicyResult:
     ctx.log(f"shrink: stopped ({stop}): {len(cuts)} cuts, {1 - mem / cons.dense_bytes:.2%} saved, calib top-1 "
             f"{top1:.2%}; {walk.candidates_measured} candidates measured")
     probes = held = None
-    if after:
+    if after and budget is not None and mem <= budget:
+        # Fewer cuts would miss the target: nothing is left to choose. The run fine-tunes this model
+        # and judges the limit on it (a model that breaks it is reported as such).
+        ctx.log("shrink: the memory target is met; the run's fine-tuning and check judge the limit on this model")
+    elif after:
         model, mem, top1, probes = _choose_by_distillation(ctx, walk, cuts, L, S["probe_steps"])
     elif walk.held is not None:
         k, model, checks, dense_held = _confirm_on_held_out(ctx, walk, cuts, L)
