@@ -7,6 +7,10 @@ fewer MACs), at fp32, fp16 and int8: ONNX
 Runtime's predicted classes against PyTorch's on every test image, the spike decisions that flip at
 float32 threshold ties (fp32), the float64 comparison, the top-1 of both, and the file size beside
 measure's int8 weight memory with the difference counted. Results: bench/results/export-check.json / .md.
+
+Other models: `--model NAME=FOLDER` (repeatable; saved model folders, e.g. a run's RUN/model) replaces
+the bundled pair, `--precisions` picks the files, `--out STEM` names the results
+(bench/results/STEM.json / .md).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from spikeprune.bundled import bundled_model  # noqa: E402
 from spikeprune.deploy import check_export, export  # noqa: E402
-from spikeprune.serialization import write_json  # noqa: E402
+from spikeprune.serialization import load_model, write_json  # noqa: E402
 from spikeprune.surgery import prune  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
@@ -37,15 +41,29 @@ def main() -> None:
     ap.add_argument("--data", default="mnist5k")
     ap.add_argument("--images", type=int, default=1000, help="test images (mnist5k has 1,000)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", action="append", default=[], metavar="NAME=FOLDER",
+                    help="a saved model to check instead of the bundled pair (repeatable)")
+    ap.add_argument("--precisions", default="fp32,fp16,int8")
+    ap.add_argument("--out", default="export-check", metavar="STEM", help="results: bench/results/STEM.json / .md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    dense = bundled_model().eval()
-    pruned = prune(dense, PRUNED, "l2").eval()
-    models = [("bundled dense", dense), ("bundled pruned (MLP 0.75, q-k 0.5, stem 3 0.5; l2, not fine-tuned)", pruned)]
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if args.model:
+        models = []
+        for item in args.model:
+            name, sep, folder = item.partition("=")
+            if not sep or not name or not folder:
+                ap.error(f"give --model as NAME=FOLDER, got {item!r}")
+            models.append((name, load_model(folder).eval()))
+    else:
+        dense = bundled_model().eval()
+        pruned = prune(dense, PRUNED, "l2").eval()
+        models = [("bundled dense", dense),
+                  ("bundled pruned (MLP 0.75, q-k 0.5, stem 3 0.5; l2, not fine-tuned)", pruned)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in models:
-            for precision in ("fp32", "fp16", "int8"):
+            for precision in precisions:
                 path = Path(tmp) / f"m-{precision}.onnx"
                 rep = export(model, path, precision=precision, check=False, overwrite=True, verbose=False)
                 chk = check_export(path, model, args.data, split="test", n_images=args.images)
@@ -61,8 +79,8 @@ def main() -> None:
            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "machine": {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
                        "python": platform.python_version()}, "rows": rows}
-    write_json(OUT / "export-check.json", res)
-    (OUT / "export-check.md").write_text(to_markdown(res))
+    write_json(OUT / f"{args.out}.json", res)
+    (OUT / f"{args.out}.md").write_text(to_markdown(res))
     print(to_markdown(res))
 
 
