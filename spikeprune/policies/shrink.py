@@ -152,7 +152,7 @@ def _eval(ctx: PruneContext, model, batches) -> tuple[float, float]:
             hit += int((logits.argmax(1) == y).sum())
             n += len(y)
     if not math.isfinite(loss):
-        raise SpikepruneError("a candidate model computes a non-finite loss on the calibration images; "
+        raise SpikepruneError("a model the walk measured computes a non-finite loss on the calibration images; "
                               "nothing was chosen from it")
     ctx.evaluations += 1
     ctx.images_evaluated += n
