@@ -189,10 +189,11 @@ def test_shrink_holdout_confirms_the_walk_on_images_it_never_saw(saved_trained, 
     """--holdout: the walk checks on part of the calibration split; the rest confirms where it stopped,
     and the walk is cut back (bisection over its cuts) to the most cuts that hold the limit there."""
     seen: list[int] = []
+    dense_bytes = memory_bytes(load_model(saved_trained))["fp32"]
 
     def held_drop_is_50_points_per_saved_fraction(self, model):
         seen.append(sum(len(y) for _, y in self.held))
-        saved = 1 - memory_bytes(model)["fp32"] / memory_bytes(load_model(saved_trained))["fp32"]
+        saved = 1 - memory_bytes(model)["fp32"] / dense_bytes
         return 1.0 - 0.5 * saved  # drop 50 x saved points: within a 15-point limit up to 30% saved
 
     real_init = shrink_module._Walk.__init__
