@@ -108,6 +108,14 @@ def _env_int(name: str) -> int:
                               "and MASTER_PORT yourself)") from None
 
 
+_joined = False  # this process joined a group at some point (the command line's exit depends on it)
+
+
+def joined_a_group() -> bool:
+    """True once this process has joined a process group of two or more, even after leaving it."""
+    return _joined
+
+
 def init(device: str = "cpu") -> bool:
     """Join the process group torchrun describes in the environment. Returns True when this
     process is one of two or more. With --device cuda, process LOCAL_RANK uses cuda:LOCAL_RANK."""
@@ -136,6 +144,8 @@ def init(device: str = "cpu") -> bool:
         raise SpikepruneError(f"process {r} of {world} could not join the {backend} process group at {where} "
                               f"within {timeout_s():g} s ({_first_line(e)}); check --master-addr / --master-port "
                               "(or --rdzv-endpoint) and that every node starts the same command") from None
+    global _joined
+    _joined = True
     return True
 
 
@@ -509,6 +519,6 @@ def share_by_group(items: list, group_of: Callable, cost_of: Callable, key_of: C
 
 
 __all__ = ["DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "active", "assign_groups", "barrier", "check_global_batch",
-           "collective", "data_parallel", "from_main", "gather_objects", "init", "is_main", "launched",
+           "collective", "data_parallel", "from_main", "gather_objects", "init", "is_main", "joined_a_group", "launched",
            "launched_by_torchrun", "mean_over_processes", "rank", "shard_batches", "shard_train_loader",
            "share_by_group", "share_training_state", "sum_exact", "sync_batchnorm", "world_size"]
