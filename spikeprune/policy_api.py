@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -52,7 +53,7 @@ from .importance import needs_data, scores
 from .costs import memory_bytes
 from .models import get_family
 from .sensitivity import SensitivityTable, analyze
-from .serialization import is_saved_model, load_model, save_model, write_json
+from .serialization import atomic_path, is_saved_model, load_model, save_model, write_json
 from .surgery import prune as surgery_prune
 from .training import evaluate
 from .units import format_bytes, parse_bytes
@@ -370,6 +371,7 @@ class PruneContext:
         """The per-group sensitivity table on the calibration split, computed once per run and
         kept in RUN/sensitivity.csv (an interrupted analysis resumes from its rows)."""
         if self._table is None:
+            self._take_shared_table()
             self.log("sensitivity analysis: each group pruned alone at "
                      f"{', '.join(f'{r:g}' for r in self.ratios)}")
             self._table = analyze(self.model, self.calib, groups=self.groups, ratios=self.ratios,
@@ -381,6 +383,19 @@ class PruneContext:
             self.log(f"sensitivity: {fc['candidates']} candidates, {fc['spent']:,.0f} image-block passes spent vs "
                      f"{fc['full_recompute']:,.0f} recomputing everything ({fc['ratio']:.2f}x fewer)")
         return self._table
+
+    def _take_shared_table(self) -> None:
+        """A run given shared_steps (the benchmark's shared run, vetted by spikeprune.run) copies
+        that run's table in when its policy first asks for one; analyze() then finds it finished.
+        Copied here, not with the other shared steps, so that the run of a policy that never reads
+        a table reports none."""
+        source = getattr(self.settings, "shared_steps", None)
+        src, dst = Path(source or ".") / "sensitivity.csv", self.run_dir / "sensitivity.csv"
+        if source is None or not src.is_file() or dst.exists() or not distributed.is_main():
+            return
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+        self.log(f"reusing sensitivity.csv from {source}")
 
     def sensitivity_if_computed(self) -> SensitivityTable | None:
         """The table this run computed, or the one an earlier session of it wrote; None if neither."""

@@ -395,6 +395,22 @@ def test_shared_steps_are_reused_by_a_run_of_the_same_model_and_data(tiny_model,
         RunSettings(data="digits", output=tmp_path / "d", shared_steps=tmp_path)
 
 
+def test_a_shared_sensitivity_table_reaches_only_runs_whose_policy_reads_one(tiny_model, tmp_path):
+    """The benchmark's shared run holds the table PSViT and PrimeSVT read; a run of a policy that
+    never reads one (uniform, shrink, ...) must not carry it, nor report it or its cost."""
+    kw = dict(ratios=(0.25, 0.5), uniform_ratios=(0.2,), max_acc_drop=50, **QUICK)
+    first = prune_run(tiny_model(), "digits", tmp_path / "a", policy="primesvt", **kw)
+    again = prune_run(tiny_model(), "digits", tmp_path / "b", policy="primesvt", shared_steps=tmp_path / "a", **kw)
+    assert (tmp_path / "b" / "sensitivity.csv").read_bytes() == (tmp_path / "a" / "sensitivity.csv").read_bytes()
+    assert f"reusing sensitivity.csv from {tmp_path / 'a'}" in (tmp_path / "b" / "log.txt").read_text()
+    assert again["widths"] == first["widths"] and again["forward_cost"]["sensitivity"] is not None
+    other = prune_run(tiny_model(), "digits", tmp_path / "c", policy="uniform", options={"uniform": 0.2},
+                      shared_steps=tmp_path / "a", **kw)
+    assert not (tmp_path / "c" / "sensitivity.csv").exists()
+    assert other["forward_cost"]["sensitivity"] is None
+    assert "sensitivity.csv" not in (tmp_path / "c" / "report.md").read_text()
+
+
 def test_importance_is_a_registered_name_or_object():
     assert RunSettings(data="digits", output="x", importance=importance.get("l1")).importance == "l1"
 
