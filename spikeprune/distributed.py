@@ -519,6 +519,6 @@ def share_by_group(items: list, group_of: Callable, cost_of: Callable, key_of: C
 
 
 __all__ = ["DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "active", "assign_groups", "barrier", "check_global_batch",
-           "collective", "data_parallel", "from_main", "gather_objects", "init", "is_main", "joined_a_group", "launched",
-           "launched_by_torchrun", "mean_over_processes", "rank", "shard_batches", "shard_train_loader",
+           "collective", "data_parallel", "from_main", "gather_objects", "init", "is_main", "joined_a_group",
+           "launched", "launched_by_torchrun", "mean_over_processes", "rank", "shard_batches", "shard_train_loader",
            "share_by_group", "share_training_state", "sum_exact", "sync_batchnorm", "world_size"]

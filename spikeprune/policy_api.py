@@ -390,12 +390,13 @@ class PruneContext:
         Copied here, not with the other shared steps, so that the run of a policy that never reads
         a table reports none."""
         source = getattr(self.settings, "shared_steps", None)
-        src, dst = Path(source or ".") / "sensitivity.csv", self.run_dir / "sensitivity.csv"
-        if source is None or not src.is_file() or dst.exists() or not distributed.is_main():
+        if source is None or not distributed.is_main():  # rank 0 reads the table for every process
             return
-        with atomic_path(dst) as tmp:
-            shutil.copyfile(src, tmp)
-        self.log(f"reusing sensitivity.csv from {source}")
+        src, dst = Path(source) / "sensitivity.csv", self.run_dir / "sensitivity.csv"
+        if src.is_file() and not dst.exists():
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
+            self.log(f"reusing sensitivity.csv from {source}")
 
     def sensitivity_if_computed(self) -> SensitivityTable | None:
         """The table this run computed, or the one an earlier session of it wrote; None if neither."""

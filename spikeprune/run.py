@@ -68,9 +68,9 @@ SPLITS = ("train", "calib", "test")
 ELAPSED_EVERY_S = 2.0  # how often the wall time is saved at most
 _UNHASHED = ("output", "force", "progress", "model_spec", "device", "workers", "shared_steps")
 # Steps a run may take from another run of the same model, data and measuring settings (the
-# benchmark computes them once for all policies), and the settings they depend on.
-# copied when a run starts; the shared sensitivity.csv is copied when the policy asks for a table
-# (PruneContext.sensitivity), so that runs of policies that never read one report none
+# benchmark computes them once for all policies), copied when the run starts, and the settings they
+# depend on. That run's sensitivity.csv is copied only when the policy asks for a table
+# (PruneContext.sensitivity), so that runs of policies that never read one report none.
 SHAREABLE_STEPS = ("steps/dense_calib.json", "steps/measure_dense.json", "steps/uniform_sweep.json")
 _SHARED_FIELDS = ("model", "data", "max_images", "importance", "round_to", "seed", "batch_size", "calib_batches",
                   "uniform_ratios", "measure_images", "latency_repeats")
@@ -110,8 +110,9 @@ class RunSettings:
     analysis, fine-tuning and measuring alike), `model_spec` (a label for the report),
     `shared_steps` (a run folder of the same model, data and measuring settings whose shareable
     finished steps -- SHAREABLE_STEPS, and the sensitivity table when the policy reads one -- a new
-    run copies instead of recomputing: the benchmark computes them once for every policy). output, force, progress, model_spec, device, workers and
-    shared_steps do not change the result and are not part of the fingerprint.
+    run copies instead of recomputing: the benchmark computes them once for every policy). output,
+    force, progress, model_spec, device, workers and shared_steps do not change the result and are
+    not part of the fingerprint.
     """
     data: str
     output: str | Path
