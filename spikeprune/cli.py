@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import NoReturn
 
@@ -588,7 +589,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry_point() -> NoReturn:
     """The `spikeprune` command (and `python -m spikeprune`): main(), then exit with its code."""
-    exit_with(main())
+    try:
+        code = main()
+    except Exception:  # a bug, not a SpikepruneError: main() reports those
+        if not distributed.joined_a_group():
+            raise
+        traceback.print_exc()  # what the interpreter would print; exit_with skips its shutdown
+        code = 1
+    exit_with(code)
 
 
 def exit_with(code: int) -> NoReturn:

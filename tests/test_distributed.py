@@ -229,7 +229,8 @@ def test_a_process_that_joined_a_group_exits_without_interpreter_shutdown(tmp_pa
     is flushed: torch keeps the gloo group's worker threads alive into interpreter shutdown, where
     one dropping a finished all-reduce aborted a successful torchrun finetune (2 runs in 79 here,
     one in CI). The race itself cannot be forced; the exit path can be seen: an atexit handler
-    runs in one process and in none of two."""
+    runs in one process and in none of two. A bug inside a command leaves the same way, with its
+    traceback and exit code 1."""
     model_dir = tmp_path / "dense"
     save_model(tiny_model().eval(), model_dir)
     code = f"""
@@ -247,6 +248,17 @@ def test_a_process_that_joined_a_group_exits_without_interpreter_shutdown(tmp_pa
         assert p.returncode == 0, p.stderr[-3000:]
         assert "interpreter shutdown" not in p.stdout
     assert json.loads(rank0.stdout)["n"] == json.loads(one.stdout.split("interpreter shutdown")[0])["n"] == 359
+
+    crash = """
+        import atexit
+        from spikeprune import cli, distributed
+        atexit.register(lambda: print("interpreter shutdown", flush=True))
+        cli.main = lambda: distributed.init("cpu") and 1 / 0  # a bug inside a command
+        cli.entry_point()
+    """
+    for p in by_hand(crash):
+        assert p.returncode == 1 and "ZeroDivisionError" in p.stderr, p.stderr[-3000:]
+        assert "interpreter shutdown" not in p.stdout
 
 
 def test_sync_batchnorm_swaps_classes_and_back():
