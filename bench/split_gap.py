@@ -10,7 +10,6 @@ RUN/steps/policy_model for a run that fine-tuned). Writes OUT/split_gap.json and
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 from spikeprune.cli import resolve_model
 from spikeprune.data import dataset_for_model
 from spikeprune.errors import SpikepruneError
+from spikeprune.serialization import write_json
 from spikeprune.training import evaluate
 
 
@@ -60,8 +60,8 @@ def main(argv=None) -> int:
             row[split]["drop"] = (dense[split]["top1"] - row[split]["top1"]) * 100
     a.out.mkdir(parents=True, exist_ok=True)
     cmd = "python bench/split_gap.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    (a.out / "split_gap.json").write_text(json.dumps({"command": cmd, "data": a.data, "rows": rows,
-                                                       "wall_s": time.perf_counter() - t0}, indent=2))
+    write_json(a.out / "split_gap.json", {"command": cmd, "data": a.data, "rows": rows,
+                                          "wall_s": time.perf_counter() - t0})
     se = {s: 100 * math.sqrt(max(dense[s]["top1"] * (1 - dense[s]["top1"]), 1e-12) / dense[s]["n"]) for s in splits}
     lines = [f"`{cmd}`", "",
              f"Top-1 on the whole calibration split ({dense['calib']['n']:,} images) and test split "
