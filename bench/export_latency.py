@@ -16,6 +16,13 @@ least 0.8x the MAC ratio. Results: bench/results/export-latency.json and .md (--
 
     python bench/export_latency.py
     python bench/export_latency.py --threads 2 --repeats 15 --tag quiet
+
+On a GPU (`--device cuda`): the same pairs plus spikformer-8-512 and sdt-8-512 (ImageNet size, random
+weights), timed in PyTorch at batch 1, 8 and 64, eager and replayed as a CUDA graph (the whole
+forward captured once: the per-kernel launch cost of the LIF's time loop is what eager mode pays),
+with CUDA events; ONNX Runtime's CUDA provider where the installed onnxruntime has it.
+
+    python bench/export_latency.py --device cuda --tag gpu
 """
 from __future__ import annotations
 
@@ -70,6 +77,138 @@ def _pairs(ratio: float, pruned_dir: str | None) -> list[tuple[str, torch.nn.Mod
         out.append((f"{pruned_dir} (its dense model: {rec.dense_preset or rec.family})", base, small,
                     "saved pruned model"))
     return out
+
+
+def _gpu_pairs(ratio: float) -> list[tuple[str, torch.nn.Module, torch.nn.Module, str]]:
+    out = _pairs(ratio, None)
+    for preset in ("spikformer-8-512", "sdt-8-512"):
+        torch.manual_seed(0)
+        big = create_model(preset).eval()
+        out.append((f"{preset} (random weights)", big, prune(big, uniform_ratio_map(big, ratio), "l2").eval(),
+                    f"uniform {ratio}"))
+    return out
+
+
+def _cuda_ms(fn, repeats: int, warmup: int) -> list[float]:
+    """Milliseconds per call, one CUDA-event pair around each call (the GPU's own clock)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end))
+    return out
+
+
+def _graphed(model: torch.nn.Module, x: torch.Tensor):
+    """`model(x)` captured once as a CUDA graph; the returned call replays it on the same input buffer."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up on a side stream, as CUDA graph capture requires
+            model(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(x)
+    return graph.replay
+
+
+def bench_pair_cuda(name, dense, pruned, how, repeats: int, warmup: int, tmp: Path, ort_cuda: bool) -> dict:
+    """Dense vs pruned on the GPU: PyTorch eager, PyTorch as a CUDA graph, and ONNX Runtime's CUDA
+    provider when present. Calls alternate model by model within each repeat (interleaved), so a slow
+    spell of the machine falls on both."""
+    dev = torch.device("cuda")
+    c = dense.cfg
+    res = {"model": name, "pruned_how": how, "macs": {}, "params": {}, "batches": {}}
+    for tag, model in (("dense", dense), ("pruned", pruned)):
+        res["macs"][tag], res["params"][tag] = count_macs(model), count_params(model)
+    res["mac_ratio"] = res["macs"]["dense"] / res["macs"]["pruned"]
+    models = {"dense": dense.to(dev), "pruned": pruned.to(dev)}
+    sessions = {}
+    if ort_cuda:
+        import onnxruntime as ort  # the `export` extra
+
+        for tag, model in models.items():
+            path = tmp / f"{tag}.onnx"
+            export(model.cpu(), path, check=False, overwrite=True, verbose=False)
+            model.to(dev)
+            sessions[tag] = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider"])
+    for batch in (1, 8, 64):
+        x = torch.rand(batch, c.in_channels, c.img_size, c.img_size, generator=torch.Generator().manual_seed(batch))
+        xd = x.to(dev)
+        calls = {}
+        with torch.inference_mode():
+            for tag, model in models.items():
+                calls[("torch eager", tag)] = lambda m=model: m(xd)
+                calls[("torch CUDA graph", tag)] = _graphed(model, xd)
+            for tag, sess in sessions.items():
+                calls[("onnxruntime CUDA", tag)] = lambda s=sess, xn=x.numpy(): s.run(None, {"images": xn})
+            times = {k: [] for k in calls}
+            for _ in range(repeats):
+                for k, fn in calls.items():
+                    times[k] += _cuda_ms(fn, 1, warmup if not times[k] else 0)
+        row = {}
+        for runtime in dict.fromkeys(k[0] for k in calls):
+            d, p = times[(runtime, "dense")], times[(runtime, "pruned")]
+            row[runtime] = {"dense_ms": min(d), "pruned_ms": min(p), "dense_median_ms": statistics.median(d),
+                            "pruned_median_ms": statistics.median(p), "speedup": min(d) / min(p),
+                            "speedup_median": statistics.median(d) / statistics.median(p),
+                            "of_mac_ratio": min(d) / min(p) / res["mac_ratio"]}
+        res["batches"][str(batch)] = row
+        print(f"{name} batch {batch}: MAC ratio {res['mac_ratio']:.2f}; " + "; ".join(
+            f"{rt} dense {v['dense_ms']:.3f} ms, pruned {v['pruned_ms']:.3f} ms, speed-up {v['speedup']:.2f}x"
+            for rt, v in row.items()), flush=True)
+    for m in models.values():
+        m.cpu()
+    return res
+
+
+def to_markdown_cuda(res: dict) -> str:
+    m = res["machine"]
+    lines = ["# Export latency on a GPU: dense vs pruned, PyTorch eager and CUDA graph", "",
+             f"Command: `{res['command']}`  ", f"Date: {res['date']}  ",
+             f"Machine: {m['gpu']}; {m['cpu']}, {m['cpus']} CPUs; torch {m['torch']}, onnxruntime {m['onnxruntime']} "
+             f"(providers: {', '.join(m['ort_providers'])}), Python {m['python']}", "",
+             f"Clock: CUDA events around each call; the minimum over {res['repeats']} interleaved repeats (medians in "
+             "the JSON). fp32, eval, inference mode. Speed-up = dense / pruned; of MAC = speed-up / MAC ratio.", "",
+             "| model | pruned | MAC ratio | batch | runtime | dense ms | pruned ms | speed-up (of MAC) | median speed-up |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["results"]:
+        for b, row in r["batches"].items():
+            for rt, v in row.items():
+                lines.append(f"| {r['model']} | {r['pruned_how']} | {r['mac_ratio']:.2f} | {b} | {rt} | "
+                             f"{v['dense_ms']:.3f} | {v['pruned_ms']:.3f} | {v['speedup']:.2f}x ({v['of_mac_ratio']:.2f}) "
+                             f"| {v['speedup_median']:.2f}x |")
+    if "CUDAExecutionProvider" not in m["ort_providers"]:
+        lines += ["", "ONNX Runtime on that machine has no CUDA provider, so the exported files were not timed on the GPU."]
+    return "\n".join(lines) + "\n"
+
+
+def main_cuda(args, suffix: str) -> None:
+    import onnxruntime  # the `export` extra
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this torch sees no CUDA device")
+    providers = onnxruntime.get_available_providers()
+    res = {"command": "python bench/export_latency.py " + " ".join(sys.argv[1:]), "device": "cuda",
+           "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "repeats": args.repeats,
+           "machine": {"gpu": torch.cuda.get_device_name(), "cpu": _cpu_name(), "cpus": os.cpu_count(),
+                       "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "ort_providers": providers,
+                       "python": platform.python_version()},
+           "results": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, dense, pruned, how in _gpu_pairs(args.ratio):
+            res["results"].append(bench_pair_cuda(name, dense, pruned, how, args.repeats, args.warmup, Path(tmp),
+                                                  "CUDAExecutionProvider" in providers))
+    write_json(OUT / f"export-latency{suffix}.json", res)
+    (OUT / f"export-latency{suffix}.md").write_text(to_markdown_cuda(res))
+    print(to_markdown_cuda(res))
 
 
 def _ort_session(path: str, threads: int):
@@ -221,12 +360,19 @@ def main() -> None:
     ap.add_argument("--pruned", metavar="DIR", help="also a saved pruned model against its dense model")
     ap.add_argument("--tag", default="", help="results file suffix")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the recorded .json")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (default): PyTorch and ONNX Runtime "
+                    "on the CPU; cuda: PyTorch eager and CUDA graph on the GPU, ONNX Runtime's CUDA provider if present")
     args = ap.parse_args()
     suffix = f"-{args.tag}" if args.tag else ""
     if args.markdown_only:
         import json  # only to re-read the recorded results
 
-        (OUT / f"export-latency{suffix}.md").write_text(to_markdown(json.loads((OUT / f"export-latency{suffix}.json").read_text())))
+        res = json.loads((OUT / f"export-latency{suffix}.json").read_text())
+        (OUT / f"export-latency{suffix}.md").write_text(to_markdown_cuda(res) if res.get("device") == "cuda"
+                                                         else to_markdown(res))
+        return
+    if args.device == "cuda":
+        main_cuda(args, suffix)
         return
     import onnxruntime  # the `export` extra
 
