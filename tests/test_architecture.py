@@ -228,3 +228,20 @@ def test_function_local_imports_say_why():
 ])
 def test_local_import_reasons_are_a_fixed_list(source, bare):
     assert [n for n, _ in _local_imports_without_reason(source)] == bare
+
+
+def test_bench_code_does_not_import_tests():
+    """bench/ is run from a checkout by people who may not have tests/; it imports spikeprune and its
+    own modules, never a test module, and does not put tests/ on its path."""
+    test_modules = {p.stem for p in (ROOT / "tests").glob("*.py")}
+    offenders = []
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        source = path.read_text()
+        if '"tests"' in source or "'tests'" in source or "/ \"tests\"" in source:
+            offenders.append(f"{path.name}: puts tests/ on its path")
+        for node in ast.walk(ast.parse(source)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            offenders += [f"{path.name}:{node.lineno}: imports {n}" for n in names
+                          if n.split(".")[0] in test_modules or n.split(".")[0] == "tests"]
+    assert not offenders, offenders
