@@ -7,8 +7,9 @@
     [:DIR]          (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte,
                     t10k-labels-idx1-ubyte, each gzipped or not) from DIR, by default from
                     `fashion_mnist_dirs()`: /usr/share/datasets/fashion-mnist/ (Debian package
-                    dataset-fashion-mnist), then data/fashion-mnist/ of the source checkout, then
-                    data/fashion-mnist/ of the working directory (`make data` puts them in one)
+                    dataset-fashion-mnist), then the user's data folder (`spikeprune data
+                    fashion-mnist` puts them there), then data/fashion-mnist/ of the source
+                    checkout, then data/fashion-mnist/ of the working directory (`make data`)
   mnist:DIR         the original MNIST IDX files, the same four names, from DIR  28x28, 1 ch   10
   cifar10:DIR       DIR/data_batch_1..5 + DIR/test_batch (official python    32x32, 3 ch   10
                     pickles, from cifar-10-python.tar.gz)
@@ -69,6 +70,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import importlib
+import os
 import pickle
 import warnings
 import zlib
@@ -298,10 +300,20 @@ LOCAL_FASHION_MNIST = Path("data") / "fashion-mnist"
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 
+def user_data_dir() -> Path:
+    """The user's spikeprune data folder: $SPIKEPRUNE_DATA, else $XDG_DATA_HOME/spikeprune, else
+    ~/.local/share/spikeprune (where `spikeprune data NAME` installs a data set)."""
+    if os.environ.get("SPIKEPRUNE_DATA"):
+        return Path(os.environ["SPIKEPRUNE_DATA"]).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base).expanduser() / "spikeprune"
+
+
 def fashion_mnist_dirs() -> list[Path]:
-    """Where `--data fashion-mnist` (no DIR) looks, in order: the Debian package's folder, then
-    data/fashion-mnist/ of the source checkout, then data/fashion-mnist/ of the working directory."""
-    found = [DEBIAN_FASHION_MNIST, SOURCE_ROOT / LOCAL_FASHION_MNIST, Path.cwd() / LOCAL_FASHION_MNIST]
+    """Where `--data fashion-mnist` (no DIR) looks, in order: the Debian package's folder, the
+    user's data folder, then data/fashion-mnist/ of the source checkout and of the working directory."""
+    found = [DEBIAN_FASHION_MNIST, user_data_dir() / "fashion-mnist", SOURCE_ROOT / LOCAL_FASHION_MNIST,
+             Path.cwd() / LOCAL_FASHION_MNIST]
     return list(dict.fromkeys(found))
 
 
@@ -389,8 +401,8 @@ def _idx_folder(name: str, path: str) -> tuple[Path, dict[str, Path]]:
         if files is not None:
             return folder.resolve(), files
     raise SpikepruneError(f"Fashion-MNIST is not installed (looked in {', '.join(map(str, fashion_mnist_dirs()))}); "
-                          "run `make data` (installs the Debian package dataset-fashion-mnist) or pass "
-                          "--data fashion-mnist:DIR")
+                          "run `spikeprune data fashion-mnist` (unpacks the Debian package "
+                          "dataset-fashion-mnist, or copies a folder you give it) or pass --data fashion-mnist:DIR")
 
 
 def _idx_set(name: str, path: str):
