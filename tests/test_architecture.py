@@ -1,13 +1,27 @@
-"""The layering rules of ARCHITECTURE.md, checked on the source: no import cycles, no module
-outside models/ that names a family, function-local imports only where a comment says why."""
+"""The layering rules of ARCHITECTURE.md, checked on the source. The layer table is read from
+ARCHITECTURE.md itself, so the document and the check cannot drift apart:
+
+- every module of the package sits in exactly one layer of the table;
+- every import (function-local ones and a package importing its own submodules included) goes to
+  the module's own layer or a lower one, and the imports form no circle;
+- no module outside models/ names a family;
+- a function-local import says why, with one of a short fixed list of reasons.
+"""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "spikeprune"
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "spikeprune"
 # The reference-code transcriptions are test support for one family's equivalence proofs.
 FAMILY_AWARE = {"models", "testing"}
+# The only reasons a module may import inside a function; the comment on the import (or the line
+# above it) must contain one of them.
+LOCAL_IMPORT_REASONS = ("optional dependency", "lazy heavy import")
 
 
 def _modules() -> dict[str, Path]:
@@ -21,7 +35,14 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _resolve(module: str, is_pkg: bool, node: ast.ImportFrom) -> list[str]:
+MODULES = _modules()
+
+
+def _import_targets(module: str, is_pkg: bool, node: ast.AST) -> list[str]:
+    """The spikeprune modules an import statement loads. `from X import a` loads X, or only X.a when
+    `a` is a submodule (`from . import distributed` does not import the package above)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name.split(".")[0] == "spikeprune"]
     if node.level == 0:
         base = node.module or ""
     else:
@@ -29,30 +50,90 @@ def _resolve(module: str, is_pkg: bool, node: ast.ImportFrom) -> list[str]:
         parts = parts if is_pkg else parts[:-1]
         parts = parts[: len(parts) - (node.level - 1)]
         base = ".".join(parts + ([node.module] if node.module else []))
-    names = [base] + [f"{base}.{a.name}" for a in node.names]
-    return [n for n in names if n.startswith("spikeprune")]
+    if base.split(".")[0] != "spikeprune":
+        return []
+    subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES]
+    plain = [a for a in node.names if f"{base}.{a.name}" not in MODULES]
+    return subs + ([base] if plain or not subs else [])
 
 
-def _imports(module: str, path: Path, top_level_only: bool) -> list[tuple[str, int]]:
+def _imports(module: str, path: Path) -> list[tuple[str, int]]:
     tree = ast.parse(path.read_text())
     is_pkg = path.name == "__init__.py"
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
     out = []
-    for node in nodes:
-        if isinstance(node, ast.ImportFrom):
-            out += [(n, node.lineno) for n in _resolve(module, is_pkg, node)]
-        elif isinstance(node, ast.Import):
-            out += [(a.name, node.lineno) for a in node.names if a.name.startswith("spikeprune")]
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            out += [(n, node.lineno) for n in _import_targets(module, is_pkg, node) if n != module]
     return out
 
 
-def test_no_import_cycles():
-    mods = _modules()
-    graph = {m: sorted({n for n, _ in _imports(m, p, top_level_only=False) if n in mods and n != m})
-             for m, p in mods.items()}
-    # a package's __init__ importing its own submodules (registration) is not a cycle of layers
-    for m in graph:
-        graph[m] = [n for n in graph[m] if not n.startswith(m + ".")]
+def _layer_table() -> list[tuple[str, list[str]]]:
+    """(layer name, module prefixes) from the table under `## Layers` in ARCHITECTURE.md, top
+    layer first. A prefix `x` stands for module spikeprune.x and, unless listed on its own, every
+    module under it; `__init__` is the package itself."""
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    section = text.split("\n## Layers", 1)[1].split("\n## ", 1)[0]
+    layers = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not line.lstrip().startswith("|") or set(cells[0]) <= set("-: "):
+            continue
+        names = re.findall(r"`([\w.]+)`", cells[1])
+        if names:
+            layers.append((cells[0], names))
+    return layers
+
+
+LAYERS = _layer_table()
+
+
+def _prefix_layers() -> dict[str, int]:
+    """Module prefix -> layer rank (0 is the bottom layer)."""
+    ranks = {}
+    for i, (_, names) in enumerate(reversed(LAYERS)):
+        for n in names:
+            full = "spikeprune" if n == "__init__" else f"spikeprune.{n}"
+            assert full not in ranks, f"{n} is listed in two layers of ARCHITECTURE.md"
+            ranks[full] = i
+    return ranks
+
+
+def _layer_of(module: str, ranks: dict[str, int]) -> int | None:
+    parts = module.split(".")
+    for k in range(len(parts), 1, -1):
+        if ".".join(parts[:k]) in ranks:
+            return ranks[".".join(parts[:k])]
+    return ranks.get(module)
+
+
+def test_the_layer_table_is_read():
+    assert len(LAYERS) >= 5 and any("__init__" in names for _, names in LAYERS)
+
+
+def test_every_module_is_in_one_layer():
+    ranks = _prefix_layers()
+    missing = sorted(m for m in MODULES if _layer_of(m, ranks) is None)
+    assert not missing, ("modules in no layer of ARCHITECTURE.md (add them to its `## Layers` table): "
+                         + ", ".join(missing))
+    stale = sorted(p for p in ranks if p not in MODULES)
+    assert not stale, "ARCHITECTURE.md lists modules that do not exist: " + ", ".join(stale)
+
+
+def test_imports_go_down_the_layers():
+    ranks = _prefix_layers()
+    names = [name for name, _ in reversed(LAYERS)]
+    upward = []
+    for m, p in MODULES.items():
+        for target, line in _imports(m, p):
+            if target not in MODULES:
+                continue
+            if _layer_of(target, ranks) > _layer_of(m, ranks):
+                upward.append(f"{p.relative_to(ROOT)}:{line}: {m} ({names[_layer_of(m, ranks)]}) imports "
+                              f"{target} ({names[_layer_of(target, ranks)]})")
+    assert not upward, "imports going up the layers of ARCHITECTURE.md:\n" + "\n".join(upward)
+
+
+def _cycle(graph: dict[str, list[str]]) -> list[str] | None:
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -61,42 +142,106 @@ def test_no_import_cycles():
         stack.append(m)
         for n in graph[m]:
             if state.get(n) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
+                return stack[stack.index(n):] + [n]
             if n not in state:
-                visit(n)
+                found = visit(n)
+                if found:
+                    return found
         stack.pop()
         state[m] = 2
+        return None
 
     for m in sorted(graph):
         if m not in state:
-            visit(m)
+            found = visit(m)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycles():
+    """Package -> submodule edges count: a package that imports a submodule which imports the
+    package back is a circle."""
+    graph = {m: sorted({n for n, _ in _imports(m, p) if n in MODULES}) for m, p in MODULES.items()}
+    found = _cycle(graph)
+    assert found is None, "import cycle: " + " -> ".join(found)
+
+
+def test_the_checks_see_what_they_must():
+    """The checks above, on hand-made cases: a submodule that imports its package back is a cycle,
+    `from . import sub` is an edge to the submodule only, and a prefix covers the modules under it."""
+    assert _cycle({"p": ["p.a"], "p.a": ["p"]}) == ["p", "p.a", "p"]
+    assert _cycle({"p": ["p.a"], "p.a": ["q"], "q": []}) is None
+    node = ast.parse("from . import distributed, errors").body[0]
+    assert _import_targets("spikeprune.cli", False, node) == ["spikeprune.distributed", "spikeprune.errors"]
+    node = ast.parse("from .models import get_family").body[0]
+    assert _import_targets("spikeprune.costs", False, node) == ["spikeprune.models"]
+    node = ast.parse("from ..checkpoint_io import read_checkpoint").body[0]
+    assert _import_targets("spikeprune.models.sdt", False, node) == ["spikeprune.checkpoint_io"]
+    ranks = _prefix_layers()
+    assert _layer_of("spikeprune.models.sdt", ranks) == _layer_of("spikeprune.models", ranks)
+    assert _layer_of("spikeprune.cli", ranks) > _layer_of("spikeprune.run", ranks) > _layer_of("spikeprune.errors", ranks)
 
 
 def test_only_models_name_a_family():
-    mods = _modules()
-    family_modules = {m for m in mods if m.startswith("spikeprune.models.")}
+    family_modules = {m for m in MODULES if m.startswith("spikeprune.models.")} - {
+        "spikeprune.models.registry", "spikeprune.models.common"}
     offenders = []
-    for m, p in mods.items():
+    for m, p in MODULES.items():
         if m.split(".")[1:2] and m.split(".")[1] in FAMILY_AWARE:
             continue
-        hits = {n for n, _ in _imports(m, p, top_level_only=False)} & family_modules
+        hits = {n for n, _ in _imports(m, p)} & family_modules
         offenders += [f"{m} imports {n}" for n in sorted(hits)]
         offenders += [f"{m}:{i}: tests a family class" for i, line in enumerate(p.read_text().splitlines(), 1)
                       if "isinstance" in line and "Spikformer" in line]
     assert not offenders, offenders
 
 
-def test_function_local_imports_say_why():
-    """A function-local import is allowed for an optional heavy dependency (or to break a true
-    upward call), and then a comment on its line or the line above says so."""
+def _local_imports_without_reason(source: str) -> list[tuple[int, str]]:
+    lines = source.splitlines()
+    tree = ast.parse(source)
+    top = {id(n) for n in tree.body}
     bare = []
-    for m, p in _modules().items():
-        lines = p.read_text().splitlines()
-        tree = ast.parse(p.read_text())
-        top = {id(n) for n in tree.body}
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
-                line, above = lines[node.lineno - 1], lines[node.lineno - 2] if node.lineno > 1 else ""
-                if "#" not in line and not above.strip().startswith("#"):
-                    bare.append(f"{m}:{node.lineno}: {line.strip()}")
-    assert not bare, "function-local imports without a reason:\n" + "\n".join(bare)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+            line = lines[node.lineno - 1]
+            above = lines[node.lineno - 2].strip() if node.lineno > 1 else ""
+            comment = (line.split("#", 1)[1] if "#" in line else "") + (above if above.startswith("#") else "")
+            if not any(reason in comment.lower() for reason in LOCAL_IMPORT_REASONS):
+                bare.append((node.lineno, line.strip()))
+    return bare
+
+
+def test_function_local_imports_say_why():
+    """A function-local import is allowed for an optional dependency or a lazy heavy import, and
+    then its comment (on its line or the line above) says which."""
+    bare = [f"{m}:{n}: {line}" for m, p in MODULES.items() for n, line in _local_imports_without_reason(p.read_text())]
+    assert not bare, (f"function-local imports without one of the reasons {LOCAL_IMPORT_REASONS}:\n" + "\n".join(bare))
+
+
+@pytest.mark.parametrize("source, bare", [
+    ("def f():\n    import onnx  # optional dependency: the export extra\n", []),
+    ("def f():\n    # lazy heavy import: matplotlib costs a second\n    import matplotlib\n", []),
+    ("def f():\n    import json  # why not\n", [2]),
+    ("def f():\n    from .models import x  # serialization sits above models\n", [2]),
+    ("import json\n", []),
+])
+def test_local_import_reasons_are_a_fixed_list(source, bare):
+    assert [n for n, _ in _local_imports_without_reason(source)] == bare
+
+
+def test_bench_code_does_not_import_tests():
+    """bench/ is run from a checkout by people who may not have tests/; it imports spikeprune and its
+    own modules, never a test module, and does not put tests/ on its path."""
+    test_modules = {p.stem for p in (ROOT / "tests").glob("*.py")}
+    offenders = []
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        source = path.read_text()
+        if '"tests"' in source or "'tests'" in source or "/ \"tests\"" in source:
+            offenders.append(f"{path.name}: puts tests/ on its path")
+        for node in ast.walk(ast.parse(source)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            offenders += [f"{path.name}:{node.lineno}: imports {n}" for n in names
+                          if n.split(".")[0] in test_modules or n.split(".")[0] == "tests"]
+    assert not offenders, offenders

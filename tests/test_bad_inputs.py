@@ -1,4 +1,4 @@
-"""Every row of the bad-input table (tests/bad_input_cases.py, issue 10): a clear one-line error
+"""Every row of the bad-input table (bench/bad_input_cases.py, issue 10): a clear one-line error
 (exit code 2 and `spikeprune: error: ...` on the command line, a SpikepruneError in Python) with the
 expected words, no traceback, nothing of the user's changed or left behind, and for the rows that
 say so, no forward pass before the refusal. `python bench/bad_inputs.py` prints the totals."""

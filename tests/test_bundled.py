@@ -55,7 +55,7 @@ def test_bundled_model_is_what_its_config_says(name):
 def test_bundled_model_reproduces_its_readme_figure(name):
     spec, claim = CLAIMS[name]
     if spec == "fashion-mnist" and not _fashion_mnist_installed():
-        pytest.skip("Fashion-MNIST is not installed here (`make data` installs it)")
+        pytest.skip("Fashion-MNIST is not installed here (`spikeprune data fashion-mnist` installs it)")
     assert f"{claim:.2%}" in (ROOT / "README.md").read_text()  # the figure this test holds the weights to
     model = bundled_model(name)
     test = data.dataset_for_model(spec, model, split="test", max_images=SUBSET)

@@ -233,8 +233,10 @@ def test_fashion_mnist_lookup_order(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", debian)
     monkeypatch.setattr(data, "SOURCE_ROOT", source)
     monkeypatch.chdir(cwd)
-    assert fashion_mnist_dirs() == [debian, source / "data" / "fashion-mnist", cwd / "data" / "fashion-mnist"]
-    with pytest.raises(SpikepruneError, match="Fashion-MNIST is not installed .* run `make data`"):
+    monkeypatch.setenv("SPIKEPRUNE_DATA", str(tmp_path / "user"))
+    assert fashion_mnist_dirs() == [debian, tmp_path / "user" / "fashion-mnist", source / "data" / "fashion-mnist",
+                                    cwd / "data" / "fashion-mnist"]
+    with pytest.raises(SpikepruneError, match="Fashion-MNIST is not installed .* run `spikeprune data fashion-mnist`"):
         load_dataset("fashion-mnist")
     # Each place found in turn; an earlier one wins (the sets differ by their seed, so by labels).
     expected = {}
@@ -340,7 +342,7 @@ def _installed_fashion_mnist():
 
 
 @pytest.mark.skipif(_installed_fashion_mnist() is None,
-                    reason="Fashion-MNIST is not installed here (`make data` installs it)")
+                    reason="Fashion-MNIST is not installed here (`spikeprune data fashion-mnist` installs it)")
 def test_real_fashion_mnist_files():
     sets = {s: load_dataset("fashion-mnist", s) for s in ("train", "calib", "test")}
     per_class = {"train": 5500, "calib": 500, "test": 1000}

@@ -9,6 +9,7 @@ residual of spike sums, and a linear head.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, fields
 
@@ -22,7 +23,7 @@ from spikeprune.data import load_dataset
 from spikeprune.errors import SpikepruneError
 from spikeprune.coupling import groups
 from spikeprune.costs import count_macs, count_params, measure
-from spikeprune.models import Family, get_family, register_family
+from spikeprune.models import Family, families, get_family, register_family, unregister_family
 from spikeprune.neuron import LIF
 from spikeprune.sensitivity import analyze
 from spikeprune.serialization import load_model, save_model
@@ -167,12 +168,16 @@ MIXER = Family(
 
 @pytest.fixture(scope="module")
 def trained_mixer():
-    """The family registered (from this file only) and a mixer trained briefly on the 8x8 digits."""
+    """The family registered (from this file only) and a mixer trained briefly on the 8x8 digits;
+    unregistered after this file's tests, so no other test sees a family that exists only here."""
     register_family(MIXER)
-    torch.manual_seed(0)
-    model = SpikingMixer(MixerConfig())
-    train(model, "digits", 3, lr=5e-3, batch_size=64, progress=False, seed=0, augment=False)
-    return model.eval()
+    try:
+        torch.manual_seed(0)
+        model = SpikingMixer(MixerConfig())
+        train(model, "digits", 3, lr=5e-3, batch_size=64, progress=False, seed=0, augment=False)
+        yield model.eval()
+    finally:
+        unregister_family(MIXER.name)
 
 
 def masked(model: SpikingMixer, kept: dict[str, list[int]]) -> SpikingMixer:
@@ -261,3 +266,16 @@ def test_a_primesvt_run(trained_mixer, tmp_path):
     assert summary["pruned"]["params"] == count_params(loaded) <= summary["dense"]["params"]
     assert summary["pruning"]["kept_counts"] == {g.name: g.size for g in groups(loaded)}
     assert summary["memory_saved"] > 0 and summary["pruning"]["kept"]  # it found something to prune
+
+
+def test_unregistering_forgets_the_family():
+    """After unregister_family the name is unknown again (what the fixture above relies on)."""
+    other = dataclasses.replace(MIXER, name="test-mixer-gone")
+    register_family(other)
+    assert "test-mixer-gone" in families()
+    unregister_family("test-mixer-gone")
+    assert "test-mixer-gone" not in families()
+    with pytest.raises(SpikepruneError, match="no model family 'test-mixer-gone'"):
+        get_family("test-mixer-gone")
+    with pytest.raises(SpikepruneError, match="no model family 'test-mixer-gone'"):
+        unregister_family("test-mixer-gone")

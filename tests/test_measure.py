@@ -95,14 +95,6 @@ def test_params_memory_and_macs_equal_hand_computed(spec, hand):
                                      "int8": n_weights + 4 * (n_params - n_weights)}
 
 
-def test_hand_totals_spelled_out():
-    # the cifar numbers above, added up by hand once more
-    assert M.count_params(_model(CIFAR, fire=False)) == 7600
-    assert M.count_macs(_model(CIFAR, fire=False)) == 521376
-    assert M.count_params(_model(IMAGENET, fire=False)) == 7503
-    assert M.count_macs(_model(IMAGENET, fire=False)) == 1065040
-
-
 class _ExecutedMacs(TorchFunctionMode):
     """Counts the multiply-accumulates the forward really executes, per weight layer and in matmuls."""
 

@@ -25,103 +25,25 @@ A preset is a name bound to a family and a builder: `register_model(name, family
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..checkpoint_io import check_finite, read_checkpoint
 from ..errors import SpikepruneError
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    model_class: type
-    config_class: type  # has to_dict() and a from_dict(d) classmethod that refuses unknown / missing fields
-    groups: Callable[[nn.Module], list]
-    resize: Callable[[nn.Module, dict], nn.Module]
-    layer_table: Callable[[Any], list]
-    checkpoint_filter: Callable[[dict, nn.Module], dict]
-    stages: Callable[[nn.Module], list[str]] | None = None
-    run_stage: Callable[[nn.Module, int, Any], Any] | None = None
-    first_stage: Callable[[nn.Module, str], int] | None = None
-    describe: Callable[[Any], str] | None = None
-    cost_notes: tuple[str, ...] = ()  # what measure's report should say about this family's counting
-    recognizes: Callable[[dict], bool] | None = None  # does a raw checkpoint state dict look like this family's?
-
-    def build(self, config: dict) -> nn.Module:
-        """A model from the plain-data config (the "config" part of config_dict())."""
-        return self.model_class(self.config_class.from_dict(config))
-
-    @property
-    def staged(self) -> bool:
-        return self.stages is not None and self.run_stage is not None and self.first_stage is not None
-
-
-_FAMILIES: dict[str, Family] = {}
-_PRESETS: dict[str, tuple[str, Callable]] = {}  # name -> (family, builder(**overrides))
-
-
-def register_family(family: Family) -> Family:
-    """Make `family` known to every part of spikeprune (re-registering a name replaces it)."""
-    if not isinstance(family, Family):
-        raise SpikepruneError(f"register_family takes a spikeprune.models.Family, got {type(family).__name__}")
-    _FAMILIES[family.name] = family
-    return family
-
-
-def families() -> list[str]:
-    return sorted(_FAMILIES)
-
-
-def get_family(obj) -> Family:
-    """The Family of a model, a family name, a config_dict() ({"family": ..., ...}) or a config object."""
-    if isinstance(obj, str):
-        name = obj
-    elif isinstance(obj, dict):
-        name = obj.get("family")
-    elif isinstance(obj, nn.Module):
-        name = getattr(obj, "family", None)
-    else:
-        name = next((f.name for f in _FAMILIES.values() if isinstance(obj, f.config_class)), None)
-    if name not in _FAMILIES:
-        what = repr(name) if name is not None else f"for a {type(obj).__name__}"
-        raise SpikepruneError(f"no model family {what} is registered; known families: {', '.join(families()) or 'none'}. "
-                              "A model spikeprune can prune comes from create_model / load_model, or from a family "
-                              "registered with spikeprune.models.register_family")
-    return _FAMILIES[name]
-
-
-def recognize_family(state: dict, exclude: str | None = None) -> str | None:
-    """The first registered family (other than `exclude`) whose `recognizes` accepts a checkpoint."""
-    for fam in _FAMILIES.values():
-        if fam.name != exclude and fam.recognizes is not None and fam.recognizes(state):
-            return fam.name
-    return None
-
-
-def register_model(name: str, family: str):
-    def deco(fn: Callable) -> Callable:
-        _PRESETS[name] = (family, fn)
-        return fn
-
-    return deco
-
-
-def list_models() -> list[str]:
-    return sorted(_PRESETS)
+from .registry import (Family, families, get_family, list_models, preset, recognize_family,  # noqa: F401
+                       register_family, register_model, unregister_family)
+from . import spikformer  # noqa: F401  (registers the Spikformer family and its presets)
+from . import sdt  # noqa: F401  (registers the Spike-driven Transformer family and its presets)
 
 
 def create_model(name: str, checkpoint_path: str | None = None, **overrides):
     """Build a preset by name; `overrides` set any config field; `checkpoint_path` loads weights
     (ours, or a reference training checkpoint)."""
-    if name not in _PRESETS:
-        raise SpikepruneError(f"unknown model preset {name!r}; known presets: {', '.join(list_models())}")
-    _check_overrides(name, get_family(_PRESETS[name][0]).config_class, overrides)
+    family, builder = preset(name)
+    _check_overrides(name, get_family(family).config_class, overrides)
     try:
-        model = _PRESETS[name][1](**overrides)
+        model = builder(**overrides)
     except TypeError as e:  # an override that is not a config field
         raise SpikepruneError(f"bad override for {name}: {e}") from None
     model.preset = name
@@ -181,7 +103,3 @@ def build_from_config(config: dict):
         raise SpikepruneError("a model config needs {'family': NAME, 'config': {...}}; this one has no 'config' "
                               "object (was config.json written by spikeprune?)")
     return get_family(config).build(config["config"])
-
-
-from . import spikformer  # noqa: E402,F401  (registers the Spikformer family and its presets)
-from . import sdt  # noqa: E402,F401  (registers the Spike-driven Transformer family and its presets)

@@ -34,11 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint_io import read_checkpoint
 from ..errors import SpikepruneError
 from ..neuron import LIF
 from ..structure import Group, Layer, Member, Probe
 from ..surrogate import heaviside_sigmoid
-from . import Family, register_family, register_model
+from .registry import Family, register_family, register_model
 from .common import check_pooled_size, fit_state, pooled_tokens, strict_config, strip_module
 
 SPIKE_MODES = ("lif", "plif")
@@ -470,8 +471,6 @@ def _recognizes(state: dict) -> bool:
 def load_reference_checkpoint(model: SDT, path, ema: bool = False) -> SDT:
     """Load a reference training checkpoint into `model`; `ema` takes its `state_dict_ema`
     (create_model(name, checkpoint_path=...) takes `state_dict`)."""
-    from ..serialization import read_checkpoint  # serialization sits above models (it builds them)
-
     state = read_checkpoint(path)
     if not isinstance(state, dict):
         raise SpikepruneError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")

@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import SpikepruneError
 from ..neuron import LIF
 from ..structure import Group, Layer, Member, Probe
-from . import Family, register_family, register_model
+from .registry import Family, register_family, register_model
 from .common import WRAPPERS, check_pooled_size, fit_state, pooled_tokens, strict_config, strip_module
 
 LAYOUTS = ("imagenet", "cifar")

@@ -27,6 +27,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from ..models.spikformer import SpikformerConfig
 from ..neuron import lif_reference_loop
 
 
@@ -526,8 +527,6 @@ def reference_from_config(cfg) -> nn.Module:
     The reference code cannot express per-layer widths, non-default pooling or other neuron
     constants; such a config raises ValueError rather than building something different.
     """
-    from ..models.spikformer import SpikformerConfig  # test support: the transcription itself stays import-free
-
     dense = SpikformerConfig(layout=cfg.layout, img_size=cfg.img_size, in_channels=cfg.in_channels,
                              num_classes=cfg.num_classes, embed_dim=cfg.embed_dim, depth=cfg.depth,
                              num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, T=cfg.T)
