@@ -35,6 +35,7 @@ from .run import LATENCY_REPEATS, MEASURE_IMAGES, RunSettings, check_writable, r
 from .sensitivity import analyze
 from .serialization import is_saved_model, load_model
 from .training import check_output_folder, check_training_settings, evaluate, finetune, train
+from .validation import parse_max_images
 
 DATA_HELP = ("dataset as NAME[:PATH]: mnist5k (bundled), digits (bundled), fashion-mnist[:DIR] and mnist:DIR (the "
              "original IDX files; `make data` brings Fashion-MNIST), cifar10:DIR, cifar100:DIR (python-batch "
@@ -213,19 +214,6 @@ def _default_policy(args) -> str:
     return "primesvt"
 
 
-def _parse_caps(items) -> dict | None:
-    caps = {}
-    for item in items or []:
-        split, sep, value = item.partition("=")
-        try:
-            caps[split] = int(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise SpikepruneError(f"--max-images expects SPLIT=N (split train, calib or test), e.g. calib=200; got {item!r}")
-    return caps or None
-
-
 def settings_from_args(args) -> RunSettings:
     """The RunSettings `spikeprune prune` runs with (every check happens when it is built)."""
     name = args.policy or _default_policy(args)
@@ -247,7 +235,7 @@ def settings_from_args(args) -> RunSettings:
         kd_temperature=args.kd_temperature, finetune_lr=args.finetune_lr,
         finetune_batch_size=args.finetune_batch_size, limit_after_finetune=args.limit_after_finetune,
         options={d: getattr(args, d, None) for d in _POLICY_ARG_DESTS.get(name, [])},
-        max_images=_parse_caps(args.max_images), measure_images=args.measure_images,
+        max_images=parse_max_images(args.max_images), measure_images=args.measure_images,
         latency_repeats=args.latency_repeats, model_spec=args.model_spec, force=args.force, progress=not args.quiet)
 
 

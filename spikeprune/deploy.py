@@ -66,9 +66,9 @@ from .errors import SpikepruneError
 from .costs import deployed_memory_bytes, layer_table, memory_bytes  # deployed_memory_bytes re-exported
 from .models import get_family
 from .neuron import LIF, plain_ops
+from .validation import PRECISIONS
 
 FORMATS = ("onnx",)
-PRECISIONS = ("fp32", "fp16", "int8")
 EXPORTER = "torch.onnx TorchScript exporter (dynamo=False)"
 DEFAULT_OPSET = 17  # read by ONNX Runtime >= 1.14, TensorRT >= 8.6, OpenVINO >= 2022.3
 MAX_OPSET = 20  # the newest opset torch's TorchScript exporter writes

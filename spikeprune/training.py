@@ -59,8 +59,10 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import dataset_for_model, make_loader
 from .errors import SpikepruneError
-from .serialization import (CONFIG_NAME, FORMAT, WEIGHTS_NAME, atomic_path, check_finite, check_writable,
-                            clean_interrupted_write, load_model, read_safetensors, save_model, write_json)
+from . import validation
+from .serialization import (CONFIG_NAME, FORMAT, WEIGHTS_NAME, atomic_path, clean_interrupted_write, load_model,
+                            read_safetensors, save_model, write_json)
+from .validation import check_finite, check_writable
 
 MIN_LR_FACTOR = 0.01  # the cosine ends at 1% of the peak learning rate
 STATE_FORMAT = "spikeprune-train-state"
@@ -185,26 +187,14 @@ def recalibrate_batchnorm(model: nn.Module, batches, device="cpu", only: set[str
 
 
 def _check_count(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SpikepruneError(f"{name} must be a whole number >= {minimum}, got {value!r}"
-                              + ("; use 0 to load data in the main process" if name.endswith("workers") else ""))
+    validation.whole(name, value, minimum)
 
 
 def _check_number(name: str, value, low: float | None = None, high: float | None = None, *, low_open: bool = False,
                   high_open: bool = False) -> None:
-    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-    if not bad and low is not None:
-        bad = value <= low if low_open else value < low
-    if not bad and high is not None:
-        bad = value >= high if high_open else value > high
-    if bad:
-        if low is not None and high is not None:
-            span = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        elif low is not None:
-            span = f" {'>' if low_open else '>='} {low:g}"
-        else:
-            span = ""
-        raise SpikepruneError(f"{name} must be a finite number{span}, got {value!r}")
+    if isinstance(value, str):  # Python callers pass numbers; a string here is a mistake, not "3"
+        raise SpikepruneError(f"{name} must be a finite number, got {value!r}")
+    validation.number(name, value, low, high, low_open=low_open, high_open=high_open)
 
 
 def check_training_settings(*, epochs: int, lr: float, weight_decay: float = 0.0, warmup_epochs: float = 0.0,
