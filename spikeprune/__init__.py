@@ -16,7 +16,7 @@ Public API:
 The functions live in modules named for their topic (training, costs, coupling, deploy), so no
 package attribute hides a module.
 """
-__version__ = "0.2.0"
+__version__ = "0.3.0"  # the one version source: pyproject.toml reads it (dynamic)
 
 from .errors import SpikepruneError
 from .models import Family, create_model, list_models, register_family

@@ -376,7 +376,7 @@ class PruneContext:
                      f"{', '.join(f'{r:g}' for r in self.ratios)}")
             self._table = analyze(self.model, self.calib, groups=self.groups, ratios=self.ratios,
                                   importance=self.importance, batch_size=self.batch_size,
-                                  out_csv=self.run_dir / "sensitivity.csv", seed=self.seed, device=self.device,
+                                  output=self.run_dir / "sensitivity.csv", seed=self.seed, device=self.device,
                                   progress=self.progress, round_to=self.round_to, calib_batches=self.calib_batches,
                                   log=self.log)
             fc = self._table.forward_cost

@@ -447,7 +447,7 @@ def _finetune(ctx: PruneContext, pruned: nn.Module) -> nn.Module:
                  else (ctx.data, None))
     model, history = finetune(
         copy.deepcopy(pruned), data, f.epochs, teacher=ctx.model if f.kd else None, val_data=val,
-        device=ctx.device, seed=ctx.seed, workers=ctx.workers, out_dir=ctx.run_dir / "steps" / "finetune",
+        device=ctx.device, seed=ctx.seed, workers=ctx.workers, output=ctx.run_dir / "steps" / "finetune",
         resume=True, progress=ctx.progress, **f.train_kwargs())
     model.eval()
     model.pruning = pruned.pruning  # fine-tuning changes weights, not what was pruned
@@ -470,7 +470,7 @@ def _measure_model(ctx: PruneContext, model: nn.Module, name: str) -> dict:
         raise SpikepruneError(f"the {name} model gives a {acc['loss']} loss on the test split: its outputs are not "
                               "finite (NaN / Inf); no figures are reported for a broken model")
     m = distributed.from_main(lambda: measure(  # rank 0 measures; the others wait (latency is not disturbed)
-        model, data=test, device=ctx.device, n_images=min(s.measure_images, len(test)), batch_size=64,
+        model, data=test, device=ctx.device, max_images=min(s.measure_images, len(test)), batch_size=64,
         latency=True, latency_batch=1, repeats=s.latency_repeats, warmup=2), f"measuring the {name} model")
     t = m["total"]
     out = {"top1": acc["top1"], "top5": acc["top5"], "params": int(t["params"]),

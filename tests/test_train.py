@@ -240,7 +240,7 @@ def test_cli_train_evaluate_finetune(tmp_path, capsys, teacher):
 
     assert main(["evaluate", str(out), "--data", "digits", "--split", "calib", "--json", "--quiet"]) == 0
     m = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
-    assert m["split"] == "calib" and m["n"] == 180 and 0 <= m["top1"] <= m["top5"] <= 1
+    assert m["split"] == "calib" and m["images"] == 180 and 0 <= m["top1_pct"] <= m["top5_pct"] <= 100  # percent
 
     assert main(["evaluate", str(out), "--data", "digits"]) == 0
     captured = capsys.readouterr()
@@ -256,7 +256,7 @@ def test_cli_train_evaluate_finetune(tmp_path, capsys, teacher):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert main(["evaluate", "spikformer-1-32-digits", "--data", "nope"]) == 2
+    assert main(["evaluate", "spikformer-1-32-digits", "--random-weights", "--quiet", "--data", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("spikeprune: error: unknown dataset") and "\n" not in err
     out = tmp_path / "run"
