@@ -123,14 +123,15 @@ def grammar_flags(command: str) -> tuple[set, set]:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Every option's help ends with its default (unless the text already names it)."""
+    """Every option's help ends with its default (unless the text already names it); a default of
+    None reads "none" (the option's help says what that means)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         if (text == argparse.SUPPRESS or "default" in text or action.required or not action.option_strings
-                or action.nargs == 0 or action.default in (None, argparse.SUPPRESS)):
+                or action.nargs == 0 or action.default is argparse.SUPPRESS):
             return text
-        return text + " (default: %(default)s)"
+        return text + (" (default: none)" if action.default is None else " (default: %(default)s)")
 
 
 class _Deprecated(argparse.Action):

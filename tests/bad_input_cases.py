@@ -295,9 +295,9 @@ def _resume_other_architecture(w, tmp):
     from spikeprune.training import train
 
     out = tmp / "out"
-    train(create_model(PRESET, **TINY), "digits", 1, out_dir=out, batch_size=32, max_steps_per_epoch=1,
+    train(create_model(PRESET, **TINY), "digits", 1, output=out, batch_size=32, max_steps_per_epoch=1,
           progress=False, augment=False)
-    return lambda: train(create_model(PRESET, **{**TINY, "embed_dim": 32}), "digits", 2, out_dir=out, resume=True,
+    return lambda: train(create_model(PRESET, **{**TINY, "embed_dim": 32}), "digits", 2, output=out, resume=True,
                          batch_size=32, max_steps_per_epoch=1, progress=False)
 
 
