@@ -104,6 +104,7 @@ GRAMMAR = {
                       "--finetune-batch-size", "--limit-after-finetune", "--latency-repeats")),
     "export": Grammar(frozenset({"any", "runs", "model", "trained", "data", "writes", "prints"}),
                       ("--format", "--precision", "--opset", "--no-check", "--max-drop", "--keep-inaccurate")),
+    "data": Grammar(frozenset({"any", "writes"}), ("--from",)),  # installs a data set; runs no model
 }
 # Old spellings: they work for one version with a warning (validation.REMOVED_IN says which).
 DEPRECATED = {

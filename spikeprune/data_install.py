@@ -107,7 +107,7 @@ def register_cli(subparsers) -> None:
                     "parent). mnist5k and digits ship with the package and need no install.")
     p.add_argument("name", choices=["fashion-mnist"], help="the data set")
     p.add_argument("--from", dest="source", type=Path, default=None, metavar="DIR",
-                   help="copy the four IDX files from DIR instead of fetching the Debian package")
+                   help="copy the four IDX files from DIR (default: fetch the Debian package)")
     p.add_argument("-o", "--output", type=Path, default=None, metavar="DIR",
                    help="install into DIR (then read it with --data fashion-mnist:DIR); default: the user's "
                         "data folder, which --data fashion-mnist reads")

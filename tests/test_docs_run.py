@@ -65,13 +65,22 @@ def blocks(page: Path) -> list[Block]:
     return out
 
 
-def commands(code: str) -> list[list[str]]:
-    """The commands of a shell block: continuation lines joined, comments dropped."""
+EXITS = re.compile(r"#\s*exits\s+(\d+)\s*$")  # a command the page says ends with this exit code
+
+
+def commands(code: str) -> list[tuple[list[str], int]]:
+    """The commands of a shell block with the exit code each should end with (0, or what a trailing
+    `# exits N` says): continuation lines joined, comments dropped."""
     joined = re.sub(r"\\\n", " ", code)
-    return [argv for line in joined.splitlines() if (argv := shlex.split(line, comments=True))]
+    out = []
+    for line in joined.splitlines():
+        if argv := shlex.split(line, comments=True):
+            m = EXITS.search(line)
+            out.append((argv, int(m.group(1)) if m else 0))
+    return out
 
 
-def run_command(argv: list[str], where: str) -> None:
+def run_command(argv: list[str], where: str, expected: int = 0) -> None:
     if argv[0] == "spikeprune":
         args = argv[1:]
     elif argv[:3] in (["python", "-m", "spikeprune"], ["python3", "-m", "spikeprune"]):
@@ -85,7 +94,7 @@ def run_command(argv: list[str], where: str) -> None:
             code = cli_main(args)
         except SystemExit as e:  # argparse
             code = e.code
-    assert code == 0, f"{where}: `{' '.join(argv)}` exited {code}:\n{err.getvalue()[-2000:]}"
+    assert code == expected, f"{where}: `{' '.join(argv)}` exited {code}, not {expected}:\n{err.getvalue()[-2000:]}"
 
 
 @pytest.fixture
@@ -125,8 +134,8 @@ def test_page_runs_as_written(page, tmp_path, monkeypatch, capped_data, registri
             with contextlib.redirect_stdout(out):
                 exec(compile(block.code, block.where, "exec"), namespace)  # noqa: S102  (the page's own code)
         else:
-            for argv in commands(block.code):
-                run_command(argv, block.where)
+            for argv, expected in commands(block.code):
+                run_command(argv, block.where, expected)
         ran += 1
     if not ran and not any(b.skip_reason is not None for b in blocks(page)):
         pytest.skip(f"{page.name} has no code block")
@@ -157,5 +166,7 @@ def test_the_harness_fails_a_failing_block(tmp_path, monkeypatch):
     assert [b.lang for b in found] == ["python", "bash"] and found[1].skip_reason == "slow" and found[0].skip_reason is None
     with pytest.raises(ValueError, match="boom"):
         exec(compile(found[0].code, "page.md:3", "exec"), {})
-    assert commands("spikeprune prune a \\\n   --data b  # why\n\n# only a comment\nspikeprune models\n") == [
-        ["spikeprune", "prune", "a", "--data", "b"], ["spikeprune", "models"]]
+    assert commands("spikeprune prune a \\\n   --data b  # why\n\n# only a comment\nspikeprune models  # exits 3\n") == [
+        (["spikeprune", "prune", "a", "--data", "b"], 0), (["spikeprune", "models"], 3)]
+    with pytest.raises(AssertionError, match="exited 0, not 3"):
+        run_command(["spikeprune", "models", "--quiet"], "x.md:1", expected=3)
