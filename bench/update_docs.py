@@ -123,12 +123,30 @@ def shrink_aims() -> str:
     return "\n".join(lines) + "\n"
 
 
+def distributed_timings() -> str:
+    """The CPU timings of one and two processes (bench/results/distributed-cpu.json says how they were taken)."""
+    doc = json.loads((RESULTS / "distributed-cpu.json").read_text())
+
+    def cell(runs: list[dict], per_process: bool) -> str:
+        if not runs:
+            return "-"
+        fmt = lambda key: " / ".join(str(r[key]) if isinstance(r[key], int) else f"{r[key]:.1f}" for r in runs)  # noqa: E731
+        return f"{fmt('cpu_s')} s CPU{' per process' if per_process else ''} (wall {fmt('wall_s')} s)"
+
+    lines = ["| job | " + " | ".join(doc["settings"]) + " |", "|---|" + "---|" * len(doc["settings"])]
+    for job in doc["jobs"]:
+        cells = [cell(job["runs"].get(s, []), s.startswith("2 processes")) for s in doc["settings"]]
+        lines.append(f"| {job['job']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 TABLES = {
     "at-a-glance": at_a_glance,
     "policies-mnist5k": lambda: policy_tables("mnist5k"),
     "policies-fmnist": lambda: policy_tables("fmnist"),
     "shrink-holdout": shrink_holdout,
     "shrink-aims": shrink_aims,
+    "distributed-timings": distributed_timings,
 }
 
 

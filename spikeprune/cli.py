@@ -179,7 +179,11 @@ def add_common_args(p: argparse.ArgumentParser, runs: bool = True) -> None:
         p.add_argument("--threads", type=_count(1), default=None,
                        help=f"CPU threads torch uses (default: torch's, {torch.get_num_threads()} here); the same "
                             "--seed gives the same weights only at the same thread count and CPU type")
-        p.add_argument("--device", type=_device_type, default="cpu", metavar="{cpu,cuda,cuda:N}", help="where to run")
+        add_device_arg(p)
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=_device_type, default="cpu", metavar="{cpu,cuda,cuda:N}", help="where to run")
 
 
 def add_json_arg(p: argparse.ArgumentParser, what: str) -> None:
@@ -207,13 +211,19 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = True, trained:
                        help="accept a preset without trained weights (its top-1 is chance); refused otherwise")
 
 
-def add_data_args(p: argparse.ArgumentParser, splits: str, default_text: str, batch_size: int = 128,
+def add_data_args(p: argparse.ArgumentParser, splits: str | None = None, default: str | None = DEFAULT_DATA,
+                  default_text: str | None = None, batch_size: int = 128,
                   batch_help: str = "evaluation batch size") -> None:
-    p.add_argument("--data", default=None, metavar="NAME[:PATH]", help=f"{DATA_HELP} (default: {default_text})")
+    """--data (default `default`, described as `default_text`), --batch-size, --workers, and with
+    `splits` (the splits the command reads, for the help) --max-images SPLIT=N."""
+    p.add_argument("--data", default=default, metavar="NAME[:PATH]",
+                   help=f"{DATA_HELP} (default: {default_text or default})")
     p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)  # checked by the command
     p.add_argument("--workers", type=_count(0), default=0, help="data-loading worker processes")
-    p.add_argument("--max-images", action="append", default=[], metavar="SPLIT=N",
-                   help=f"use at most N images of a split ({splits}; repeatable), stratified by class (default: all)")
+    if splits:
+        p.add_argument("--max-images", action="append", default=[], metavar="SPLIT=N",
+                       help=f"use at most N images of a split ({splits}; repeatable), stratified by class "
+                            "(default: all)")
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -454,7 +464,7 @@ def register_sensitivity(sub) -> None:
                     "calibration top-1 measured. Rows go to a resumable CSV: rerun the same command after an "
                     "interruption and it continues.", formatter_class=HelpFormatter)
     add_model_args(p, trained=True)
-    add_data_args(p, "calib", f"the one the model records, else {DEFAULT_DATA}")
+    add_data_args(p, "calib", None, f"the one the model records, else {DEFAULT_DATA}")
     add_common_args(p)
     add_output_args(p, "FILE.csv", "the table (resumed if it exists)", "replace a table written by a different run")
     add_json_arg(p, "the table")
@@ -557,7 +567,7 @@ def register_prune(sub) -> None:
         formatter_class=HelpFormatter)
     add_model_args(p, trained=True)
     add_data_args(p, "train, calib, test; firing=N: test images whose firing rates give SOPs and energy, default "
-                     f"{MEASURE_IMAGES}", f"the one the model records, else {DEFAULT_DATA}")
+                     f"{MEASURE_IMAGES}", None, f"the one the model records, else {DEFAULT_DATA}")
     add_common_args(p)
     add_output_args(p, "RUN", "run folder (resumed if it holds this run)",
                     "replace a folder that holds something else (the same run is always resumed, not replaced)")
@@ -614,7 +624,7 @@ def register_prune(sub) -> None:
 # spikeprune train / evaluate / finetune
 # ------------------------------------------------------------------------------------------------
 def _add_training_args(p: argparse.ArgumentParser, command: str, lr: float, warmup: float, smoothing: float) -> None:
-    add_data_args(p, "train, calib, test", f"the one the model records, else {DEFAULT_DATA}", batch_size=64,
+    add_data_args(p, "train, calib, test", None, f"the one the model records, else {DEFAULT_DATA}", batch_size=64,
                   batch_help="training batch size; under torchrun the global batch, split between the processes")
     p.add_argument("--epochs", type=int, required=True, help="passes over the training split")
     add_output_args(p, "OUT", "output folder: the model (OUT is loadable as MODEL), history.json, checkpoint/ for "
@@ -797,7 +807,7 @@ def register_train(subparsers) -> None:
                     "a model that records its data set (the bundled ones, train / prune outputs) is evaluated on it.",
         epilog="example: spikeprune evaluate runs/mnist --split test --json", formatter_class=HelpFormatter)
     add_model_args(p, trained=True)
-    add_data_args(p, "the --split one", f"the one the model records, else {DEFAULT_DATA}")
+    add_data_args(p, "the --split one", None, f"the one the model records, else {DEFAULT_DATA}")
     add_common_args(p)
     p.add_argument("--split", default="test", choices=list(SPLITS),
                    help="test for final figures; calib is what pruning decisions use")
@@ -857,7 +867,7 @@ def register_measure(subparsers) -> None:
                     "under the table.", formatter_class=HelpFormatter)
     add_model_args(p)
     add_data_args(p, f"the --split one, or firing=N; default {MEASURE_FIRING_IMAGES} images give the firing rates",
-                  "none: no firing rates, SOPs or energy", batch_size=64, batch_help="batch size of the firing-rate pass")
+                  None, "none: no firing rates, SOPs or energy", batch_size=64, batch_help="batch size of the firing-rate pass")
     add_common_args(p)
     p.add_argument("--split", default="test", choices=list(SPLITS), help="which split of --data gives the firing rates")
     p.add_argument("--latency-batch", type=int, default=1, help="batch size of the timed forwards")
@@ -903,7 +913,7 @@ def register_export(sub) -> None:
                     "loses more than --max-drop points of top-1 is refused.", formatter_class=HelpFormatter)
     add_model_args(p, trained=True)
     add_data_args(p, f"calib: images the check runs on, default {CHECK_IMAGES}",
-                  "random images: the function is checked, not accuracy")
+                  None, "random images: the function is checked, not accuracy")
     add_common_args(p)
     add_output_args(p, "FILE", "the file to write, e.g. model.onnx", "replace FILE if it exists")
     add_json_arg(p, "the report")
