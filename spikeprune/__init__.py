@@ -10,11 +10,13 @@ Public API:
     prune_run, RunSettings, Constraints       -- a whole policy run into a run folder (`spikeprune prune`)
     export                                    -- ONNX (fp32 / fp16 / int8 weights), BatchNorm folded, checked
     Family, register_family                   -- add a model family (see ARCHITECTURE.md)
+    register_policy, register_importance      -- add a pruning policy / an importance criterion
+    FinetuneSettings                          -- a run's fine-tuning as one checked object
 
 The functions live in modules named for their topic (training, costs, coupling, deploy), so no
 package attribute hides a module.
 """
-__version__ = "0.2.0"
+__version__ = "0.3.0"  # the one version source: pyproject.toml reads it (dynamic)
 
 from .errors import SpikepruneError
 from .models import Family, create_model, list_models, register_family
@@ -26,10 +28,13 @@ from .costs import measure
 from .coupling import groups
 from .record import PruningRecord
 from .surgery import prune
-from .policy_api import Constraints
+from .importance import register_importance
+from .policy_api import Constraints, register_policy
+from .validation import FinetuneSettings
 from .run import RunSettings, prune_run
 from .deploy import export
 
-__all__ = ["Constraints", "Family", "PruningRecord", "RunSettings", "SpikepruneError", "bundled_model", "create_model",
-           "evaluate", "export", "finetune", "groups", "list_models", "load_dataset", "load_model", "measure", "prune",
-           "prune_run", "register_family", "save_model", "train"]
+__all__ = ["Constraints", "Family", "FinetuneSettings", "PruningRecord", "RunSettings", "SpikepruneError", "bundled_model",
+           "create_model", "evaluate", "export", "finetune", "groups", "list_models", "load_dataset", "load_model",
+           "measure", "prune", "prune_run", "register_family", "register_importance", "register_policy", "save_model",
+           "train"]

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .errors import SpikepruneError
+from .validation import check_finite  # noqa: F401  (re-exported: models/ and serialization read it here)
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -37,18 +38,6 @@ def read_safetensors(path: str | os.PathLike, map_location: str = "cpu") -> dict
         raise SpikepruneError(f"weights file {path} is missing") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise SpikepruneError(f"weights file {path} is corrupt or truncated ({e}); re-save or re-download it") from None
-
-
-def check_finite(weights, source: str) -> None:
-    """Refuse weights holding NaN or Inf (a state dict or a model's parameters and buffers), naming
-    the first bad tensor: such a model evaluates to nonsense without any error of its own."""
-    tensors = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
-    for name, t in tensors.items():
-        if torch.is_tensor(t) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-            what = " and ".join(x for x in (f"{nan} NaN" if nan else "", f"{inf} Inf" if inf else "") if x)
-            raise SpikepruneError(f"{source} has non-finite weights: {name} holds {what} of {t.numel()} values "
-                                  "(a diverged training run?); use an earlier checkpoint or retrain")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

@@ -47,6 +47,7 @@ from .models import get_family
 from .serialization import check_finite
 from .structure import Layer
 from .units import format_bytes, format_count
+from .validation import renamed_arguments
 
 E_MAC_PJ = 4.6  # energy of one 32-bit multiply-accumulate, 45 nm (Horowitz 2014), as the spec uses
 E_AC_PJ = 0.9  # energy of one 32-bit accumulate
@@ -264,17 +265,18 @@ def _device(device) -> torch.device:
     return device
 
 
-def measure(model, data=None, device="cpu", n_images: int = 256, batch_size: int = 64, latency: bool = True,
+@renamed_arguments(n_images="max_images")
+def measure(model, data=None, device="cpu", max_images: int = 256, batch_size: int = 64, latency: bool = True,
             latency_batch: int = 1, repeats: int = 20, warmup: int = 3, split: str = "test") -> dict:
     """Per-layer and total cost of `model`; see the module docstring for every definition.
 
     data: a dataset spec ("mnist5k", "cifar10:DIR", ...; its `split` is used), a Dataset, a
       DataLoader or a tensor of images. It gives the firing rates behind SOPs and energy; without it
-      those are None. The first `n_images` images are used.
+      those are None. The first `max_images` images are used.
     Returns {"total": {...}, "layers": [{...}, ...], "notes": [...]}, plain JSON-able data.
     """
-    if n_images < 1 or batch_size < 1 or latency_batch < 1 or repeats < 1 or warmup < 0:
-        raise SpikepruneError("n_images, batch_size, latency_batch and repeats must be at least 1 (warmup >= 0)")
+    if max_images < 1 or batch_size < 1 or latency_batch < 1 or repeats < 1 or warmup < 0:
+        raise SpikepruneError("max_images, batch_size, latency_batch and repeats must be at least 1 (warmup >= 0)")
     check_finite(model, "the model to measure")  # NaN weights would still give plausible-looking costs
     table = layer_table(model)
     _check_model_matches_table(model, table)
@@ -286,7 +288,7 @@ def measure(model, data=None, device="cpu", n_images: int = 256, batch_size: int
     try:
         rates, n_rate_images = ({}, 0)
         if data is not None:
-            batches = _image_batches(data, model, n_images, batch_size, split)
+            batches = _image_batches(data, model, max_images, batch_size, split)
             rates, n_rate_images = _input_rates(model, table, batches, dev)
             bad = [name for name, (rate, _) in rates.items() if not torch.isfinite(torch.tensor(float(rate)))]
             if bad:

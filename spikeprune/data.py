@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import SpikepruneError
+from . import validation
 
 SPLITS = ("train", "calib", "test")
 SPLIT_SEED = 0
@@ -580,12 +581,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 def check_max_images(max_images) -> int | None:
     """None (no cap) or a positive whole number; anything else is a SpikepruneError."""
-    if max_images is None:
-        return None
-    if isinstance(max_images, bool) or not isinstance(max_images, (int, np.integer)) or max_images < 1:
-        raise SpikepruneError(f"max_images must be a positive whole number of images (or None for all), "
-                              f"got {max_images!r}")
-    return int(max_images)
+    return validation.max_images(max_images)
 
 
 def capped_positions(labels: np.ndarray, max_images: int | None) -> np.ndarray:

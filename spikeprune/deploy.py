@@ -42,7 +42,7 @@ calibration split; random images when no data is given, said so):
     file with a warning.
 
 The file is written to a temporary name in the target folder and renamed when done; an existing
-path is refused unless overwrite=True. onnx and onnxruntime are the optional extra `export`
+path is refused unless force=True. onnx and onnxruntime are the optional extra `export`
 (pip install 'spikeprune[export]').
 """
 from __future__ import annotations
@@ -66,9 +66,9 @@ from .errors import SpikepruneError
 from .costs import deployed_memory_bytes, layer_table, memory_bytes  # deployed_memory_bytes re-exported
 from .models import get_family
 from .neuron import LIF, plain_ops
+from .validation import PRECISIONS, renamed_arguments
 
 FORMATS = ("onnx",)
-PRECISIONS = ("fp32", "fp16", "int8")
 EXPORTER = "torch.onnx TorchScript exporter (dynamo=False)"
 DEFAULT_OPSET = 17  # read by ONNX Runtime >= 1.14, TensorRT >= 8.6, OpenVINO >= 2022.3
 MAX_OPSET = 20  # the newest opset torch's TorchScript exporter writes
@@ -556,12 +556,12 @@ def _check_options(fmt: str, precision: str, opset) -> int:
     return opset
 
 
-def _check_path(path, overwrite: bool) -> Path:
+def _check_path(path, force: bool) -> Path:
     path = Path(path)
     if path.is_dir():
         raise SpikepruneError(f"{path} is a folder; give the file to write, e.g. {path / 'model.onnx'}")
-    if path.exists() and not overwrite:
-        raise SpikepruneError(f"{path} exists; pass overwrite=True (--force) to replace it")
+    if path.exists() and not force:
+        raise SpikepruneError(f"{path} exists; replace it with --force (force=True in Python)")
     if not path.parent.is_dir():
         raise SpikepruneError(f"the folder {path.parent} does not exist")
     return path
@@ -621,24 +621,28 @@ def _export_to(tmp: Path, model, fam, path: Path, format: str, precision: str, o
     return report
 
 
-def export(model: nn.Module, path, format: str = "onnx", precision: str = "fp32", opset: int = DEFAULT_OPSET,
-           check: bool = True, data=None, overwrite: bool = False, max_drop: float = INT8_MAX_DROP,
-           keep_inaccurate: bool = False, check_images: int = CHECK_IMAGES, verbose: bool = True) -> dict:
-    """Write `model` (any registered family, dense or pruned) to `path` as ONNX; see the module
-    docstring for what the file holds and what the check verifies.
+@renamed_arguments(path="output", overwrite="force", check_images="max_images", verbose="progress")
+def export(model: nn.Module, output, format: str = "onnx", precision: str = "fp32", opset: int = DEFAULT_OPSET,
+           check: bool = True, data=None, force: bool = False, max_drop: float = INT8_MAX_DROP,
+           keep_inaccurate: bool = False, max_images: int = CHECK_IMAGES, progress: bool = True) -> dict:
+    """Write `model` (any registered family, dense or pruned) to the file `output` as ONNX; see the
+    module docstring for what the file holds and what the check verifies. An existing file is
+    replaced only with force=True.
 
     data: images for the check (a dataset spec such as "mnist5k", whose calibration split is used, a
       Dataset, or a tensor of images); None checks on random images (no accuracy figures).
     max_drop / keep_inaccurate: an fp16 / int8 file whose top-1 falls more than `max_drop` points
       below the fp32 model's is removed (an error) unless keep_inaccurate=True (kept, with a warning).
-    Returns the report (plain data) that verbose=True also prints.
+    max_images: images the check runs on (of the calibration split).
+    Returns the report (plain data) that progress=True also prints.
     """
     opset = _check_options(format, precision, opset)
-    path = _check_path(path, overwrite)
+    path = _check_path(output, force)
+    check_images = max_images
     _need_onnx(check)
     fam = get_family(model)
     if check_images < 1:
-        raise SpikepruneError(f"check_images must be at least 1, got {check_images}")
+        raise SpikepruneError(f"max_images must be at least 1, got {check_images}")
     if max_drop < 0:
         raise SpikepruneError(f"max_drop is in points of top-1 and cannot be negative, got {max_drop}")
     tmp = _temp_file(path)  # first, so that an unwritable folder fails before any work
@@ -647,14 +651,14 @@ def export(model: nn.Module, path, format: str = "onnx", precision: str = "fp32"
         report = _export_to(tmp, model, fam, path, format, precision, opset, check, data, check_images)
         if check:
             _accuracy_gate(report, max_drop, keep_inaccurate)
-        if path.exists() and not overwrite:  # appeared while we worked
-            raise SpikepruneError(f"{path} exists; pass overwrite=True (--force) to replace it")
+        if path.exists() and not force:  # appeared while we worked
+            raise SpikepruneError(f"{path} exists; replace it with --force (force=True in Python)")
         os.replace(tmp, path)
         done = True
     finally:
         if not done:
             tmp.unlink(missing_ok=True)
-    if verbose:
+    if progress:
         print(format_export_report(report))
     return report
 
@@ -723,54 +727,3 @@ def format_export_report(r: dict) -> str:
             lines.append(f"spike decisions not compared: {s['note']}")
     lines += r["warnings"]
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line (registered by cli.py)
-# ------------------------------------------------------------------------------------------------
-EXPORT_HELP = "write the model as an ONNX file (BatchNorm folded, LIF unrolled, fp32 / fp16 / int8) and check it"
-
-
-def add_export_args(p) -> None:
-    """The options of `spikeprune export` after MODEL (cli.py adds the model options)."""
-    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the file to write, e.g. model.onnx")
-    p.add_argument("--format", default="onnx", choices=FORMATS, help="file format (default onnx)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="weights: fp32, fp16 (Cast), or int8 per output channel (DequantizeLinear) (default fp32)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                   help=f"ONNX opset ({MIN_OPSET['fp32']}-{MAX_OPSET}, int8 from {MIN_OPSET['int8']}; default {DEFAULT_OPSET})")
-    p.add_argument("--data", default=None, metavar="NAME[:PATH]",
-                   help="dataset whose calibration split the check runs on (default: random images, no accuracy)")
-    p.add_argument("--check-images", type=int, default=CHECK_IMAGES, help=f"images checked (default {CHECK_IMAGES})")
-    p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime check")
-    p.add_argument("--max-drop", type=float, default=INT8_MAX_DROP,
-                   help=f"top-1 points an fp16 / int8 file may lose against fp32 (default {INT8_MAX_DROP:g})")
-    p.add_argument("--keep-inaccurate", action="store_true",
-                   help="keep an fp16 / int8 file whose top-1 falls more than --max-drop below fp32 (with a warning)")
-    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-
-
-def register_cli(subparsers, add_model_args, resolve_model) -> None:
-    """Add `spikeprune export MODEL -o FILE ...`; cli.py passes its MODEL helpers in (this module
-    sits below cli.py and does not import it)."""
-    p = subparsers.add_parser(
-        "export", help=EXPORT_HELP,
-        description="Export a model (dense or pruned, any family) to ONNX: BatchNorm folded into the layer before "
-                    "it, the LIF unrolled over T as plain ops, T fixed, batch size dynamic. Unless --no-check, ONNX "
-                    "Runtime is compared with PyTorch on the calibration split of --data (predicted classes, spike "
-                    "decisions, a float64 comparison) before the file is moved into place; an fp16 / int8 file that "
-                    "loses more than --max-drop points of top-1 is refused.")
-    add_model_args(p)
-    add_export_args(p)
-    p.set_defaults(func=lambda args: cmd_export(args, resolve_model(args)))
-
-
-def cmd_export(args, model) -> int:
-    """`spikeprune export`: `model` is MODEL resolved by cli.py."""
-    report = export(model, args.output, format=args.format, precision=args.precision, opset=args.opset,
-                    check=not args.no_check, data=args.data, overwrite=args.force, max_drop=args.max_drop,
-                    keep_inaccurate=args.keep_inaccurate, check_images=args.check_images, verbose=not args.json)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    return 0

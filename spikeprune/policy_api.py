@@ -72,9 +72,9 @@ from .surgery import SpikepruneWarning, plan
 from .surgery import prune as surgery_prune
 from .training import evaluate
 from .units import format_bytes, parse_bytes
+from .validation import PRECISIONS
 
 DEFAULT_MAX_ACC_DROP = 3.0  # points: the seed papers' "within 3%"
-PRECISIONS = ("fp32", "fp16", "int8")
 CONSISTENCY_TOLERANCE = 0.005  # of the dense size: --target-saving and --memory-budget may differ by rounding
 
 
@@ -547,7 +547,7 @@ class PruneContext:
                      f"{', '.join(f'{r:g}' for r in self.ratios)}")
             self._table = analyze(self.model, self.calib, groups=self.groups, ratios=self.ratios,
                                   importance=self.importance, batch_size=self.batch_size,
-                                  out_csv=self.run_dir / "sensitivity.csv", seed=self.seed, device=self.device,
+                                  output=self.run_dir / "sensitivity.csv", seed=self.seed, device=self.device,
                                   progress=self.progress, round_to=self.round_to, calib_batches=self.calib_batches,
                                   log=self.log)
             fc = self._table.forward_cost

@@ -33,9 +33,7 @@ import dataclasses
 import fnmatch
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +43,6 @@ from torch import nn
 
 from .policies import BUILTIN as BUILTIN_POLICIES  # noqa: F401  (importing them registers the built-in policies)
 from . import distributed
-from .data import check_max_images
 from .errors import SpikepruneError
 from .coupling import groups as model_groups
 from .hashing import fingerprint, model_hash
@@ -59,6 +56,8 @@ from .serialization import is_saved_model, load_model, save_model, write_json
 from .stats import resolution_warning
 from .surgery import record_of
 from .training import evaluate, finetune
+from .validation import FinetuneSettings, check_finite, check_writable, max_images_per_split, number, whole
+from .validation import device as check_device
 
 RUN_FORMAT = "spikeprune-run"
 RUN_VERSION = 2  # 2: typed pruning record, one settings object (version 1 folders are refused)
@@ -66,7 +65,7 @@ MEASURE_IMAGES = 256  # test images whose firing rates give SOPs and energy
 LATENCY_REPEATS = 10  # modest: a demo must stay quick; the benchmark measures latency properly
 SPLITS = ("train", "calib", "test")
 ELAPSED_EVERY_S = 2.0  # how often the wall time is saved at most
-_UNHASHED = ("output", "force", "progress", "model_spec", "device", "workers", "shared_steps")
+_UNHASHED = ("output", "force", "progress", "model_spec", "device", "workers", "shared_steps", "threads")
 # Steps a run may take from another run of the same model, data and measuring settings (the
 # benchmark computes them once for all policies), copied when the run starts, and the settings they
 # depend on. That run's sensitivity.csv is copied only when the policy asks for a table
@@ -79,25 +78,6 @@ _SHARED_FIELDS = ("model", "data", "max_images", "importance", "round_to", "seed
 # ------------------------------------------------------------------------------------------------
 # Settings
 # ------------------------------------------------------------------------------------------------
-def _whole(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SpikepruneError(f"{name} must be a whole number >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _positive(name: str, value, lower_inclusive: float | None = None, upper: float | None = None) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise SpikepruneError(f"{name} must be a number, got {value!r}") from None
-    low_ok = x >= lower_inclusive if lower_inclusive is not None else x > 0
-    if not math.isfinite(x) or not low_ok or (upper is not None and x > upper):
-        span = (f"in [{lower_inclusive:g}, {upper:g}]" if upper is not None and lower_inclusive is not None
-                else "a positive number")
-        raise SpikepruneError(f"{name} must be {span}, got {value!r}")
-    return x
-
-
 @dataclass
 class RunSettings:
     """Every setting of a pruning run; each field is checked when the object is built.
@@ -110,9 +90,11 @@ class RunSettings:
     analysis, fine-tuning and measuring alike), `model_spec` (a label for the report),
     `shared_steps` (a run folder of the same model, data and measuring settings whose shareable
     finished steps -- SHAREABLE_STEPS, and the sensitivity table when the policy reads one -- a new
-    run copies instead of recomputing: the benchmark computes them once for every policy). output,
-    force, progress, model_spec, device, workers and shared_steps do not change the result and are
-    not part of the fingerprint.
+    run copies instead of recomputing: the benchmark computes them once for every policy),
+    `threads` (torch's CPU threads for the whole run; None: as set). output, force, progress,
+    model_spec, device, workers and shared_steps do not change the result and are not part of the
+    fingerprint; threads changes fine-tuned weights, so it enters it through `finetuning` (the
+    fine-tuning settings as one FinetuneSettings, None without fine-tuning).
     """
     data: str
     output: str | Path
@@ -143,6 +125,7 @@ class RunSettings:
     progress: bool = True
     shared_steps: str | Path | None = None
     limit_after_finetune: bool = False
+    threads: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.data, str) or not self.data.strip():
@@ -164,19 +147,20 @@ class RunSettings:
             raise SpikepruneError(f"importance {crit!r} is not registered; register it with "
                                   "spikeprune.importance.register_importance so that the run can record it by name")
         self.importance = crit.name  # a name: what run.json and the fingerprint record
-        self.round_to = _whole("--round-to", self.round_to, 1)
+        self.round_to = whole("--round-to", self.round_to, 1)
         self.ratios = parse_ratios(self.ratios, "--ratios")
         self.uniform_ratios = parse_ratios(self.uniform_ratios, "--uniform-ratios")
         if not isinstance(self.groups, str) or not [p for p in self.groups.split(",") if p.strip()]:
             raise SpikepruneError(f"--groups must be glob pattern(s), e.g. '*' or 'block*.mlp.hidden', got {self.groups!r}")
-        self.batch_size = _whole("--batch-size", self.batch_size, 1)
-        self.workers = _whole("--workers", self.workers, 0)
-        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise SpikepruneError(f"--device must be cpu or cuda, got {self.device!r}")
-        self.seed = _whole("--seed", self.seed, 0)
-        self.calib_batches = _whole("--calib-batches", self.calib_batches, 1)
+        self.batch_size = whole("--batch-size", self.batch_size, 1)
+        self.workers = whole("--workers", self.workers, 0)
+        self.device = check_device(self.device)
+        self.seed = whole("--seed", self.seed, 0)
+        self.calib_batches = whole("--calib-batches", self.calib_batches, 1)
         if isinstance(self.finetune_epochs, bool) or not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 0:
             raise SpikepruneError(f"--finetune-epochs must be 0 or more, got {self.finetune_epochs!r}")
+        if self.threads is not None:
+            self.threads = whole("--threads", self.threads, 1)
         if self.kd and self.finetune_epochs == 0:
             raise SpikepruneError("--kd distils during fine-tuning: give --finetune-epochs N (N >= 1) as well")
         self.kd = bool(self.kd)
@@ -189,20 +173,17 @@ class RunSettings:
                 able = sorted(n for n, p in policies().items() if p.after_finetune)
                 raise SpikepruneError(f"--limit-after-finetune: the {self.policy} policy chooses its model by the "
                                       f"accuracy before fine-tuning; use --policy {' or '.join(able) or '(none)'}")
-        self.kd_weight = _positive("--kd-weight", self.kd_weight, 0.0, 1.0)
-        self.kd_temperature = _positive("--kd-temperature", self.kd_temperature)
-        self.finetune_lr = _positive("--finetune-lr", self.finetune_lr)
-        self.finetune_batch_size = _whole("--finetune-batch-size", self.finetune_batch_size, 1)
+        # Checked whether or not fine-tuning is asked for (a bad value is a mistake either way).
+        self.kd_weight = number("--kd-weight", self.kd_weight, 0, 1)
+        self.kd_temperature = number("--kd-temperature", self.kd_temperature, 0, low_open=True)
+        self.finetune_lr = number("--finetune-lr", self.finetune_lr, 0, low_open=True)
+        self.finetune_batch_size = whole("--finetune-batch-size", self.finetune_batch_size, 1)
         if not isinstance(self.options, dict):
             raise SpikepruneError(f"options must be a dict of the policy's own options, got {type(self.options).__name__}")
         self.options = {k: v for k, v in self.options.items() if v is not None and v != []}
-        if self.max_images is not None:
-            if not isinstance(self.max_images, dict) or set(self.max_images) - set(SPLITS):
-                raise SpikepruneError(f"max_images must be a dict with keys among {', '.join(SPLITS)} "
-                                      f"(e.g. {{'calib': 200}}), got {self.max_images!r}")
-            self.max_images = {k: check_max_images(v) for k, v in self.max_images.items() if v is not None} or None
-        self.measure_images = _whole("measure_images", self.measure_images, 1)
-        self.latency_repeats = _whole("--latency-repeats", self.latency_repeats, 1)
+        self.max_images = max_images_per_split(self.max_images, SPLITS)
+        self.measure_images = whole("measure_images", self.measure_images, 1)
+        self.latency_repeats = whole("--latency-repeats", self.latency_repeats, 1)
         self.force, self.progress = bool(self.force), bool(self.progress)
         if self.shared_steps is not None:
             self.shared_steps = Path(self.shared_steps)
@@ -210,13 +191,20 @@ class RunSettings:
                 raise SpikepruneError(f"shared_steps {self.shared_steps} is not a run folder (no run.json)")
 
     @property
-    def finetune(self) -> dict | None:
-        """The fine-tuning settings as summary.json lists them, or None without fine-tuning."""
+    def finetuning(self) -> FinetuneSettings | None:
+        """The run's fine-tuning as one object (what the fine-tuning step and the policies read), or
+        None without fine-tuning."""
         if not self.finetune_epochs:
             return None
-        return {"epochs": self.finetune_epochs, "kd": self.kd, "kd_weight": self.kd_weight if self.kd else None,
-                "kd_temperature": self.kd_temperature if self.kd else None, "lr": self.finetune_lr,
-                "batch_size": self.finetune_batch_size}
+        return FinetuneSettings(epochs=self.finetune_epochs, lr=self.finetune_lr, batch_size=self.finetune_batch_size,
+                                kd=self.kd, kd_weight=self.kd_weight, kd_temperature=self.kd_temperature,
+                                threads=self.threads)
+
+    @property
+    def finetune(self) -> dict | None:
+        """The fine-tuning settings as summary.json lists them, or None without fine-tuning."""
+        f = self.finetuning
+        return None if f is None else f.to_dict()
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -240,12 +228,6 @@ class RunSettings:
 # ------------------------------------------------------------------------------------------------
 # Checks before anything is written
 # ------------------------------------------------------------------------------------------------
-def _check_finite(model: nn.Module) -> None:
-    for name, t in model.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise SpikepruneError(f"the model's {name} holds NaN or Inf values; refusing to prune a broken model")
-
-
 def _check_groups_pattern(model: nn.Module, patterns: str) -> None:
     names = [g.name for g in model_groups(model)]
     for p in (p.strip() for p in patterns.split(",")):
@@ -253,39 +235,11 @@ def _check_groups_pattern(model: nn.Module, patterns: str) -> None:
             raise SpikepruneError(f"--groups {p!r} matches no group of this model; groups are: {', '.join(names)}")
 
 
-def check_writable(path: str | Path, folder: bool = True) -> None:
-    """Refuse an output path that cannot be written -- a read-only folder or file system, a file
-    where a folder must go -- with one line, before any work. `folder`: path is a folder to create
-    or fill (else a file to write)."""
-    path = Path(path)
-    probe = path if folder else path.parent
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if folder and path.exists() and not path.is_dir():
-        raise SpikepruneError(f"{path} exists and is not a folder; choose another -o")
-    if not folder and path.is_dir():
-        raise SpikepruneError(f"{path} is a folder; give a file name")
-    if probe.exists() and not probe.is_dir():
-        raise SpikepruneError(f"cannot write {path}: {probe} is a file, not a folder")
-    # Permission bits do not tell (root ignores them; a read-only mount or /sys refuses anyway):
-    # create and remove a probe file where the output will go.
-    where = path if folder and path.is_dir() else probe
-    try:
-        fd, name = tempfile.mkstemp(prefix=".spikeprune-probe.", suffix=".tmp", dir=where)
-    except OSError as e:
-        raise SpikepruneError(f"cannot write {path}: {where} is not writable ({e.strerror or type(e).__name__}: a "
-                              "read-only folder or file system?); choose another output") from None
-    os.close(fd)
-    os.unlink(name)
-    if not folder and path.exists() and not os.access(path, os.W_OK):
-        raise SpikepruneError(f"cannot write {path}: the file is read-only; choose another output")
-
-
 def _check(settings: RunSettings, model: nn.Module, spec: PolicySpec) -> PruneContext:
     """Every check that needs the model or the data; returns the run's context (which resolves
     the constraints against the dense model). Nothing is written."""
-    _check_finite(model)
-    check_writable(settings.output)
+    check_finite(model, "the model to prune")
+    check_writable(settings.output, "run folder", folder=True)
     ctx = PruneContext(model, settings)
     _check_groups_pattern(model, settings.groups)
     if spec.check:
@@ -483,19 +437,18 @@ def _finetune(ctx: PruneContext, pruned: nn.Module) -> nn.Module:
     done = ctx.load_checkpoint("finetuned_model")
     if done is not None:
         return done
-    s = ctx.settings
-    ctx.log(f"fine-tuning for {s.finetune_epochs} epoch{'s' if s.finetune_epochs != 1 else ''}"
-            + (" with distillation from the dense model" if s.kd else ""))
+    s, f = ctx.settings, ctx.settings.finetuning
+    ctx.log(f"fine-tuning for {f.epochs} epoch{'s' if f.epochs != 1 else ''}"
+            + (" with distillation from the dense model" if f.kd else ""))
     t0 = time.perf_counter()
     caps = s.max_images or {}
     # Without caps the spec goes to train() as it always did; with caps the capped splits do.
     data, val = ((ctx.dataset("train", augment=True), ctx.calib) if caps.get("train") or caps.get("calib")
                  else (ctx.data, None))
     model, history = finetune(
-        copy.deepcopy(pruned), data, s.finetune_epochs, teacher=ctx.model if s.kd else None,
-        kd_weight=s.kd_weight, kd_temperature=s.kd_temperature, lr=s.finetune_lr, val_data=val,
-        batch_size=s.finetune_batch_size, device=ctx.device, seed=ctx.seed, workers=ctx.workers,
-        out_dir=ctx.run_dir / "steps" / "finetune", resume=True, progress=ctx.progress)
+        copy.deepcopy(pruned), data, f.epochs, teacher=ctx.model if f.kd else None, val_data=val,
+        device=ctx.device, seed=ctx.seed, workers=ctx.workers, output=ctx.run_dir / "steps" / "finetune",
+        resume=True, progress=ctx.progress, **f.train_kwargs())
     model.eval()
     model.pruning = pruned.pruning  # fine-tuning changes weights, not what was pruned
     ctx.checkpoint("finetune_history", {"history": _jsonable(history), "wall_s": time.perf_counter() - t0})
@@ -517,7 +470,7 @@ def _measure_model(ctx: PruneContext, model: nn.Module, name: str) -> dict:
         raise SpikepruneError(f"the {name} model gives a {acc['loss']} loss on the test split: its outputs are not "
                               "finite (NaN / Inf); no figures are reported for a broken model")
     m = distributed.from_main(lambda: measure(  # rank 0 measures; the others wait (latency is not disturbed)
-        model, data=test, device=ctx.device, n_images=min(s.measure_images, len(test)), batch_size=64,
+        model, data=test, device=ctx.device, max_images=min(s.measure_images, len(test)), batch_size=64,
         latency=True, latency_batch=1, repeats=s.latency_repeats, warmup=2), f"measuring the {name} model")
     t = m["total"]
     out = {"top1": acc["top1"], "top5": acc["top5"], "params": int(t["params"]),
@@ -602,11 +555,22 @@ def run(settings: RunSettings, model: nn.Module) -> dict:
     """Run settings.policy on `model`, fill the run folder settings.output, return the summary.
 
     Every check runs before the run folder is touched. Every decision uses the calibration split;
-    dense / pruned / fine-tuned top-1 in the summary are on the test split (fractions)."""
+    dense / pruned / fine-tuned top-1 in the summary are on the test split (fractions). With
+    settings.threads, torch uses that many CPU threads for the run (the count before is restored)."""
     if not isinstance(settings, RunSettings):
         raise SpikepruneError(f"run() takes a RunSettings, got {type(settings).__name__}")
     if not isinstance(model, nn.Module):
         raise SpikepruneError(f"run() takes a model (torch.nn.Module), got {type(model).__name__}")
+    previous_threads = torch.get_num_threads()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    try:
+        return _run(settings, model)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(settings: RunSettings, model: nn.Module) -> dict:
     s, out = settings, settings.output
     spec = get_policy(s.policy)
     model = model.eval()

@@ -37,7 +37,7 @@ what its cached run spent over the whole calibration set; `full_cost` is a full 
 image. `SensitivityTable.forward_cost` adds the one dense caching pass and compares with
 recomputing everything: one dense evaluation plus a full forward per candidate.
 
-Resumable: with `out_csv`, the file starts with a `# spikeprune-sensitivity {json}` line that
+Resumable: with `output`, the file starts with a `# spikeprune-sensitivity {json}` line that
 carries the run's fingerprint (model weights hash, data, split, number of images, groups, ratios,
 importance, round_to, seed, batch size), then a CSV header; rows are appended and flushed as they
 are computed. A rerun with the same settings reuses the rows and computes only the missing ones
@@ -71,6 +71,7 @@ from tqdm import tqdm
 from . import distributed
 from .data import dataset_for_model, make_loader
 from .errors import SpikepruneError
+from .validation import renamed_arguments
 from .coupling import groups as model_groups
 from .hashing import fingerprint, model_hash
 from .importance import CRITERIA, DATA_CRITERIA, scores
@@ -535,8 +536,9 @@ def _row_seed(seed: int, group: str, ratio: float) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(f"{group}@{ratio!r}".encode())) % (2**63)
 
 
+@renamed_arguments(out_csv="output")
 def analyze(model: nn.Module, data, groups="*", ratios: Sequence[float] = DEFAULT_SENSITIVITY_RATIOS, importance: str = "l2",
-            split: str = "calib", batch_size: int = 128, out_csv: str | os.PathLike | None = None, seed: int = 0,
+            split: str = "calib", batch_size: int = 128, output: str | os.PathLike | None = None, seed: int = 0,
             device: str = "cpu", progress: bool = True, round_to: int = 1, force: bool = False,
             calib_batches: int = 4, cache_limit_bytes: int = CACHE_LIMIT_BYTES,
             on_row: Callable[[dict], None] | None = None, log: Callable[[str], None] = _log) -> SensitivityTable:
@@ -549,7 +551,7 @@ def analyze(model: nn.Module, data, groups="*", ratios: Sequence[float] = DEFAUL
     importance  the engine's criterion name (l2, l1, bn, taylor, random, firing); the scores are
                 computed once per group on the dense model (taylor / firing read `calib_batches`
                 batches of the data)
-    out_csv     resumable CSV (module docstring); force=True replaces a table of another run
+    output      resumable CSV (module docstring); force=True replaces a table of another run
     on_row      called with each row once it is on disk (tests use it to simulate a kill)
     Returns a SensitivityTable; `table.warnings` holds the small-calibration-split warning.
     """
@@ -571,7 +573,7 @@ def analyze(model: nn.Module, data, groups="*", ratios: Sequence[float] = DEFAUL
                   "calib_batches": calib_batches if importance in DATA_CRITERIA else None}
         fp = fingerprint(fields)
 
-        path = Path(out_csv) if out_csv is not None else None
+        path = Path(output) if output is not None else None
         old_meta, done, torn = distributed.from_main(  # rank 0 reads the table; every process gets it
             lambda: _existing_rows(path, fp, fields, force, log), "reading the sensitivity table")
         todo = [(g, r) for g in chosen for r in ratios if (g.name, r) not in done]

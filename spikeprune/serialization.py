@@ -27,6 +27,7 @@ from .checkpoint_io import (CONFIG_NAME, WEIGHTS_NAME, check_finite, is_saved_mo
 from .errors import SpikepruneError
 from .models import build_from_config, load_checkpoint_into  # noqa: F401
 from .record import PruningRecord
+from .validation import check_writable  # noqa: F401  (re-exported: its home before validation.py)
 
 FORMAT = "spikeprune-model"
 
@@ -142,28 +143,6 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False):
         if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.ENOSPC, errno.EDQUOT):
             raise _unwritable(path, e) from None
         raise
-
-
-def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
-    """Raise a one-line SpikepruneError unless `path` (a file or folder about to be written, existing
-    or not) can be written: an existing folder must accept new files; otherwise the nearest existing
-    folder above `path` must accept new entries. Tries it by creating and removing a temporary file,
-    since os.access misses read-only mounts and what root may not do. Call it before any costly
-    work; it leaves nothing behind. Returns `path` as a Path."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise SpikepruneError(f"cannot write {what} {path}: {folder} is a file, not a folder")
-    try:
-        fd, name = tempfile.mkstemp(prefix=".spikeprune-write-check.", suffix=_TMP_SUFFIX, dir=folder)
-        os.close(fd)
-        os.unlink(name)
-    except OSError as e:
-        raise SpikepruneError(f"cannot write {what} {path}: {folder} is not writable ({_why(e)}); "
-                              "choose an output path you can write to") from None
-    return path
 
 
 def _umask() -> int:

@@ -22,7 +22,7 @@ or an AVX2 CPU instead of an AVX-512 one gives other weights from the first step
 demo (one epoch of distillation fine-tuning, 1,000 test images): 98.5% test top-1 at 2 threads,
 98.2% at 1 thread, 98.2% with AVX2 kernels at 2 threads.
 
-Output folder OUT (out_dir):
+Output folder OUT (output):
     OUT/config.json            } the model after the last completed epoch -- once training ends, the
     OUT/model.safetensors      } final model. A save_model folder: load_model(OUT), `spikeprune evaluate OUT`
     OUT/history.json           settings, per-epoch metrics (train loss / accuracy, calib accuracy),
@@ -59,8 +59,10 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import dataset_for_model, make_loader
 from .errors import SpikepruneError
-from .serialization import (CONFIG_NAME, FORMAT, WEIGHTS_NAME, atomic_path, check_finite, check_writable,
-                            clean_interrupted_write, load_model, read_safetensors, save_model, write_json)
+from . import validation
+from .serialization import (CONFIG_NAME, FORMAT, WEIGHTS_NAME, atomic_path, clean_interrupted_write, load_model,
+                            read_safetensors, save_model, write_json)
+from .validation import check_finite, check_writable, renamed_arguments
 
 MIN_LR_FACTOR = 0.01  # the cosine ends at 1% of the peak learning rate
 STATE_FORMAT = "spikeprune-train-state"
@@ -72,11 +74,15 @@ OPTIMIZER_NAME, STATE_NAME, HISTORY_NAME = "optimizer.safetensors", "train_state
 # ------------------------------------------------------------------------------------------------
 # Evaluation
 # ------------------------------------------------------------------------------------------------
-def _as_loader(data, model, split: str, batch_size: int, workers: int = 0) -> DataLoader:
+def _as_loader(data, model, split: str, batch_size: int, workers: int = 0, max_images: int | None = None) -> DataLoader:
     if isinstance(data, DataLoader):
+        if max_images is not None:
+            raise SpikepruneError("max_images caps a dataset spec or a Dataset; a DataLoader is used as it is")
         return data
     if isinstance(data, str):
-        data = dataset_for_model(data, model, split)
+        data = dataset_for_model(data, model, split, max_images=max_images)
+    elif isinstance(data, Dataset) and max_images is not None and max_images < len(data):
+        data = torch.utils.data.Subset(data, range(max_images))  # a spec is capped stratified; a Dataset, its first N
     if isinstance(data, Dataset):
         return make_loader(data, batch_size, workers=workers)
     raise SpikepruneError(f"data must be a dataset spec (e.g. 'mnist5k'), a Dataset or a DataLoader, "
@@ -101,19 +107,23 @@ def _device(device) -> torch.device:
 
 
 def evaluate(model: nn.Module, data, split: str = "test", batch_size: int = 256, device="cpu",
-             max_batches: int | None = None, progress: bool = True, amp: bool = False, workers: int = 0) -> dict:
+             max_batches: int | None = None, progress: bool = True, amp: bool = False, workers: int = 0,
+             max_images: int | None = None) -> dict:
     """Top-1 / top-5 accuracy (fractions in [0, 1]), mean cross-entropy and image count of `model`
     on `data`: a spec string (its `split` is loaded at the model's image size), a Dataset or a
     DataLoader. Top-5 is top-k with k = the number of classes when there are fewer than 5.
     The model is moved to `device` and left in the train/eval mode it came in. A model with NaN or
-    Inf weights, or one that computes a NaN or Inf logit, is a SpikepruneError, never a figure."""
+    Inf weights, or one that computes a NaN or Inf logit, is a SpikepruneError, never a figure.
+    max_images: at most this many images (of a spec: stratified by class, as --max-images; of a
+    Dataset: its first ones); max_batches: at most this many batches."""
     _check_count("batch_size", batch_size, minimum=1)
     _check_count("workers", workers, minimum=0)
     if max_batches is not None:
         _check_count("max_batches", max_batches, minimum=1)
     check_finite(model, "the model to evaluate")
     dev = _device(device)
-    loader = _as_loader(data, model, split, batch_size, workers)
+    max_images = validation.max_images(max_images)
+    loader = _as_loader(data, model, split, batch_size, workers, max_images)
     total = len(loader) if max_batches is None else min(len(loader), max_batches)
     name = getattr(loader.dataset, "name", None)
     loader, total = distributed.shard_batches(loader, total)  # several processes: batch i to process i mod N
@@ -185,26 +195,14 @@ def recalibrate_batchnorm(model: nn.Module, batches, device="cpu", only: set[str
 
 
 def _check_count(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SpikepruneError(f"{name} must be a whole number >= {minimum}, got {value!r}"
-                              + ("; use 0 to load data in the main process" if name.endswith("workers") else ""))
+    validation.whole(name, value, minimum)
 
 
 def _check_number(name: str, value, low: float | None = None, high: float | None = None, *, low_open: bool = False,
                   high_open: bool = False) -> None:
-    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-    if not bad and low is not None:
-        bad = value <= low if low_open else value < low
-    if not bad and high is not None:
-        bad = value >= high if high_open else value > high
-    if bad:
-        if low is not None and high is not None:
-            span = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        elif low is not None:
-            span = f" {'>' if low_open else '>='} {low:g}"
-        else:
-            span = ""
-        raise SpikepruneError(f"{name} must be a finite number{span}, got {value!r}")
+    if isinstance(value, str):  # Python callers pass numbers; a string here is a mistake, not "3"
+        raise SpikepruneError(f"{name} must be a finite number, got {value!r}")
+    validation.number(name, value, low, high, low_open=low_open, high_open=high_open)
 
 
 def check_training_settings(*, epochs: int, lr: float, weight_decay: float = 0.0, warmup_epochs: float = 0.0,
@@ -239,12 +237,13 @@ def check_training_settings(*, epochs: int, lr: float, weight_decay: float = 0.0
         _check_count(nm("threads"), threads, minimum=1)
 
 
-def check_output_folder(out_dir, resume: bool = False, overwrite: bool = False) -> Path:
+@renamed_arguments(out_dir="output", overwrite="force")
+def check_output_folder(output, resume: bool = False, force: bool = False) -> Path:
     """Refuse, before any work, an output folder train() could not use: a file, an unwritable place,
-    a folder with another run (unless resume / overwrite), a config.json spikeprune did not write
-    (never deleted, even with overwrite). Cleans what a killed earlier run left (temporaries, a
+    a folder with another run (unless resume / force), a config.json spikeprune did not write
+    (never deleted, even with force). Cleans what a killed earlier run left (temporaries, a
     half-swapped checkpoint folder)."""
-    out = Path(out_dir)
+    out = Path(output)
     if out.exists() and not out.is_dir():
         raise SpikepruneError(f"{out} exists and is not a folder; choose another output folder")
     check_writable(out, "output folder")
@@ -260,7 +259,7 @@ def check_output_folder(out_dir, resume: bool = False, overwrite: bool = False) 
             raise SpikepruneError(f"{out} holds a {CONFIG_NAME} that spikeprune did not write; it is left alone: "
                                   "choose another output folder")
     _clean_stale_temps(out)
-    if (_read_checkpoint(out) or config.exists()) and not resume and not overwrite:
+    if (_read_checkpoint(out) or config.exists()) and not resume and not force:
         raise SpikepruneError(f"{out} already holds a training run; pass --resume to continue it, "
                               "--force to replace it, or choose another folder")
     return out
@@ -369,10 +368,11 @@ def _describe_data(data) -> str:
     return f"{getattr(ds, 'name', type(ds).__name__)}:{getattr(ds, 'split', '?')} ({len(ds)} images)"
 
 
+@renamed_arguments(out_dir="output", overwrite="force")
 def train(model: nn.Module, data, epochs: int, *, lr: float = 5e-4, weight_decay: float = 0.05,
           warmup_epochs: float = 1.0, batch_size: int = 64, label_smoothing: float = 0.1, device="cpu",
-          amp: bool = True, seed: int = 0, out_dir: str | os.PathLike | None = None, resume: bool = False,
-          overwrite: bool = False, teacher: nn.Module | None = None, kd_weight: float = 0.5,
+          amp: bool = True, seed: int = 0, output: str | os.PathLike | None = None, resume: bool = False,
+          force: bool = False, teacher: nn.Module | None = None, kd_weight: float = 0.5,
           kd_temperature: float = 4.0, max_grad_norm: float | None = None, progress: bool = True,
           val_data=None, augment: bool = True, workers: int = 0, eval_batch_size: int = 256,
           max_steps_per_epoch: int | None = None, sync_bn: bool = False,
@@ -382,10 +382,10 @@ def train(model: nn.Module, data, epochs: int, *, lr: float = 5e-4, weight_decay
     data: a spec string ("mnist5k", "cifar10:DIR", ...: trains on its "train" split, with
     augmentation when `augment`, and measures the "calib" split after every epoch), or a Dataset
     (then `val_data`, if given, is measured each epoch). teacher: distil from this model's logits
-    (see kd_loss). out_dir: write checkpoints (layout in the module docstring); `resume` continues
-    the run found there; `overwrite` replaces a finished or different run. max_steps_per_epoch cuts
+    (see kd_loss). output: write checkpoints (layout in the module docstring); `resume` continues
+    the run found there; `force` replaces a finished or different run. max_steps_per_epoch cuts
     epochs short (quick trials, timing). Under torchrun (spikeprune.distributed): DDP, batch_size
-    is the global batch, sync_bn normalises over it, only rank 0 writes out_dir. The model (and teacher, put in eval mode) move to `device`;
+    is the global batch, sync_bn normalises over it, only rank 0 writes output. The model (and teacher, put in eval mode) move to `device`;
     `amp` takes effect on CUDA only. threads: torch's intra-op CPU threads while training (restored
     after; None: the current torch.get_num_threads()); the same seed gives other weights at another
     count (see Determinism above), so the count is recorded in the settings.
@@ -397,13 +397,13 @@ def train(model: nn.Module, data, epochs: int, *, lr: float = 5e-4, weight_decay
                             kd_temperature=kd_temperature, max_grad_norm=max_grad_norm, workers=workers,
                             eval_batch_size=eval_batch_size, max_steps_per_epoch=max_steps_per_epoch, seed=seed,
                             threads=threads)
-    if resume and out_dir is None:
-        raise SpikepruneError("resume needs the output folder of the interrupted run (out_dir / -o)")
+    if resume and output is None:
+        raise SpikepruneError("resume needs the output folder of the interrupted run (output / -o)")
     check_finite(model, "the model to train")
     if teacher is not None:
         check_finite(teacher, "the teacher")
-    if out_dir is not None:  # rank 0 checks (and cleans) the folder; its verdict reaches every process
-        distributed.from_main(lambda: check_output_folder(out_dir, resume=resume, overwrite=overwrite),
+    if output is not None:  # rank 0 checks (and cleans) the folder; its verdict reaches every process
+        distributed.from_main(lambda: check_output_folder(output, resume=resume, force=force),
                               "checking the output folder")
     dev = _device(device)
     if isinstance(data, str):
@@ -439,7 +439,7 @@ def train(model: nn.Module, data, epochs: int, *, lr: float = 5e-4, weight_decay
     amp_dtype = _amp_dtype(dev, amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
-    out = Path(out_dir) if out_dir is not None else None
+    out = Path(output) if output is not None else None
     created_out = False
     start_epoch, history, best = 0, [], None
     if out is not None and distributed.is_main():  # check_output_folder has vetted it; only rank 0 writes
@@ -450,7 +450,7 @@ def train(model: nn.Module, data, epochs: int, *, lr: float = 5e-4, weight_decay
         if found and resume:
             start_epoch, history, best = _resume(out, found, model, opt, scaler, settings, epochs, dev)
         elif found or (out / CONFIG_NAME).exists():
-            if not overwrite:
+            if not force:
                 raise SpikepruneError(f"{out} already holds a training run; pass --resume to continue it, "
                                       "--force to replace it, or choose another folder")
             for name in (CHECKPOINT, CONFIG_NAME, WEIGHTS_NAME, HISTORY_NAME, BEST):
@@ -590,6 +590,7 @@ def _non_finite(out, model, value, epoch, step, lr, dev):
         "then --resume or start again")
 
 
+@renamed_arguments(out_dir="output", overwrite="force")
 def finetune(model: nn.Module, data, epochs: int, teacher: nn.Module | None = None, kd_weight: float = 0.5,
              kd_temperature: float = 4.0, lr: float = 1e-4, warmup_epochs: float = 0.0, **kwargs):
     """Fine-tune (e.g. a pruned model) with train(): a lower peak lr, no warm-up, and knowledge

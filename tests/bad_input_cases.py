@@ -295,9 +295,9 @@ def _resume_other_architecture(w, tmp):
     from spikeprune.training import train
 
     out = tmp / "out"
-    train(create_model(PRESET, **TINY), "digits", 1, out_dir=out, batch_size=32, max_steps_per_epoch=1,
+    train(create_model(PRESET, **TINY), "digits", 1, output=out, batch_size=32, max_steps_per_epoch=1,
           progress=False, augment=False)
-    return lambda: train(create_model(PRESET, **{**TINY, "embed_dim": 32}), "digits", 2, out_dir=out, resume=True,
+    return lambda: train(create_model(PRESET, **{**TINY, "embed_dim": 32}), "digits", 2, output=out, resume=True,
                          batch_size=32, max_steps_per_epoch=1, progress=False)
 
 
@@ -477,7 +477,7 @@ CASES: list[Case] = [
     Case("--set img_size to text", "cli", lambda w, tmp: ["evaluate", PRESET, "--set", "img_size=big", "--data", "digits"],
          r"img_size", before_work=True),
     Case("model with 3 input channels on grey digits", "cli",
-         lambda w, tmp: ["evaluate", PRESET, *TINY_SET, "--set", "in_channels=3", "--data", "digits"],
+         lambda w, tmp: ["evaluate", PRESET, *TINY_SET, "--set", "in_channels=3", "--data", "digits", "--random-weights"],
          r"(?i)channel", before_work=True),
     Case("cifar10 without a folder", "cli", lambda w, tmp: ["evaluate", str(w.model), "--data", "cifar10"],
          r"cifar10:DIR|folder|path", before_work=True),
@@ -539,7 +539,7 @@ CASES: list[Case] = [
          _api_call("spikeprune.training.finetune", torch.nn.Identity(), "digits", 1, kd_temperature=float("nan")),
          r"kd_temperature must be a finite number", before_work=True),
     Case("model trained for other classes", "cli",
-         lambda w, tmp: ["evaluate", PRESET, *TINY_SET, "--set", "num_classes=5", "--data", "digits"], r"num_classes"),
+         lambda w, tmp: ["evaluate", PRESET, *TINY_SET, "--set", "num_classes=5", "--data", "digits", "--random-weights"], r"num_classes"),
     Case("evaluate --max-batches 0", "cli",
          lambda w, tmp: ["evaluate", str(w.model), "--data", "digits", "--max-batches", "0"], r"max_batches|max-batches",
          before_work=True),

@@ -138,7 +138,7 @@ def test_finetune_two_processes_equals_one_and_resumes_on_one(tmp_path, tiny_mod
     model_dir = tmp_path / "dense"
     save_model(tiny_model(seed=0).eval(), model_dir)
     common = dict(lr=2e-3, batch_size=32, augment=False, seed=0, progress=False, max_steps_per_epoch=4)
-    one, one_history = finetune(load_model(model_dir), "digits", 2, out_dir=tmp_path / "one", **common)
+    one, one_history = finetune(load_model(model_dir), "digits", 2, output=tmp_path / "one", **common)
 
     torchrun("finetune", model_dir, "--data", "digits", "--epochs", "2", "--lr", "2e-3", "--batch-size", "32",
              "--no-augment", "--max-steps-per-epoch", "4", "--sync-bn", "--quiet", "-o", tmp_path / "two")
@@ -150,15 +150,15 @@ def test_finetune_two_processes_equals_one_and_resumes_on_one(tmp_path, tiny_mod
     assert torch.allclose(_train_mode_logits(two), _train_mode_logits(one), rtol=1e-4, atol=1e-5)
 
     # The two-process checkpoint continues on one process as the one-process run's does.
-    one, more_one = finetune(one, "digits", 3, out_dir=tmp_path / "one", resume=True, **common)
-    two, more_two = finetune(two, "digits", 3, out_dir=tmp_path / "two", resume=True, **common)
+    one, more_one = finetune(one, "digits", 3, output=tmp_path / "one", resume=True, **common)
+    two, more_two = finetune(two, "digits", 3, output=tmp_path / "two", resume=True, **common)
     assert len(more_two) == 3 and more_two[2]["train_loss"] == pytest.approx(more_one[2]["train_loss"], rel=1e-6)
     assert torch.allclose(_train_mode_logits(two), _train_mode_logits(one), rtol=1e-4, atol=1e-5)
 
 
 def test_sensitivity_two_processes_writes_the_one_process_table(tmp_path, trained_tiny_path, trained_tiny):
     ratios = "0.25,0.5,0.75"
-    analyze(trained_tiny, "digits", ratios=[0.25, 0.5, 0.75], batch_size=64, out_csv=tmp_path / "one.csv",
+    analyze(trained_tiny, "digits", ratios=[0.25, 0.5, 0.75], batch_size=64, output=tmp_path / "one.csv",
             progress=False, log=lambda _: None)
     torchrun("sensitivity", trained_tiny_path, "--data", "digits", "--ratios", ratios, "--batch-size", "64",
              "-o", tmp_path / "two.csv")

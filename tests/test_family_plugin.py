@@ -235,7 +235,7 @@ def test_sensitivity_cached_equals_uncached(trained_mixer):
 
 def test_measure_save_load_and_replay(trained_mixer, tmp_path):
     model = trained_mixer
-    report = measure(model, data=load_dataset("digits", "test", img_size=8), latency=False, n_images=64)
+    report = measure(model, data=load_dataset("digits", "test", img_size=8), latency=False, max_images=64)
     assert report["notes"][0] == "test mixer: token mixing reads spikes"
     rows = {r["name"]: r for r in report["layers"]}
     assert rows["token_fc1"]["sops"] is not None and 0 <= rows["token_fc1"]["input_rate"] <= 1

@@ -260,9 +260,9 @@ def test_data_as_dataset_loader_and_spec():
 
     model = _model(CIFAR)
     ds = dataset_for_model("digits", model, split="calib")
-    by_ds = M.measure(model, data=ds, n_images=20, batch_size=8, latency=False)
-    by_loader = M.measure(model, data=make_loader(ds, batch_size=8), n_images=20, latency=False)
-    by_spec = M.measure(model, data="digits", split="calib", n_images=20, batch_size=8, latency=False)
+    by_ds = M.measure(model, data=ds, max_images=20, batch_size=8, latency=False)
+    by_loader = M.measure(model, data=make_loader(ds, batch_size=8), max_images=20, latency=False)
+    by_spec = M.measure(model, data="digits", split="calib", max_images=20, batch_size=8, latency=False)
     images = torch.stack([ds[i][0] for i in range(20)])
     by_tensor = M.measure(model, data=images, latency=False)
     for rep in (by_ds, by_loader, by_spec):
@@ -289,7 +289,7 @@ def test_bad_inputs():
 # Command line
 # -------------------------------------------------------------------------------------------------
 ARGS = ["spikformer-1-32-digits", "--set", "embed_dim=16", "--set", "num_heads=2", "--set", "T=2",
-        "--n-images", "16", "--repeats", "2", "--warmup", "1"]
+        "--max-images", "test=16", "--latency-repeats", "2", "--latency-warmup", "1"]
 
 
 def _run_measure_command(argv, capsys):

@@ -41,11 +41,11 @@ def model_dir(tiny_model, tmp_path):
     (["--ratio", "residual"], "PATTERN=R"),
     (["--uniform", "0.2", "--skip", "nosuch"], "--skip 'nosuch' matches no channel group"),
     (["--groups", "nosuch*"], "--groups 'nosuch\\*' matches no group"),
-    (["--finetune-epochs", "1", "--finetune-lr", "0"], "--finetune-lr must be a positive number"),
-    (["--finetune-epochs", "1", "--kd", "--kd-weight", "2"], "--kd-weight must be in \\[0, 1\\]"),
+    (["--finetune-epochs", "1", "--finetune-lr", "0"], "--finetune-lr must be a finite number > 0"),
+    (["--finetune-epochs", "1", "--kd", "--kd-weight", "2"], "--kd-weight must be a finite number in \\[0, 1\\]"),
     (["--batch-size", "0"], "--batch-size must be a whole number >= 1"),
-    (["--max-images", "calib=0"], "max_images must be a positive whole number"),
-    (["--max-images", "val=10"], "keys among train, calib, test"),
+    (["--max-images", "calib=0"], "--max-images calib must be a positive whole number"),
+    (["--max-images", "val=10"], "SPLIT one of train, calib, test"),
     (["--target-saving", "0.5", "--memory-budget", "1kB"], "contradict"),
 ])
 def test_bad_input_is_refused_before_any_work(model_dir, tmp_path, capsys, extra, message):

@@ -459,7 +459,7 @@ def test_sensitivity_cached_equals_uncached(trained_sdt):
 
 
 def test_measure_counts_spike_inputs_after_the_first_conv(trained_sdt):
-    report = measure(trained_sdt, data=load_dataset("digits", "test", img_size=16), latency=False, n_images=64)
+    report = measure(trained_sdt, data=load_dataset("digits", "test", img_size=16), latency=False, max_images=64)
     assert report["notes"][0].startswith("SDT: every conv after the first reads spikes")
     rows = {r["name"]: r for r in report["layers"]}
     assert rows["patch_embed.proj_conv"]["op"] == "MAC"

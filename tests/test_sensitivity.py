@@ -85,7 +85,7 @@ def test_resume_after_kill_gives_the_same_table(trained_tiny, tmp_path):
     model = trained_tiny
     ds = _calib(model)
     kw = dict(groups="block0.*,residual", ratios=(0.3, 0.6), batch_size=BS, progress=False, log=lambda m: None)
-    whole = analyze(model, ds, out_csv=tmp_path / "whole.csv", **kw)
+    whole = analyze(model, ds, output=tmp_path / "whole.csv", **kw)
 
     class Killed(Exception):
         pass
@@ -99,18 +99,18 @@ def test_resume_after_kill_gives_the_same_table(trained_tiny, tmp_path):
 
     part = tmp_path / "part.csv"
     with pytest.raises(Killed):
-        analyze(model, ds, out_csv=part, on_row=kill_after_three, **kw)
+        analyze(model, ds, output=part, on_row=kill_after_three, **kw)
     assert len(SensitivityTable.from_csv(part).rows) == 3
     with open(part, "a") as f:  # a kill in the middle of writing a row leaves a torn line
         f.write("block0.attn.v,0.6,1")
     computed = []
-    resumed = analyze(model, ds, out_csv=part, on_row=computed.append, **kw)
+    resumed = analyze(model, ds, output=part, on_row=computed.append, **kw)
     assert len(computed) == len(whole.rows) - 3
     assert resumed.rows == whole.rows
     assert part.read_bytes() == (tmp_path / "whole.csv").read_bytes()
     assert resumed.forward_cost["rows_reused"] == 3
     # A finished table is read back without computing anything.
-    again = analyze(model, ds, out_csv=part, on_row=computed.append, **kw)
+    again = analyze(model, ds, output=part, on_row=computed.append, **kw)
     assert again.rows == whole.rows and len(computed) == len(whole.rows) - 3
     assert SensitivityTable.from_csv(part).rows == whole.rows
 
@@ -120,20 +120,20 @@ def test_another_runs_table_is_refused_unless_forced(tiny_model, tmp_path):
     ds = _calib(model)
     out = tmp_path / "s.csv"
     kw = dict(groups="block0.mlp.hidden", batch_size=BS, progress=False, log=lambda m: None)
-    analyze(model, ds, ratios=(0.5,), out_csv=out, **kw)
+    analyze(model, ds, ratios=(0.5,), output=out, **kw)
     with pytest.raises(SpikepruneError, match="different run.*ratios"):
-        analyze(model, ds, ratios=(0.3,), out_csv=out, **kw)
+        analyze(model, ds, ratios=(0.3,), output=out, **kw)
     with pytest.raises(SpikepruneError, match="different run.*importance"):
-        analyze(model, ds, ratios=(0.5,), importance="l1", out_csv=out, **kw)
+        analyze(model, ds, ratios=(0.5,), importance="l1", output=out, **kw)
     other = tiny_model(seed=1).eval()
     with pytest.raises(SpikepruneError, match="model weights differ"):
-        analyze(other, ds, ratios=(0.5,), out_csv=out, **kw)
-    t = analyze(model, ds, ratios=(0.3,), out_csv=out, force=True, **kw)
+        analyze(other, ds, ratios=(0.5,), output=out, **kw)
+    t = analyze(model, ds, ratios=(0.3,), output=out, force=True, **kw)
     assert [r["ratio"] for r in SensitivityTable.from_csv(out).rows] == [0.3] == [r["ratio"] for r in t.rows]
     junk = tmp_path / "junk.csv"
     junk.write_text("a,b\n1,2\n")
     with pytest.raises(SpikepruneError, match="not a spikeprune sensitivity table"):
-        analyze(model, ds, ratios=(0.5,), out_csv=junk, **kw)
+        analyze(model, ds, ratios=(0.5,), output=junk, **kw)
 
 
 def test_deterministic_for_a_seed(tiny_model):

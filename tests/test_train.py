@@ -120,7 +120,7 @@ def test_same_seed_same_weights(tiny_model, tmp_path):
 
 def test_outputs_layout_and_refusal_to_overwrite(tiny_model, tmp_path):
     out = tmp_path / "run"
-    model, history = train(tiny_model(), "digits", 2, out_dir=out, **FAST)
+    model, history = train(tiny_model(), "digits", 2, output=out, **FAST)
     assert _same_weights(load_model(out), model)  # OUT itself is a saved model folder
     assert (out / "checkpoint" / "train_state.json").is_file()
     assert (out / "checkpoint" / "optimizer.safetensors").is_file()
@@ -129,14 +129,14 @@ def test_outputs_layout_and_refusal_to_overwrite(tiny_model, tmp_path):
     assert state["epoch"] == 2 and len(doc["history"]) == 2 and doc["settings"]["lr"] == FAST["lr"]
     assert _leftovers(out) == []
     with pytest.raises(SpikepruneError, match="already holds a training run"):
-        train(tiny_model(), "digits", 2, out_dir=out, **FAST)
+        train(tiny_model(), "digits", 2, output=out, **FAST)
     # --resume on a finished run trains nothing more and returns its model and history.
-    again, h2 = train(tiny_model(seed=9), "digits", 2, out_dir=out, resume=True, **FAST)
+    again, h2 = train(tiny_model(seed=9), "digits", 2, output=out, resume=True, **FAST)
     assert _same_weights(again, model) and [r["train_loss"] for r in h2] == [r["train_loss"] for r in history]
 
 
 def test_resume_reaches_the_uninterrupted_weights(tiny_model, tmp_path, monkeypatch):
-    straight, _ = train(tiny_model(), "digits", 2, out_dir=tmp_path / "a", **FAST)
+    straight, _ = train(tiny_model(), "digits", 2, output=tmp_path / "a", **FAST)
 
     real_write = train_mod._write_checkpoint
 
@@ -147,10 +147,10 @@ def test_resume_reaches_the_uninterrupted_weights(tiny_model, tmp_path, monkeypa
 
     monkeypatch.setattr(train_mod, "_write_checkpoint", write_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_model(), "digits", 2, out_dir=tmp_path / "b", **FAST)
+        train(tiny_model(), "digits", 2, output=tmp_path / "b", **FAST)
     monkeypatch.setattr(train_mod, "_write_checkpoint", real_write)
     assert json.loads((tmp_path / "b" / "checkpoint" / "train_state.json").read_text())["epoch"] == 1
-    resumed, history = train(tiny_model(seed=123), "digits", 2, out_dir=tmp_path / "b", resume=True, **FAST)
+    resumed, history = train(tiny_model(seed=123), "digits", 2, output=tmp_path / "b", resume=True, **FAST)
     assert len(history) == 2
     assert _same_weights(resumed, straight)
     assert _same_weights(load_model(tmp_path / "b"), straight)
@@ -170,7 +170,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model, tmp_path):
     model.register_forward_hook(poison)
     out = tmp_path / "run"
     with pytest.raises(SpikepruneError, match=r"loss became nan at epoch 2.*epoch 1\).*lower --lr"):
-        train(model, "digits", 3, out_dir=out, **FAST)
+        train(model, "digits", 3, output=out, **FAST)
     saved = load_model(out)
     state = json.loads((out / "checkpoint" / "train_state.json").read_text())
     assert state["epoch"] == 1 and _same_weights(saved, load_model(out / "checkpoint" / "model"))
@@ -181,7 +181,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model, tmp_path):
 def test_nan_in_first_epoch_leaves_no_folder(tiny_model, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(SpikepruneError, match="nothing was saved"):
-        train(tiny_model(), "digits", 2, out_dir=out, **{**FAST, "lr": 1e30})
+        train(tiny_model(), "digits", 2, output=out, **{**FAST, "lr": 1e30})
     assert not out.exists()
 
 
@@ -195,17 +195,17 @@ def test_bad_training_arguments(tiny_model, tmp_path):
     with pytest.raises(SpikepruneError, match="num_classes"):
         train(tiny_model(num_classes=5), "digits", 1, progress=False)
     out = tmp_path / "run"
-    train(tiny_model(), "digits", 2, out_dir=out, **FAST)
+    train(tiny_model(), "digits", 2, output=out, **FAST)
     with pytest.raises(SpikepruneError, match="different architecture"):
-        train(tiny_model(embed_dim=32), "digits", 3, out_dir=out, resume=True, **FAST)
+        train(tiny_model(embed_dim=32), "digits", 3, output=out, resume=True, **FAST)
     # A damaged checkpoint is reported, not half-used.
     opt_file = out / "checkpoint" / "optimizer.safetensors"
     opt_file.write_bytes(opt_file.read_bytes()[:100])
     with pytest.raises(SpikepruneError, match="corrupt or truncated"):
-        train(tiny_model(), "digits", 3, out_dir=out, resume=True, **FAST)
+        train(tiny_model(), "digits", 3, output=out, resume=True, **FAST)
     (out / "checkpoint" / "train_state.json").write_text('{"epoch": 1,')
     with pytest.raises(SpikepruneError, match="damaged"):
-        train(tiny_model(), "digits", 3, out_dir=out, resume=True, **FAST)
+        train(tiny_model(), "digits", 3, output=out, resume=True, **FAST)
 
 
 def test_finetune_with_distillation_lowers_the_loss(teacher, tiny_model):
@@ -240,7 +240,7 @@ def test_cli_train_evaluate_finetune(tmp_path, capsys, teacher):
 
     assert main(["evaluate", str(out), "--data", "digits", "--split", "calib", "--json", "--quiet"]) == 0
     m = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
-    assert m["split"] == "calib" and m["n"] == 180 and 0 <= m["top1"] <= m["top5"] <= 1
+    assert m["split"] == "calib" and m["images"] == 180 and 0 <= m["top1_pct"] <= m["top5_pct"] <= 100  # percent
 
     assert main(["evaluate", str(out), "--data", "digits"]) == 0
     captured = capsys.readouterr()
@@ -256,7 +256,7 @@ def test_cli_train_evaluate_finetune(tmp_path, capsys, teacher):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert main(["evaluate", "spikformer-1-32-digits", "--data", "nope"]) == 2
+    assert main(["evaluate", "spikformer-1-32-digits", "--random-weights", "--quiet", "--data", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("spikeprune: error: unknown dataset") and "\n" not in err
     out = tmp_path / "run"
@@ -276,7 +276,7 @@ def test_thread_count_is_set_for_training_restored_and_recorded(tiny_model, tmp_
     seen = []
     model = tiny_model()
     model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
-    train(model, "digits", 1, threads=2, out_dir=tmp_path / "run", **FAST)
+    train(model, "digits", 1, threads=2, output=tmp_path / "run", **FAST)
     assert seen and set(seen) == {2}  # training steps and the calib evaluation
     assert torch.get_num_threads() == before
     assert json.loads((tmp_path / "run" / "history.json").read_text())["settings"]["torch_threads"] == 2
@@ -298,7 +298,7 @@ def test_best_calibration_epoch_is_kept_in_out_best(tiny_model, tmp_path, monkey
 
     monkeypatch.setattr(training, "evaluate", fake_evaluate)
     out = tmp_path / "run"
-    model, history = train(tiny_model(), "digits", 3, out_dir=out, **FAST)
+    model, history = train(tiny_model(), "digits", 3, output=out, **FAST)
     best = load_model(out / "best")
     assert _same_weights(best, snapshots[1]) and not _same_weights(best, model)
     assert json.loads((out / "best" / "config.json").read_text())["extra"]["epochs_trained"] == 2
