@@ -343,28 +343,6 @@ def get_policy(name: str) -> PolicySpec:
 # ------------------------------------------------------------------------------------------------
 # The context a policy works in
 # ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Finetuning:
-    """The run's fine-tuning, as one object a policy reads (epochs; peak learning rate; batch size;
-    distillation from the dense model: kd, its weight and temperature). Until the run settings carry
-    one (RunSettings.finetuning), it is read from their fields here, once."""
-    epochs: int
-    lr: float
-    batch_size: int
-    kd: bool
-    kd_weight: float
-    kd_temperature: float
-
-
-def _finetuning(settings):
-    if hasattr(type(settings), "finetuning"):  # the run settings' own object
-        return settings.finetuning
-    if not settings.finetune_epochs:
-        return None
-    return Finetuning(settings.finetune_epochs, settings.finetune_lr, settings.finetune_batch_size, settings.kd,
-                      settings.kd_weight, settings.kd_temperature)
-
-
 class PruneContext:
     """Everything a policy needs, with the run folder (settings.output) behind it.
 
@@ -390,7 +368,7 @@ class PruneContext:
         self.groups, self.calib_batches = s.groups, s.calib_batches
         self.options = dict(s.options)
         self.limit_after_finetune = s.limit_after_finetune  # the limit holds after the run's fine-tuning
-        self.finetuning = _finetuning(s)  # the run's fine-tuning as one object (None without): what probes copy
+        self.finetuning = s.finetuning  # the run's fine-tuning as one object (None without): what probes copy
         self.progress = s.progress
         self.log_file = self.run_dir / "log.txt"
         c = s.constraints
