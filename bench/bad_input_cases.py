@@ -292,13 +292,13 @@ def _prune_api(w, ratios):
 
 def _resume_other_architecture(w, tmp):
     from spikeprune.models import create_model
-    from spikeprune.training import train
+    from spikeprune.training import TrainSettings, train
 
     out = tmp / "out"
-    train(create_model(PRESET, **TINY), "digits", 1, output=out, batch_size=32, max_steps_per_epoch=1,
-          progress=False, augment=False)
-    return lambda: train(create_model(PRESET, **{**TINY, "embed_dim": 32}), "digits", 2, output=out, resume=True,
-                         batch_size=32, max_steps_per_epoch=1, progress=False)
+    train(create_model(PRESET, **TINY), "digits", TrainSettings(1, batch_size=32, max_steps_per_epoch=1, augment=False),
+          output=out, progress=False)
+    return lambda: train(create_model(PRESET, **{**TINY, "embed_dim": 32}), "digits",
+                         TrainSettings(2, batch_size=32, max_steps_per_epoch=1), output=out, resume=True, progress=False)
 
 
 def _empty_class_dataset(w, tmp):

@@ -6,6 +6,7 @@ Public API:
     bundled_model                             -- the shipped models (Spikformer and SDT, trained on mnist5k)
     load_dataset                              -- mnist5k, digits, cifar10:DIR, ..., imagefolder:DIR
     train, evaluate, finetune, measure        -- training, accuracy, size / MACs / SOPs / energy / latency
+    TrainSettings                             -- how train() trains (the recipe), one checked object
     groups, prune, PruningRecord              -- coupled channel groups, physical surgery, what was pruned
     prune_run, RunSettings, Constraints       -- a whole policy run into a run folder (`spikeprune prune`)
     export                                    -- ONNX (fp32 / fp16 / int8 weights), BatchNorm folded, checked
@@ -23,7 +24,7 @@ from .models import Family, create_model, list_models, register_family
 from .serialization import load_model, save_model
 from .bundled import bundled_model
 from .data import load_dataset
-from .training import evaluate, finetune, train
+from .training import TrainSettings, evaluate, finetune, train
 from .costs import measure
 from .coupling import groups
 from .record import PruningRecord
@@ -37,4 +38,4 @@ from .deploy import export
 __all__ = ["Constraints", "Family", "FinetuneSettings", "PruningRecord", "RunSettings", "SpikepruneError", "bundled_model",
            "create_model", "evaluate", "export", "finetune", "groups", "list_models", "load_dataset", "load_model",
            "measure", "prune", "prune_run", "register_family", "register_importance", "register_policy", "save_model",
-           "train"]
+           "train", "TrainSettings"]

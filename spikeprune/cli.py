@@ -49,7 +49,7 @@ from .report import format_summary_table
 from .run import LATENCY_REPEATS, MEASURE_IMAGES, RunSettings, run
 from .sensitivity import analyze
 from .serialization import CONFIG_NAME, is_saved_model, load_model
-from .training import check_output_folder, check_training_settings, evaluate, finetune, train
+from .training import TrainSettings, check_output_folder, check_training_settings, evaluate, finetune, train
 from .validation import PRECISIONS, SPLITS, check_writable, deprecation, device as check_device, parse_max_images
 
 DEFAULT_DATA = "mnist5k"  # what a model that records no data set is run on
@@ -700,7 +700,8 @@ def cmd_train(args) -> int:
     model = _resolve_seeded(args)
     data = choose_data(args, model)
     train_data, val = _training_data(args, model, data)
-    model, history = train(model, train_data, args.epochs, val_data=val, **_training_kwargs(args))
+    recipe, how = TrainSettings.split(args.epochs, **_training_kwargs(args))
+    model, history = train(model, train_data, recipe, val_data=val, **how)
     test = _test_top1(args, model, data)
     last = history[-1] if history else {}
     if args.json:

@@ -347,13 +347,8 @@ def measure(model, data=None, device="cpu", max_images: int = 256, batch_size: i
     home, was_training = first.device, model.training
     model.to(dev).eval()
     try:
-        rates, n_rate_images = ({}, 0)
-        if data is not None:
-            batches = _image_batches(data, model, max_images, batch_size, split)
-            rates, n_rate_images = _input_rates(model, table, batches, dev)
-            bad = [name for name, (rate, _) in rates.items() if not torch.isfinite(torch.tensor(float(rate)))]
-            if bad:
-                raise SpikepruneError(f"the model computed NaN or Inf inputs to {bad[0]}; it cannot be measured")
+        rates, n_rate_images = ({}, 0) if data is None else _checked_rates(
+            model, table, _image_batches(data, model, max_images, batch_size, split), dev)
         times = None
         if latency:
             x = torch.rand(latency_batch, cfg.in_channels, cfg.img_size, cfg.img_size, device=dev)
@@ -362,33 +357,9 @@ def measure(model, data=None, device="cpu", max_images: int = 256, batch_size: i
         model.to(home).train(was_training)
 
     notes = [*get_family(model).cost_notes, *NOTES]
-    layers = []
-    for r in table:
-        row = {"name": r.name, "type": r.type, "params": r.params, "memory_bytes": r.memory_bytes(),
-               "macs": r.macs, "input": r.input, "op": "AC" if r.input == "spikes" else "MAC",
-               "input_rate": None, "sops": None, "energy_mj": None}
-        if data is not None:
-            if r.input == "spikes":
-                rate, binary = rates[r.name]
-                if not binary:  # would mean the forward no longer feeds this layer spikes
-                    notes.append(f"warning: {r.name} was expected to read spikes but saw other values")
-                row["input_rate"] = rate
-                row["sops"] = rate * r.macs
-                row["energy_mj"] = E_AC_PJ * row["sops"] * PJ_TO_MJ
-            else:
-                once = r.macs // cfg.T if r.input == "image" else r.macs
-                row["energy_mj"] = E_MAC_PJ * once * PJ_TO_MJ
-        layers.append(row)
-
-    mem = {k: sum(row["memory_bytes"][k] for row in layers) for k in ("fp32", "fp16", "int8")}
-    total = {"params": sum(row["params"] for row in layers), "memory_bytes": mem,
-             "macs": sum(row["macs"] for row in layers), "sops": None, "energy_mj": None,
-             "latency_ms": None, "T": cfg.T, "rate_images": n_rate_images}
-    if data is not None:
-        total["sops"] = sum(row["sops"] for row in layers if row["sops"] is not None)
-        total["energy_mj"] = sum(row["energy_mj"] for row in layers)
-        total["mean_input_rate"] = total["sops"] / sum(row["macs"] for row in layers if row["op"] == "AC")
-    else:
+    layers = [_layer_row(r, rates if data is not None else None, cfg.T, notes) for r in table]
+    total = _totals(layers, cfg.T, n_rate_images, with_rates=data is not None)
+    if data is None:
         notes.append("no data given: SOPs and energy need firing rates (pass data=..., or --data on the command line)")
     if times is not None:
         total.update(latency_ms=1e3 * statistics.median(times), latency_ms_min=1e3 * min(times),
@@ -397,6 +368,47 @@ def measure(model, data=None, device="cpu", max_images: int = 256, batch_size: i
         notes.append(f"latency: eval mode, no_grad, {warmup} warm-up then median of {repeats} forwards of a batch "
                      f"of {latency_batch} on {dev}")
     return {"total": total, "layers": layers, "notes": notes}
+
+
+def _checked_rates(model, table, batches, dev) -> tuple[dict, int]:
+    """(_input_rates of the spiking layers, images seen); a NaN or Inf input is an error."""
+    rates, n = _input_rates(model, table, batches, dev)
+    bad = [name for name, (rate, _) in rates.items() if not torch.isfinite(torch.tensor(float(rate)))]
+    if bad:
+        raise SpikepruneError(f"the model computed NaN or Inf inputs to {bad[0]}; it cannot be measured")
+    return rates, n
+
+
+def _layer_row(r, rates: dict | None, T: int, notes: list) -> dict:
+    """One layer's costs; SOPs and energy from the firing rates (None without them)."""
+    row = {"name": r.name, "type": r.type, "params": r.params, "memory_bytes": r.memory_bytes(),
+           "macs": r.macs, "input": r.input, "op": "AC" if r.input == "spikes" else "MAC",
+           "input_rate": None, "sops": None, "energy_mj": None}
+    if rates is None:
+        return row
+    if r.input == "spikes":
+        rate, binary = rates[r.name]
+        if not binary:  # would mean the forward no longer feeds this layer spikes
+            notes.append(f"warning: {r.name} was expected to read spikes but saw other values")
+        row["input_rate"] = rate
+        row["sops"] = rate * r.macs
+        row["energy_mj"] = E_AC_PJ * row["sops"] * PJ_TO_MJ
+    else:
+        once = r.macs // T if r.input == "image" else r.macs
+        row["energy_mj"] = E_MAC_PJ * once * PJ_TO_MJ
+    return row
+
+
+def _totals(layers: list[dict], T: int, n_rate_images: int, with_rates: bool) -> dict:
+    mem = {k: sum(row["memory_bytes"][k] for row in layers) for k in ("fp32", "fp16", "int8")}
+    total = {"params": sum(row["params"] for row in layers), "memory_bytes": mem,
+             "macs": sum(row["macs"] for row in layers), "sops": None, "energy_mj": None,
+             "latency_ms": None, "T": T, "rate_images": n_rate_images}
+    if with_rates:
+        total["sops"] = sum(row["sops"] for row in layers if row["sops"] is not None)
+        total["energy_mj"] = sum(row["energy_mj"] for row in layers)
+        total["mean_input_rate"] = total["sops"] / sum(row["macs"] for row in layers if row["op"] == "AC")
+    return total
 
 
 # ------------------------------------------------------------------------------------------------

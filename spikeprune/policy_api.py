@@ -9,9 +9,21 @@ fine-tuning, measuring, report), the same way for every policy:
         return PolicyResult(model, {"calib_top1": ctx.calib_top1(model)})
 
 What was pruned is `model.pruning`, the typed PruningRecord every `spikeprune.prune` call attaches
-(successive calls compose it), so a policy never describes its choice in a second way. `add_args`
-adds the policy's own options to `spikeprune prune` (they reach it as ctx.options["my_knob"]);
-`check(options, model)` refuses bad ones before the run folder is touched. `info` (JSON-able) is
+(successive calls compose it), so a policy never describes its choice in a second way. A policy
+declares its own options (`options=[Option("my_knob", float, 0.5, "help", valid=..., must=...)]`):
+they are added to `spikeprune prune`, checked before the run folder is touched, and read as
+ctx.option("my_knob"); `check(options, model)` adds checks that need the model.
+
+The toolkit every policy uses (no policy keeps its own copy):
+  ctx.resumable(step, key, fresh)   a step's JSON state, back after a kill when saved under the same key
+  ctx.replay(steps, apply, label)   the dense model with saved steps applied again, checked by memory
+  ctx.cut(model, group, ratio)      cut one group by the run's importance: (model, kept indices);
+                                    ctx.keep(model, group, kept) replays it; ctx.unit_scores ranks
+  bisect / largest_within           the bisection searches (largest k within the limit, ...)
+  ctx.evaluate(model, images)       loss / top-1 / n on the calibration split or a sample of it
+                                    (ctx.sample), sharded under torchrun, counted in the run's cost
+  plot_trajectory(path, points,..)  memory against calibration top-1 after each step
+  ctx.finetuning                    the run's fine-tuning as one object (None without) `info` (JSON-able) is
 merged into summary.json at the top level (it never replaces the run's own keys), with these keys
 read specially:
   info["plots"]            [(filename, draw) or (filename, draw, caption)]: draw(path) writes a PNG;
@@ -37,9 +49,10 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -52,8 +65,10 @@ from .coupling import groups as model_groups
 from .importance import needs_data, scores
 from .costs import memory_bytes
 from .models import get_family
+from .plots import FIGSIZE, new_figure, save_figure
 from .sensitivity import SensitivityTable, analyze
 from .serialization import atomic_path, is_saved_model, load_model, save_model, write_json
+from .surgery import SpikepruneWarning, plan
 from .surgery import prune as surgery_prune
 from .training import evaluate
 from .units import format_bytes, parse_bytes
@@ -202,6 +217,56 @@ class PolicyResult:
     info: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Option:
+    """One option of a policy, declared with it: `spikeprune prune --NAME-WITH-DASHES VALUE`, read by
+    the policy as ctx.option("name"). Every declared option is checked (type, then `valid`) when the
+    run checks its settings, before the run folder is touched.
+
+    kind     float, int or str: what the value is converted to
+    default  the value when the option is not given (None: not given means None)
+    valid    value -> bool; a value for which it is false is refused: "--flag must be `must`, got V"
+    many     the option may be given several times (a list, default [])
+    """
+    name: str
+    kind: type
+    default: Any = None
+    help: str = ""
+    valid: Callable[[Any], bool] | None = None
+    must: str = ""
+    many: bool = False
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def add_to(self, parser) -> None:
+        """Add the option to an argparse parser or argument group (default None: "not given")."""
+        shown = "" if self.default is None or self.many else f" (default {self.default:g})" if isinstance(
+            self.default, float) else f" (default {self.default})"
+        kw = dict(action="append", default=[]) if self.many else dict(type=self.kind, default=None)
+        parser.add_argument(self.flag, metavar=self.metavar or {int: "N", float: "F"}.get(self.kind, "VALUE"),
+                            help=self.help + shown, **kw)
+
+    def value(self, given):
+        """The checked value of the option as given (None: the default)."""
+        if self.many:
+            return [self._one(v) for v in (given or [])]
+        return self.default if given is None else self._one(given)
+
+    def _one(self, v):
+        try:
+            x = self.kind(v)
+        except (TypeError, ValueError):
+            raise SpikepruneError(f"{self.flag} must be {self.must or self.kind.__name__}, got {v!r}") from None
+        if self.kind is int and isinstance(v, float) and v != x:
+            raise SpikepruneError(f"{self.flag} must be a whole number, got {v!r}")
+        if self.kind is float and not math.isfinite(x) or (self.valid is not None and not self.valid(x)):
+            raise SpikepruneError(f"{self.flag} must be {self.must or 'a finite number'}, got {v!r}")
+        return x
+
+
 @dataclass
 class PolicySpec:
     name: str
@@ -210,22 +275,50 @@ class PolicySpec:
     help: str
     check: Callable | None = None  # check(options, model) raises SpikepruneError before any work is done
     after_finetune: bool = False  # it can hold the accuracy limit on the fine-tuned model (--limit-after-finetune)
+    options: tuple[Option, ...] = ()  # declared options: added to the command, checked by `check`
+
+    def option(self, name: str) -> Option:
+        for o in self.options:
+            if o.name == name:
+                return o
+        raise SpikepruneError(f"internal: the {self.name} policy declares no option {name!r}")
+
+    def values(self, given: dict) -> dict:
+        """Every declared option's checked value (default when not given)."""
+        return {o.name: o.value(given.get(o.name)) for o in self.options}
 
 
 _POLICIES: dict[str, PolicySpec] = {}
 
 
 def register_policy(name: str, add_args: Callable | None = None, help: str = "", check: Callable | None = None,
-                    after_finetune: bool = False):
+                    after_finetune: bool = False, options: Sequence[Option] = ()):
     """Decorator: `fn(ctx) -> PolicyResult` becomes `spikeprune prune --policy NAME`.
 
-    add_args(argument_group) adds the policy's own options; check(options, dense_model) validates
-    them before the run folder is touched (so a typo never leaves a half-made run behind).
+    options: the policy's own options (Option objects): added to `spikeprune prune`, checked before
+    the run folder is touched, read as ctx.option(name). check(options, dense_model) adds checks
+    that need the model (run after the declared ones); add_args(argument_group) adds options by hand
+    (an older way; they are then the policy's to check in `check`).
     after_finetune: the policy reads ctx.limit_after_finetune and, when it is set, chooses a model
     whose calibration top-1 *after the run's fine-tuning* is meant to hold the limit."""
+    options = tuple(options)
+
+    def add_all(g) -> None:
+        for o in options:
+            o.add_to(g)
+        if add_args:
+            add_args(g)
+
+    def check_all(given: dict, model) -> None:
+        for o in options:
+            o.value(given.get(o.name))
+        if check:
+            check(given, model)
+
     def deco(fn):
-        _POLICIES[name] = PolicySpec(name, fn, add_args, help or (fn.__doc__ or "").strip().split("\n")[0], check,
-                                     after_finetune)
+        _POLICIES[name] = PolicySpec(name, fn, add_all if options else add_args,
+                                     help or (fn.__doc__ or "").strip().split("\n")[0],
+                                     check_all if options else check, after_finetune, options)
         return fn
     return deco
 
@@ -256,7 +349,8 @@ class PruneContext:
     Attributes: model (dense, eval), settings (the RunSettings), data (spec), run_dir, importance,
     round_to, constraints (resolved against the dense model), device, seed, batch_size, ratios
     (sensitivity grid), uniform_ratios (sweep grid), groups (pattern of the groups to analyse),
-    calib_batches, options (the policy's own options), progress, problems (what the run report must
+    calib_batches, options (the policy's own options as given; ctx.option(name) checks them), finetuning
+    (the run's fine-tuning, one object, or None), progress, problems (what the run report must
     say went wrong without stopping the run, e.g. a log that could not be written).
     Counters: evaluations / images_evaluated (calibration passes run through calib_top1).
     on_progress: called after every checkpoint and log line (the run persists its wall time there).
@@ -274,6 +368,7 @@ class PruneContext:
         self.groups, self.calib_batches = s.groups, s.calib_batches
         self.options = dict(s.options)
         self.limit_after_finetune = s.limit_after_finetune  # the limit holds after the run's fine-tuning
+        self.finetuning = s.finetuning  # the run's fine-tuning as one object (None without): what probes copy
         self.progress = s.progress
         self.log_file = self.run_dir / "log.txt"
         c = s.constraints
@@ -287,6 +382,10 @@ class PruneContext:
         self._table: SensitivityTable | None = None
         self._dense_scores: dict | None = None
         self._log_failed = False
+
+    def option(self, name: str):
+        """The checked value of one of the running policy's declared options (its default when not given)."""
+        return get_policy(self.settings.policy).option(name).value(self.options.get(name))
 
     # data and accuracy --------------------------------------------------------------------------
     def dataset(self, split: str, augment: bool = False):
@@ -302,18 +401,44 @@ class PruneContext:
         """The calibration split (Dataset) at the model's image size."""
         return self.dataset("calib")
 
-    def calib_top1(self, model: nn.Module) -> float:
-        """Top-1 of `model` on the calibration split (a fraction); counted in the run's cost. A
-        non-finite loss is an error: a model that computes NaN must never be scored."""
-        r = evaluate(model, self.calib, split="calib", batch_size=self.batch_size, device=self.device, progress=False,
-                     workers=self.workers)
+    def evaluate(self, model: nn.Module, images=None) -> dict:
+        """{"loss", "top1", "n"} of `model` on `images` (a Dataset: the calibration split, the default,
+        or a part of it from `sample`). Sharded over the processes under torchrun (each evaluates its
+        share of the batches, the sums are exact), and counted in the run's cost (evaluations,
+        images_evaluated). A non-finite loss is an error: a model that computes NaN is never scored."""
+        r = evaluate(model, self.calib if images is None else images, split="calib", batch_size=self.batch_size,
+                     device=self.device, progress=False, workers=self.workers)
         if not math.isfinite(float(r["loss"])):
             raise SpikepruneError(
                 f"a model evaluated during pruning gives a {r['loss']} loss on the calibration split: its outputs are "
                 "not finite (NaN / Inf weights or activations); nothing was chosen from it")
         self.evaluations += 1
         self.images_evaluated += int(r["n"])
-        return float(r["top1"])
+        return {"loss": float(r["loss"]), "top1": float(r["top1"]), "n": int(r["n"])}
+
+    def calib_top1(self, model: nn.Module, images=None) -> float:
+        """Top-1 of `model` on the calibration split (or on `images`, a part of it), a fraction; see evaluate."""
+        return self.evaluate(model, images)["top1"]
+
+    def sample(self, split: str, n: int, seed: int, images=None):
+        """`n` images of a split (or of `images`, a Dataset), a fixed random subset in index order, or
+        all of them when there are no more than n: a Dataset for evaluate, or for batches()."""
+        data = self.dataset(split) if images is None else images
+        total = len(data)
+        if n >= total:
+            return torch.utils.data.Subset(data, list(range(total)))
+        g = torch.Generator().manual_seed(seed)
+        return torch.utils.data.Subset(data, sorted(torch.randperm(total, generator=g)[:n].tolist()))
+
+    @staticmethod
+    def batches(images, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`images` (a Dataset) read once into (images, labels) batches, in order: for a pass repeated
+        many times on the same images (BatchNorm re-estimation), where reading them again would cost."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            items = [images[j] for j in range(i, min(i + batch_size, len(images)))]
+            out.append((torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])))
+        return out
 
     @property
     def dense_calib_top1(self) -> float:
@@ -354,6 +479,30 @@ class PruneContext:
             return surgery_prune(self.model, ratios, importance=self.dense_scores(), round_to=self.round_to).eval()
         return surgery_prune(model, ratios, importance=self.importance, round_to=self.round_to,
                              **self.score_kwargs()).eval()
+
+    def unit_scores(self, model: nn.Module, group: str) -> torch.Tensor:
+        """The run's importance scores of one group's units on `model` (the dense model's come from
+        dense_scores, computed once)."""
+        if model is self.model:
+            return self.dense_scores()[group]
+        kw = self.score_kwargs()
+        return scores(model, self.importance, kw.pop("data"), names=[group], **kw)[group]
+
+    def cut(self, model: nn.Module, group: str, ratio: float, unit_scores=None) -> tuple[nn.Module, list[int]]:
+        """Cut one group: `model` with `ratio` of `group`'s current units removed, the lowest-scored
+        first (unit_scores: the group's scores on `model`, default unit_scores(model, group)), and the
+        kept unit indices (what replays the cut exactly, with keep). A ratio that would empty the group
+        keeps its minimum quietly (the caller sees the real width); a ratio the engine refuses raises
+        SpikepruneError."""
+        s = self.unit_scores(model, group) if unit_scores is None else unit_scores
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SpikepruneWarning)
+            kept = list(plan(model, {group: ratio}, importance={group: s}, round_to=self.round_to).kept[group])
+        return self.keep(model, group, kept), kept
+
+    def keep(self, model: nn.Module, group: str, kept) -> nn.Module:
+        """`model` with only the `kept` units of `group` (indices into its current width)."""
+        return surgery_prune(model, {group: list(kept)}, round_to=self.round_to).eval()
 
     def memory(self, model: nn.Module, precision: str | None = None) -> int:
         """Weight memory of `model` in bytes at `precision` (default: the constraints')."""
@@ -435,6 +584,24 @@ class PruneContext:
             return json.loads(j.read_text()) if j.is_file() else None
         return distributed.from_main(read, f"reading the finished step {step}")
 
+    def resumable(self, step: str, key, fresh: dict, key_field: str = "key") -> "ResumableStep":
+        """A resumable step: its state (a JSON dict) as saved under RUN/steps/STEP.json when it was
+        saved with the same `key` (everything that decides the step's result), else {key_field: key,
+        **fresh}. The policy updates `.state` and calls `.save()` after each unit of work."""
+        return ResumableStep(self, step, key, fresh, key_field)
+
+    def replay(self, steps: Sequence, apply: Callable, label: str) -> nn.Module | None:
+        """The dense model with saved steps applied again in order (apply(model, step) -> model), each
+        checked against the memory it gave (step.memory_bytes); None, said in the log, when one does
+        not give it (the step's search then starts afresh)."""
+        model = self.model
+        for st in steps:
+            model = apply(model, st)
+            if self.memory(model) != st.memory_bytes:
+                self.log(f"{label}: replaying {st.group} did not give the saved size; starting afresh")
+                return None
+        return model
+
     def plot_path(self, filename: str) -> Path:
         p = self.run_dir / "plots" / filename
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -459,5 +626,87 @@ class PruneContext:
             self.on_progress()
 
 
-__all__ = ["DEFAULT_MAX_ACC_DROP", "PRECISIONS", "Constraints", "PolicyResult", "PolicySpec", "PruneContext",
-           "get_policy", "minimum_kept", "minimum_memory", "policies", "register_policy", "unregister_policy"]
+
+class ResumableStep:
+    """A policy's step that survives a killed run (PruneContext.resumable)."""
+
+    def __init__(self, ctx: PruneContext, name: str, key, fresh: dict, key_field: str = "key"):
+        self.ctx, self.name = ctx, name
+        saved = ctx.load_checkpoint(name)
+        self.resumed = bool(saved) and isinstance(saved, dict) and saved.get(key_field) == key
+        if saved and not self.resumed:
+            ctx.log(f"{name}: the saved progress belongs to other settings; starting afresh")
+        self.state: dict = saved if self.resumed else {key_field: key, **json.loads(json.dumps(fresh))}
+
+    def save(self) -> None:
+        self.ctx.checkpoint(self.name, self.state)
+
+
+# ------------------------------------------------------------------------------------------------
+# Searches and the trajectory plot every policy shares
+# ------------------------------------------------------------------------------------------------
+def bisect(lo, hi, ok: Callable[[Any], bool], *, steps: int | None = None, tol: float | None = None):
+    """Bisection between `lo`, where ok holds, and `hi`, where it does not (neither is asked): halve
+    until hi - lo <= tol (integers: 1; floats: 0 unless given) or after `steps` halvings. Returns the
+    last (lo, hi). Integers bisect at (lo + hi) // 2, floats at (lo + hi) / 2."""
+    integer = isinstance(lo, int) and isinstance(hi, int)
+    tol = (1 if integer else 0.0) if tol is None else tol
+    done = 0
+    while hi - lo > tol and (steps is None or done < steps):
+        mid = (lo + hi) // 2 if integer else (lo + hi) / 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+        done += 1
+    return lo, hi
+
+
+def largest_within(n: int, within: Callable[[int], bool]) -> int:
+    """The largest k in 0..n with within(k) true: n itself when it is, else by bisection over k
+    (k = 0, the dense model, is taken to be within; a cost that grows with k is assumed, so the
+    answer is a boundary: within at k, not at k + 1)."""
+    if n == 0 or within(n):
+        return n
+    return bisect(0, n, within)[0]
+
+
+@dataclass
+class TrajectoryPoint:
+    """One point of a policy's trajectory: the model after a step."""
+    memory_bytes: int
+    calib_top1: float
+    label: str
+
+
+def plot_trajectory(path, points: Sequence[TrajectoryPoint], *, dense_bytes: int, dense_top1: float,
+                    max_acc_drop: float, budget_bytes: int | None, precision: str, title: str,
+                    series: str = "after each step", color: str = "tab:blue") -> None:
+    """Memory against calibration top-1 after each step of a policy, numbered and labelled, with
+    the accuracy limit and the memory budget (at most about 20 labels: a long walk labels every k-th)."""
+    fig, ax = new_figure(figsize=(FIGSIZE[0] + 1.5, FIGSIZE[1] + 0.8))
+    xs = [dense_bytes / 1e6] + [p.memory_bytes / 1e6 for p in points]
+    ys = [100 * dense_top1] + [100 * p.calib_top1 for p in points]
+    ax.plot(xs, ys, "o-", color=color, ms=5 if len(points) <= 20 else 4, lw=1.2, label=series)
+    ax.plot(xs[:1], ys[:1], "k*", ms=13, label="dense")
+    n = len(points)
+    for i, p in enumerate(points, 1):
+        if n <= 20 or i % max(1, n // 15) == 0 or i == n:
+            ax.annotate(f"{i}. {p.label}", (xs[i], ys[i]), textcoords="offset points",
+                        xytext=(4, 6 if i % 2 else -12), fontsize=7 if n <= 20 else 6)
+    ax.axhline(100 * dense_top1 - max_acc_drop, color="tab:red", ls="--", lw=1,
+               label=f"accuracy limit (-{max_acc_drop:g} pts)")
+    if budget_bytes is not None:
+        ax.axvline(budget_bytes / 1e6, color="tab:green", ls="--", lw=1,
+                   label=f"memory budget ({format_bytes(budget_bytes)})")
+    ax.invert_xaxis()  # compression proceeds to the right
+    ax.set_xlabel(f"model memory at {precision} (MB, 10^6 bytes)")
+    ax.set_ylabel("calibration top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(title)
+    save_figure(fig, path)
+
+__all__ = ["DEFAULT_MAX_ACC_DROP", "PRECISIONS", "Constraints", "Option", "PolicyResult", "PolicySpec", "PruneContext",
+           "ResumableStep", "TrajectoryPoint", "bisect", "get_policy", "largest_within", "minimum_kept",
+           "minimum_memory", "plot_trajectory", "policies", "register_policy", "unregister_policy"]

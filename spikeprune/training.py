@@ -1,6 +1,6 @@
 """Training, evaluation and fine-tuning with knowledge distillation: one loop for all three.
 
-    train(model, data, epochs, ...)                       -> (model, history)
+    train(model, data, TrainSettings(epochs, ...), ...)   -> (model, history)   (or an epoch count alone)
     finetune(model, data, epochs, teacher=None, ...)      -> (model, history)   (train() with fine-tuning defaults)
     evaluate(model, data, split="test", ...)              -> {"top1", "top5", "loss", "n"}
 
@@ -46,7 +46,9 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -62,7 +64,7 @@ from .errors import SpikepruneError
 from . import validation
 from .serialization import (CONFIG_NAME, FORMAT, WEIGHTS_NAME, atomic_path, clean_interrupted_write, load_model,
                             read_safetensors, save_model, write_json)
-from .validation import check_finite, check_writable, renamed_arguments
+from .validation import check_finite, check_writable, deprecation, renamed_arguments
 
 MIN_LR_FACTOR = 0.01  # the cosine ends at 1% of the peak learning rate
 STATE_FORMAT = "spikeprune-train-state"
@@ -368,35 +370,70 @@ def _describe_data(data) -> str:
     return f"{getattr(ds, 'name', type(ds).__name__)}:{getattr(ds, 'split', '?')} ({len(ds)} images)"
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    """How a model is trained (the recipe: everything that changes the weights), checked when built.
+
+    epochs at peak learning rate `lr` after a linear warm-up of `warmup_epochs`, then a cosine decay;
+    AdamW with `weight_decay` (not on biases and BatchNorm); `batch_size` images a step (the global
+    batch under torchrun; sync_bn normalises over it); cross-entropy with `label_smoothing`;
+    distillation weight and temperature (used with a teacher); gradient clipping at max_grad_norm;
+    random-crop augmentation of a spec's train split; max_steps_per_epoch cuts epochs short; seed;
+    threads: torch's CPU threads while training (None: as set; recorded, it changes the weights);
+    amp: mixed precision (CUDA only); workers: data-loading processes; eval_batch_size."""
+    epochs: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    batch_size: int = 64
+    label_smoothing: float = 0.1
+    seed: int = 0
+    kd_weight: float = 0.5
+    kd_temperature: float = 4.0
+    max_grad_norm: float | None = None
+    augment: bool = True
+    max_steps_per_epoch: int | None = None
+    eval_batch_size: int = 256
+    amp: bool = True
+    sync_bn: bool = False
+    threads: int | None = None
+    workers: int = 0
+
+    def __post_init__(self):
+        checked = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("augment", "amp", "sync_bn")}
+        check_training_settings(**checked)
+
+    @classmethod
+    def split(cls, epochs: int, **kwargs) -> tuple["TrainSettings", dict]:
+        """(the settings the recipe keywords among kwargs give, the other keywords): what turns the
+        keywords train() took before TrainSettings into the call it takes now."""
+        names = {f.name for f in fields(cls)}
+        return cls(epochs, **{k: v for k, v in kwargs.items() if k in names}), \
+            {k: v for k, v in kwargs.items() if k not in names}
+
+
+FINETUNE_DEFAULTS = {"lr": 1e-4, "warmup_epochs": 0.0}  # what finetune() changes in TrainSettings' defaults
+
+
 @renamed_arguments(out_dir="output", overwrite="force")
-def train(model: nn.Module, data, epochs: int, *, lr: float = 5e-4, weight_decay: float = 0.05,
-          warmup_epochs: float = 1.0, batch_size: int = 64, label_smoothing: float = 0.1, device="cpu",
-          amp: bool = True, seed: int = 0, output: str | os.PathLike | None = None, resume: bool = False,
-          force: bool = False, teacher: nn.Module | None = None, kd_weight: float = 0.5,
-          kd_temperature: float = 4.0, max_grad_norm: float | None = None, progress: bool = True,
-          val_data=None, augment: bool = True, workers: int = 0, eval_batch_size: int = 256,
-          max_steps_per_epoch: int | None = None, sync_bn: bool = False,
-          threads: int | None = None) -> tuple[nn.Module, list[dict]]:
-    """Train `model` in place for `epochs` epochs and return (model, history).
+def train(model: nn.Module, data, settings: TrainSettings | int, *, teacher: nn.Module | None = None, val_data=None,
+          device="cpu", output: str | os.PathLike | None = None, resume: bool = False, force: bool = False,
+          progress: bool = True, **recipe) -> tuple[nn.Module, list[dict]]:
+    """Train `model` in place as `settings` say (a TrainSettings, or an epoch count with its
+    defaults) and return (model, history).
 
     data: a spec string ("mnist5k", "cifar10:DIR", ...: trains on its "train" split, with
-    augmentation when `augment`, and measures the "calib" split after every epoch), or a Dataset
-    (then `val_data`, if given, is measured each epoch). teacher: distil from this model's logits
-    (see kd_loss). output: write checkpoints (layout in the module docstring); `resume` continues
-    the run found there; `force` replaces a finished or different run. max_steps_per_epoch cuts
-    epochs short (quick trials, timing). Under torchrun (spikeprune.distributed): DDP, batch_size
-    is the global batch, sync_bn normalises over it, only rank 0 writes output. The model (and teacher, put in eval mode) move to `device`;
-    `amp` takes effect on CUDA only. threads: torch's intra-op CPU threads while training (restored
-    after; None: the current torch.get_num_threads()); the same seed gives other weights at another
-    count (see Determinism above), so the count is recorded in the settings.
+    augmentation when settings.augment, and measures the "calib" split after every epoch), or a
+    Dataset (then `val_data`, if given, is measured each epoch). teacher: distil from this model's
+    logits (see kd_loss). output: write checkpoints (layout in the module docstring); `resume`
+    continues the run found there; `force` replaces a finished or different run. Under torchrun
+    (spikeprune.distributed): DDP, only rank 0 writes output. The model (and teacher, put in eval
+    mode) move to `device`. recipe: TrainSettings' fields as keywords, the call before
+    TrainSettings (deprecated: a FutureWarning; they stop working in the next version).
     Raises SpikepruneError when the loss becomes NaN/inf, keeping the last good checkpoint and
     restoring its weights into `model`.
     """
-    check_training_settings(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                            batch_size=batch_size, label_smoothing=label_smoothing, kd_weight=kd_weight,
-                            kd_temperature=kd_temperature, max_grad_norm=max_grad_norm, workers=workers,
-                            eval_batch_size=eval_batch_size, max_steps_per_epoch=max_steps_per_epoch, seed=seed,
-                            threads=threads)
+    s = _settings_of(settings, recipe)
     if resume and output is None:
         raise SpikepruneError("resume needs the output folder of the interrupted run (output / -o)")
     check_finite(model, "the model to train")
@@ -406,6 +443,62 @@ def train(model: nn.Module, data, epochs: int, *, lr: float = 5e-4, weight_decay
         distributed.from_main(lambda: check_output_folder(output, resume=resume, force=force),
                               "checking the output folder")
     dev = _device(device)
+    train_ds, val_data = _training_data(model, data, val_data, s.augment)
+    steps_per_epoch = len(make_loader(train_ds, s.batch_size, shuffle=True, drop_last=True))
+    if s.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, int(s.max_steps_per_epoch))
+    record = _recorded_settings(s, data, teacher is not None, dev)
+
+    model.to(dev)
+    if teacher is not None:
+        teacher.to(dev).eval()
+    opt = _optimizer(model, s)
+    amp_dtype = _amp_dtype(dev, s.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    out = Path(output) if output is not None else None
+    created_out = out is not None and distributed.is_main() and not out.exists()
+    start_epoch, history, best = 0, [], None
+    if out is not None and distributed.is_main():  # check_output_folder has vetted it; only rank 0 writes
+        start_epoch, history, best = _open_output(out, resume, force, progress, model, opt, scaler, record,
+                                                  s.epochs, dev)
+    start_epoch, history, best = distributed.share_training_state(start_epoch, history, best, opt, scaler)
+    net, unwrap = distributed.data_parallel(model, dev, s.sync_bn)  # `model` stays the plain module
+    run = _Epochs(model, net, train_ds, val_data, s, _loss_fn(teacher, s), opt, scaler, steps_per_epoch, dev,
+                  amp_dtype, progress, out, record)
+    previous_threads = torch.get_num_threads()
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
+    try:
+        for epoch in range(start_epoch, s.epochs):
+            best = run.epoch(epoch, history, best)
+    except BaseException:
+        if out is not None and created_out and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that saved nothing leaves no empty folder behind
+        raise
+    finally:
+        unwrap()
+        torch.set_num_threads(previous_threads)
+    return model, history
+
+
+def _settings_of(settings, recipe: dict) -> TrainSettings:
+    """The TrainSettings of a train() call: given, or an epoch count, with the deprecated keywords."""
+    names = {f.name for f in fields(TrainSettings)}
+    unknown = sorted(set(recipe) - names)
+    if unknown:
+        raise TypeError(f"train() got an unexpected keyword argument {unknown[0]!r}")
+    if recipe:
+        warnings.warn(deprecation(f"train({', '.join(f'{k}=' for k in recipe)}...)",
+                                  "train(model, data, TrainSettings(epochs, ...))"), FutureWarning, stacklevel=3)
+    if isinstance(settings, TrainSettings):
+        return replace(settings, **recipe) if recipe else settings
+    if isinstance(settings, bool) or not isinstance(settings, int):
+        raise SpikepruneError(f"train() takes a TrainSettings (or an epoch count), got {type(settings).__name__}")
+    return TrainSettings(settings, **recipe)
+
+
+def _training_data(model, data, val_data, augment: bool):
+    """(the training Dataset, what is measured after each epoch or None)."""
     if isinstance(data, str):
         train_ds = dataset_for_model(data, model, "train", augment=augment)
         val_data = dataset_for_model(data, model, "calib") if val_data is None else val_data
@@ -415,106 +508,109 @@ def train(model: nn.Module, data, epochs: int, *, lr: float = 5e-4, weight_decay
         raise SpikepruneError(f"train() takes a dataset spec or a Dataset, not {type(data).__name__}")
     if isinstance(val_data, str):
         val_data = dataset_for_model(val_data, model, "calib")
+    return train_ds, val_data
 
-    steps_per_epoch = len(make_loader(train_ds, batch_size, shuffle=True, drop_last=True))
-    if max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, int(max_steps_per_epoch))
-    total_steps, warmup_steps = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
-    settings = dict(data=_describe_data(data), epochs=epochs, lr=lr, weight_decay=weight_decay,
-                    warmup_epochs=warmup_epochs, batch_size=batch_size, label_smoothing=label_smoothing,
-                    seed=seed, max_grad_norm=max_grad_norm, augment=augment, teacher=teacher is not None,
-                    kd_weight=kd_weight if teacher is not None else None,
-                    kd_temperature=kd_temperature if teacher is not None else None,
-                    max_steps_per_epoch=max_steps_per_epoch,
-                    torch_threads=(threads or torch.get_num_threads()) if dev.type == "cpu" else None)
 
-    model.to(dev)
-    if teacher is not None:
-        teacher.to(dev).eval()
+def _recorded_settings(s: TrainSettings, data, distil: bool, dev: torch.device) -> dict:
+    """The settings a run's checkpoints and history.json record (a resume compares them)."""
+    return dict(data=_describe_data(data), epochs=s.epochs, lr=s.lr, weight_decay=s.weight_decay,
+                warmup_epochs=s.warmup_epochs, batch_size=s.batch_size, label_smoothing=s.label_smoothing,
+                seed=s.seed, max_grad_norm=s.max_grad_norm, augment=s.augment, teacher=distil,
+                kd_weight=s.kd_weight if distil else None, kd_temperature=s.kd_temperature if distil else None,
+                max_steps_per_epoch=s.max_steps_per_epoch,
+                torch_threads=(s.threads or torch.get_num_threads()) if dev.type == "cpu" else None)
+
+
+def _optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
     # No weight decay on biases and BatchNorm parameters (1-D tensors), as usual for transformers.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    amp_dtype = _amp_dtype(dev, amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=s.lr)
 
-    out = Path(output) if output is not None else None
-    created_out = False
-    start_epoch, history, best = 0, [], None
-    if out is not None and distributed.is_main():  # check_output_folder has vetted it; only rank 0 writes
-        created_out = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-        _clean_stale_temps(out)
-        found = _read_checkpoint(out)
-        if found and resume:
-            start_epoch, history, best = _resume(out, found, model, opt, scaler, settings, epochs, dev)
-        elif found or (out / CONFIG_NAME).exists():
-            if not force:
-                raise SpikepruneError(f"{out} already holds a training run; pass --resume to continue it, "
-                                      "--force to replace it, or choose another folder")
-            for name in (CHECKPOINT, CONFIG_NAME, WEIGHTS_NAME, HISTORY_NAME, BEST):
-                p = out / name
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        elif resume and progress:
-            tqdm.write(f"nothing to resume in {out}: starting a new run", file=sys.stderr)
 
-    start_epoch, history, best = distributed.share_training_state(start_epoch, history, best, opt, scaler)
-    net, unwrap = distributed.data_parallel(model, dev, sync_bn)  # `model` stays the plain module
+def _open_output(out: Path, resume: bool, force: bool, progress: bool, model, opt, scaler, record: dict, epochs: int,
+                 dev) -> tuple[int, list, dict | None]:
+    """Rank 0 opens the output folder: resumes the run found there, or replaces it (force), or starts.
+    Returns (epochs done, history, best)."""
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_stale_temps(out)
+    found = _read_checkpoint(out)
+    if found and resume:
+        return _resume(out, found, model, opt, scaler, record, epochs, dev)
+    if found or (out / CONFIG_NAME).exists():
+        if not force:
+            raise SpikepruneError(f"{out} already holds a training run; pass --resume to continue it, "
+                                  "--force to replace it, or choose another folder")
+        for name in (CHECKPOINT, CONFIG_NAME, WEIGHTS_NAME, HISTORY_NAME, BEST):
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    elif resume and progress:
+        tqdm.write(f"nothing to resume in {out}: starting a new run", file=sys.stderr)
+    return 0, [], None
 
+
+def _loss_fn(teacher: nn.Module | None, s: TrainSettings):
     def loss_fn(images, logits, labels):
         if teacher is None:
-            return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            return F.cross_entropy(logits, labels, label_smoothing=s.label_smoothing)
         with torch.no_grad():
             t_logits = teacher(images).float()
-        return kd_loss(logits, t_logits, labels, kd_weight, kd_temperature, label_smoothing)
+        return kd_loss(logits, t_logits, labels, s.kd_weight, s.kd_temperature, s.label_smoothing)
+    return loss_fn
 
-    def schedule(step):
-        return lr_at(step, total_steps, warmup_steps, lr)
 
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        for epoch in range(start_epoch, epochs):
-            t0 = time.time()
-            torch.manual_seed(_epoch_seed(seed, epoch))  # augmentation draws
-            loader = distributed.shard_train_loader(make_loader(
-                train_ds, batch_size, shuffle=True, seed=_epoch_seed(seed, epoch), workers=workers, drop_last=True))
-            record = _train_epoch(net, loader, loss_fn, opt, scaler, schedule, epoch, epochs, steps_per_epoch,
-                                  dev, amp_dtype, max_grad_norm, progress, out)
-            record.update(calib_top1=None, calib_top5=None, calib_loss=None)
-            if val_data is not None:
-                m = evaluate(model, val_data, split="calib", batch_size=eval_batch_size, device=dev,
-                             progress=progress, amp=amp)
-                record.update(calib_top1=m["top1"], calib_top5=m["top5"], calib_loss=m["loss"])
-                if best is None or m["top1"] > best["calib_top1"]:
-                    best = {"epoch": epoch + 1, "calib_top1": m["top1"]}
-                    if out is not None and distributed.is_main():
-                        with atomic_path(out / BEST, is_dir=True) as tmp:
-                            save_model(model, tmp, extra={"epochs_trained": epoch + 1, "data": settings["data"],
-                                                          "calib_top1": m["top1"]})
-            record["seconds"] = round(time.time() - t0, 2)
-            history.append(record)
-            if progress:
-                calib = f"  calib top-1 {record['calib_top1']:.2%}" if record["calib_top1"] is not None else ""
-                tqdm.write(f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.4f}  train top-1 "
-                           f"{record['train_top1']:.2%}{calib}  ({record['seconds']:.0f} s)", file=sys.stderr)
-            if out is not None and distributed.is_main():
-                state = {"format": STATE_FORMAT, "version": 1, "epoch": epoch + 1,
-                         "step": (epoch + 1) * steps_per_epoch, "settings": settings,
-                         "seed_rule": "torch.manual_seed and shuffle seed = seed * 100003 + epoch",
-                         "best": best, "history": history}
-                doc = {"settings": settings, "epochs_done": epoch + 1, "best": best, "history": history}
-                _write_checkpoint(out, model, opt, scaler, state, doc)
-    except BaseException:
-        if out is not None and created_out and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a run that saved nothing leaves no empty folder behind
-        raise
-    finally:
-        unwrap()
-        torch.set_num_threads(previous_threads)
-    return model, history
+class _Epochs:
+    """One training run's epochs: train, measure, keep the best, checkpoint, report."""
+
+    def __init__(self, model, net, train_ds, val_data, s: TrainSettings, loss_fn, opt, scaler, steps: int, dev,
+                 amp_dtype, progress: bool, out: Path | None, record: dict):
+        self.model, self.net, self.train_ds, self.val_data, self.s = model, net, train_ds, val_data, s
+        self.loss_fn, self.opt, self.scaler, self.steps, self.dev = loss_fn, opt, scaler, steps, dev
+        self.amp_dtype, self.progress, self.out, self.record = amp_dtype, progress, out, record
+        total = s.epochs * steps
+        warmup = round(s.warmup_epochs * steps)
+        self.schedule = lambda step: lr_at(step, total, warmup, s.lr)
+        self.writes = out is not None and distributed.is_main()
+
+    def epoch(self, epoch: int, history: list, best: dict | None) -> dict | None:
+        """Run one epoch, append its record to history; returns the best epoch so far."""
+        s, t0 = self.s, time.time()
+        torch.manual_seed(_epoch_seed(s.seed, epoch))  # augmentation draws
+        loader = distributed.shard_train_loader(make_loader(
+            self.train_ds, s.batch_size, shuffle=True, seed=_epoch_seed(s.seed, epoch), workers=s.workers,
+            drop_last=True))
+        record = _train_epoch(self.net, loader, self.loss_fn, self.opt, self.scaler, self.schedule, epoch, s.epochs,
+                              self.steps, self.dev, self.amp_dtype, s.max_grad_norm, self.progress, self.out)
+        record.update(calib_top1=None, calib_top5=None, calib_loss=None)
+        if self.val_data is not None:
+            best = self._measure(epoch, record, best)
+        record["seconds"] = round(time.time() - t0, 2)
+        history.append(record)
+        if self.progress:
+            calib = f"  calib top-1 {record['calib_top1']:.2%}" if record["calib_top1"] is not None else ""
+            tqdm.write(f"epoch {epoch + 1}/{s.epochs}  loss {record['train_loss']:.4f}  train top-1 "
+                       f"{record['train_top1']:.2%}{calib}  ({record['seconds']:.0f} s)", file=sys.stderr)
+        if self.writes:
+            state = {"format": STATE_FORMAT, "version": 1, "epoch": epoch + 1,
+                     "step": (epoch + 1) * self.steps, "settings": self.record,
+                     "seed_rule": "torch.manual_seed and shuffle seed = seed * 100003 + epoch",
+                     "best": best, "history": history}
+            doc = {"settings": self.record, "epochs_done": epoch + 1, "best": best, "history": history}
+            _write_checkpoint(self.out, self.model, self.opt, self.scaler, state, doc)
+        return best
+
+    def _measure(self, epoch: int, record: dict, best: dict | None) -> dict | None:
+        m = evaluate(self.model, self.val_data, split="calib", batch_size=self.s.eval_batch_size, device=self.dev,
+                     progress=self.progress, amp=self.s.amp)
+        record.update(calib_top1=m["top1"], calib_top5=m["top5"], calib_loss=m["loss"])
+        if best is None or m["top1"] > best["calib_top1"]:
+            best = {"epoch": epoch + 1, "calib_top1": m["top1"]}
+            if self.writes:
+                with atomic_path(self.out / BEST, is_dir=True) as tmp:
+                    save_model(self.model, tmp, extra={"epochs_trained": epoch + 1, "data": self.record["data"],
+                                                       "calib_top1": m["top1"]})
+        return best
 
 
 def _train_epoch(model, loader, loss_fn, opt, scaler, schedule, epoch, epochs, steps, dev, amp_dtype,
@@ -594,6 +690,8 @@ def _non_finite(out, model, value, epoch, step, lr, dev):
 def finetune(model: nn.Module, data, epochs: int, teacher: nn.Module | None = None, kd_weight: float = 0.5,
              kd_temperature: float = 4.0, lr: float = 1e-4, warmup_epochs: float = 0.0, **kwargs):
     """Fine-tune (e.g. a pruned model) with train(): a lower peak lr, no warm-up, and knowledge
-    distillation from `teacher` (e.g. the dense model) when given. Returns (model, history)."""
-    return train(model, data, epochs, lr=lr, warmup_epochs=warmup_epochs, teacher=teacher, kd_weight=kd_weight,
-                 kd_temperature=kd_temperature, **kwargs)
+    distillation from `teacher` (e.g. the dense model) when given. kwargs: TrainSettings' other
+    fields and train()'s own keywords (output, device, ...). Returns (model, history)."""
+    settings, rest = TrainSettings.split(epochs, lr=lr, warmup_epochs=warmup_epochs, kd_weight=kd_weight,
+                                         kd_temperature=kd_temperature, **kwargs)
+    return train(model, data, settings, teacher=teacher, **rest)

@@ -38,7 +38,7 @@ def trained_tiny_path(request, tmp_path_factory):
     import fcntl
 
     from spikeprune.serialization import is_saved_model, save_model
-    from spikeprune.training import train
+    from spikeprune.training import TrainSettings, train
 
     cache = getattr(request.config, "cache", None)
     root = cache.mkdir("spikeprune-trained-tiny-v1") if cache is not None else tmp_path_factory.mktemp("trained")
@@ -48,8 +48,8 @@ def trained_tiny_path(request, tmp_path_factory):
         if not is_saved_model(path):
             torch.manual_seed(0)
             model = create_model("spikformer-1-32-digits", embed_dim=24, num_heads=2, T=2)
-            train(model, "digits", 4, lr=1e-2, batch_size=32, warmup_epochs=0.3, augment=False, label_smoothing=0.0,
-                  weight_decay=0.0, progress=False)
+            train(model, "digits", TrainSettings(4, lr=1e-2, batch_size=32, warmup_epochs=0.3, augment=False,
+                                                 label_smoothing=0.0, weight_decay=0.0), progress=False)
             save_model(model.eval(), path)
     return path
 

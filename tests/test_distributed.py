@@ -182,6 +182,36 @@ def test_prune_two_processes_decides_as_one_and_writes_once(tmp_path, trained_ti
     assert log.count("dense calibration top-1") == 1  # written by rank 0 only
 
 
+def test_shrink_two_processes_decides_as_one(tmp_path, trained_tiny_path, trained_tiny, monkeypatch):
+    """shrink under torchrun: its screening and checks go through the context's sharded evaluator
+    (each process evaluates its share of the batches), so both processes take the one-process cuts."""
+    import spikeprune.policy_api as policy_api
+
+    passes = []
+    sharded = policy_api.evaluate
+    monkeypatch.setattr(policy_api, "evaluate", lambda *a, **k: passes.append(1) or sharded(*a, **k))
+    opts = ["--shrink-step", "0.25", "--recal-images", "32", "--check-recal-images", "64", "--screen-images", "64"]
+    caps = {"calib": 120, "test": 60, "train": 128}
+    one = prune_run(trained_tiny, "digits", tmp_path / "one", policy="shrink", max_acc_drop=5, target_saving=0.3,
+                    max_images=caps, latency_repeats=1, measure_images=16, progress=False,
+                    options={"shrink_step": 0.25, "recal_images": 32, "check_recal_images": 64, "screen_images": 64})
+    torchrun("prune", trained_tiny_path, "--data", "digits", "--policy", "shrink", "--max-acc-drop", "5",
+             "--target-saving", "0.3", *opts, "--max-images", "calib=120", "--max-images", "test=60",
+             "--max-images", "train=128", "--latency-repeats", "1", "--measure-images", "16", "--quiet",
+             "-o", tmp_path / "two")
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert one["shrink"]["cuts"], "nothing was cut: the test compares nothing"
+    assert len(passes) == one["forward_cost"]["calib_evaluations_this_run"]  # no pass of its own
+    for key in ("pruning", "calib", "removed", "memory_saved", "widths"):
+        assert two[key] == one[key], key
+    for a, b in zip(one["shrink"]["cuts"], two["shrink"]["cuts"], strict=True):
+        assert {k: v for k, v in a.items() if k not in ("screen_loss", "cost_per_mb")} == \
+            {k: v for k, v in b.items() if k not in ("screen_loss", "cost_per_mb")}
+        assert b["screen_loss"] == pytest.approx(a["screen_loss"], rel=1e-6)  # sums in another order
+    # every image was counted once, whichever process evaluated it
+    assert two["forward_cost"]["calib_images_this_run"] == one["forward_cost"]["calib_images_this_run"]
+
+
 @pytest.mark.parametrize("failure", ["dies", "hangs"])
 def test_a_lost_process_stops_the_other_with_a_clear_error(tmp_path, tiny_model, failure):
     """Process 1 dies (or stops answering) at its third training step; process 0 stops with one

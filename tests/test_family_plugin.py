@@ -29,7 +29,7 @@ from spikeprune.sensitivity import analyze
 from spikeprune.serialization import load_model, save_model
 from spikeprune.structure import Group, Layer, Member, Probe
 from spikeprune.surgery import prune
-from spikeprune.training import evaluate, train
+from spikeprune.training import TrainSettings, evaluate, train
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def trained_mixer():
     try:
         torch.manual_seed(0)
         model = SpikingMixer(MixerConfig())
-        train(model, "digits", 3, lr=5e-3, batch_size=64, progress=False, seed=0, augment=False)
+        train(model, "digits", TrainSettings(3, lr=5e-3, batch_size=64, seed=0, augment=False), progress=False)
         yield model.eval()
     finally:
         unregister_family(MIXER.name)

@@ -355,8 +355,8 @@ def test_resume_after_kill_replays_steps(saved_tiny, full_run, tmp_path, monkeyp
     class Killed(BaseException):  # not an Exception: nothing on the way may swallow it
         pass
 
-    def save_then_die(ctx, key, prog):
-        real_save(ctx, key, prog)
+    def save_then_die(step, prog):
+        real_save(step, prog)
         if len(prog.visited) == 1:
             raise Killed
 
@@ -407,3 +407,15 @@ def test_cli_constraint_errors(saved_tiny, tmp_path, capsys, extra, words):
     assert not (tmp_path / "bad").exists()  # refused before the run folder was made
     for w in words:
         assert w in err, (w, err)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--robust-max-ratio", "1.5"], "--robust-max-ratio must be a pruning ratio in (0, 1)"),
+    (["--robust-divisor", "0"], "--robust-divisor must be positive"),
+    (["--refine-steps", "-1"], "--refine-steps must be 0 or more"),
+])
+def test_bad_options_are_refused_before_the_run_folder_exists(saved_tiny, tmp_path, capsys, extra, words):
+    out = tmp_path / "bad"
+    assert cli.main(["prune", saved_tiny, *FAST, *extra, "-o", str(out)]) != 0
+    assert words in capsys.readouterr().err
+    assert not out.exists()

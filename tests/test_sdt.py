@@ -29,7 +29,7 @@ from spikeprune.serialization import load_model, save_model
 from spikeprune.surgery import SpikepruneWarning, apply_plan, plan, prune
 from spikeprune.testing.reference_sdt import MultiStepParametricLIFNode, reference_from_config
 from spikeprune.testing.reference_spikformer import MultiStepLIFNode
-from spikeprune.training import evaluate, train
+from spikeprune.training import TrainSettings, evaluate, train
 from spiking_helpers import randomise
 
 # A copy of shared/spec/sdt-state-dict.tsv: every entry of sdt-8-512, cifar10-2-512, cifar10-2-256.
@@ -435,7 +435,7 @@ def test_save_load_and_record_replay(tmp_path):
 def trained_sdt():
     torch.manual_seed(0)
     model = create_model(MNIST, img_size=16, embed_dim=16, T=2)
-    train(model, "digits", 3, lr=3e-3, batch_size=32, progress=False, seed=0, augment=False)
+    train(model, "digits", TrainSettings(3, lr=3e-3, batch_size=32, seed=0, augment=False), progress=False)
     return model.eval()
 
 

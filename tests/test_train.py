@@ -15,11 +15,32 @@ from spikeprune.cli import _print_best, main
 from spikeprune.data import load_dataset, make_loader
 from spikeprune.errors import SpikepruneError
 from spikeprune.serialization import load_model, save_model
-from spikeprune.training import evaluate, finetune, kd_loss, lr_at, train
+from spikeprune.training import TrainSettings, evaluate, finetune, kd_loss, lr_at, train
 
 train_mod = importlib.import_module("spikeprune.training")  # the package binds the function `train`
 
 FAST = dict(progress=False, max_steps_per_epoch=4, batch_size=32, lr=3e-3)
+
+
+def fit(model, data, epochs, **kwargs):
+    """train() with the recipe keywords of a call gathered into its TrainSettings."""
+    recipe, how = TrainSettings.split(epochs, **kwargs)
+    return train(model, data, recipe, **how)
+
+
+def test_the_old_recipe_keywords_still_train_the_same_with_a_warning(tiny_model):
+    new, h_new = train(tiny_model(), "digits", TrainSettings(1, seed=3, max_steps_per_epoch=3, batch_size=32, lr=3e-3),
+                       progress=False)
+    with pytest.warns(FutureWarning, match=r"train\(seed=, max_steps_per_epoch=, batch_size=, lr=...\) is deprecated"):
+        old, h_old = train(tiny_model(), "digits", 1, seed=3, max_steps_per_epoch=3, batch_size=32, lr=3e-3,
+                           progress=False)
+    assert _same_weights(new, old) and h_new[0]["train_loss"] == h_old[0]["train_loss"]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'learning_rate'"):
+        train(tiny_model(), "digits", 1, learning_rate=1.0)
+    with pytest.raises(SpikepruneError, match="takes a TrainSettings"):
+        train(tiny_model(), "digits", "3")
+    with pytest.raises(SpikepruneError, match="label_smoothing must be"):
+        TrainSettings(1, label_smoothing=1.0)
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -39,7 +60,7 @@ def teacher():
     from spikeprune.models import create_model
 
     model = create_model("spikformer-1-32-digits", embed_dim=32, num_heads=2, T=2)
-    train(model, "digits", 2, progress=False, lr=5e-3, batch_size=32, warmup_epochs=0.5)
+    fit(model, "digits", 2, progress=False, lr=5e-3, batch_size=32, warmup_epochs=0.5)
     return model
 
 
@@ -111,16 +132,16 @@ def load_model_like(model, seed):
 
 
 def test_same_seed_same_weights(tiny_model, tmp_path):
-    a, ha = train(tiny_model(), "digits", 1, seed=5, **FAST)
-    b, hb = train(tiny_model(), "digits", 1, seed=5, **FAST)
-    c, _ = train(tiny_model(), "digits", 1, seed=6, **FAST)
+    a, ha = fit(tiny_model(), "digits", 1, seed=5, **FAST)
+    b, hb = fit(tiny_model(), "digits", 1, seed=5, **FAST)
+    c, _ = fit(tiny_model(), "digits", 1, seed=6, **FAST)
     assert _same_weights(a, b) and ha[0]["train_loss"] == hb[0]["train_loss"]
     assert not _same_weights(a, c)
 
 
 def test_outputs_layout_and_refusal_to_overwrite(tiny_model, tmp_path):
     out = tmp_path / "run"
-    model, history = train(tiny_model(), "digits", 2, output=out, **FAST)
+    model, history = fit(tiny_model(), "digits", 2, output=out, **FAST)
     assert _same_weights(load_model(out), model)  # OUT itself is a saved model folder
     assert (out / "checkpoint" / "train_state.json").is_file()
     assert (out / "checkpoint" / "optimizer.safetensors").is_file()
@@ -129,14 +150,14 @@ def test_outputs_layout_and_refusal_to_overwrite(tiny_model, tmp_path):
     assert state["epoch"] == 2 and len(doc["history"]) == 2 and doc["settings"]["lr"] == FAST["lr"]
     assert _leftovers(out) == []
     with pytest.raises(SpikepruneError, match="already holds a training run"):
-        train(tiny_model(), "digits", 2, output=out, **FAST)
+        fit(tiny_model(), "digits", 2, output=out, **FAST)
     # --resume on a finished run trains nothing more and returns its model and history.
-    again, h2 = train(tiny_model(seed=9), "digits", 2, output=out, resume=True, **FAST)
+    again, h2 = fit(tiny_model(seed=9), "digits", 2, output=out, resume=True, **FAST)
     assert _same_weights(again, model) and [r["train_loss"] for r in h2] == [r["train_loss"] for r in history]
 
 
 def test_resume_reaches_the_uninterrupted_weights(tiny_model, tmp_path, monkeypatch):
-    straight, _ = train(tiny_model(), "digits", 2, output=tmp_path / "a", **FAST)
+    straight, _ = fit(tiny_model(), "digits", 2, output=tmp_path / "a", **FAST)
 
     real_write = train_mod._write_checkpoint
 
@@ -147,10 +168,10 @@ def test_resume_reaches_the_uninterrupted_weights(tiny_model, tmp_path, monkeypa
 
     monkeypatch.setattr(train_mod, "_write_checkpoint", write_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_model(), "digits", 2, output=tmp_path / "b", **FAST)
+        fit(tiny_model(), "digits", 2, output=tmp_path / "b", **FAST)
     monkeypatch.setattr(train_mod, "_write_checkpoint", real_write)
     assert json.loads((tmp_path / "b" / "checkpoint" / "train_state.json").read_text())["epoch"] == 1
-    resumed, history = train(tiny_model(seed=123), "digits", 2, output=tmp_path / "b", resume=True, **FAST)
+    resumed, history = fit(tiny_model(seed=123), "digits", 2, output=tmp_path / "b", resume=True, **FAST)
     assert len(history) == 2
     assert _same_weights(resumed, straight)
     assert _same_weights(load_model(tmp_path / "b"), straight)
@@ -170,7 +191,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model, tmp_path):
     model.register_forward_hook(poison)
     out = tmp_path / "run"
     with pytest.raises(SpikepruneError, match=r"loss became nan at epoch 2.*epoch 1\).*lower --lr"):
-        train(model, "digits", 3, output=out, **FAST)
+        fit(model, "digits", 3, output=out, **FAST)
     saved = load_model(out)
     state = json.loads((out / "checkpoint" / "train_state.json").read_text())
     assert state["epoch"] == 1 and _same_weights(saved, load_model(out / "checkpoint" / "model"))
@@ -181,31 +202,31 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model, tmp_path):
 def test_nan_in_first_epoch_leaves_no_folder(tiny_model, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(SpikepruneError, match="nothing was saved"):
-        train(tiny_model(), "digits", 2, output=out, **{**FAST, "lr": 1e30})
+        fit(tiny_model(), "digits", 2, output=out, **{**FAST, "lr": 1e30})
     assert not out.exists()
 
 
 def test_bad_training_arguments(tiny_model, tmp_path):
     with pytest.raises(SpikepruneError, match="epochs"):
-        train(tiny_model(), "digits", 0, progress=False)
+        fit(tiny_model(), "digits", 0, progress=False)
     with pytest.raises(SpikepruneError, match="lr must be a finite number > 0"):
-        train(tiny_model(), "digits", 1, lr=-1, progress=False)
+        fit(tiny_model(), "digits", 1, lr=-1, progress=False)
     with pytest.raises(SpikepruneError, match="resume needs"):
-        train(tiny_model(), "digits", 1, resume=True, progress=False)
+        fit(tiny_model(), "digits", 1, resume=True, progress=False)
     with pytest.raises(SpikepruneError, match="num_classes"):
-        train(tiny_model(num_classes=5), "digits", 1, progress=False)
+        fit(tiny_model(num_classes=5), "digits", 1, progress=False)
     out = tmp_path / "run"
-    train(tiny_model(), "digits", 2, output=out, **FAST)
+    fit(tiny_model(), "digits", 2, output=out, **FAST)
     with pytest.raises(SpikepruneError, match="different architecture"):
-        train(tiny_model(embed_dim=32), "digits", 3, output=out, resume=True, **FAST)
+        fit(tiny_model(embed_dim=32), "digits", 3, output=out, resume=True, **FAST)
     # A damaged checkpoint is reported, not half-used.
     opt_file = out / "checkpoint" / "optimizer.safetensors"
     opt_file.write_bytes(opt_file.read_bytes()[:100])
     with pytest.raises(SpikepruneError, match="corrupt or truncated"):
-        train(tiny_model(), "digits", 3, output=out, resume=True, **FAST)
+        fit(tiny_model(), "digits", 3, output=out, resume=True, **FAST)
     (out / "checkpoint" / "train_state.json").write_text('{"epoch": 1,')
     with pytest.raises(SpikepruneError, match="damaged"):
-        train(tiny_model(), "digits", 3, output=out, resume=True, **FAST)
+        fit(tiny_model(), "digits", 3, output=out, resume=True, **FAST)
 
 
 def test_finetune_with_distillation_lowers_the_loss(teacher, tiny_model):
@@ -276,12 +297,12 @@ def test_thread_count_is_set_for_training_restored_and_recorded(tiny_model, tmp_
     seen = []
     model = tiny_model()
     model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
-    train(model, "digits", 1, threads=2, output=tmp_path / "run", **FAST)
+    fit(model, "digits", 1, threads=2, output=tmp_path / "run", **FAST)
     assert seen and set(seen) == {2}  # training steps and the calib evaluation
     assert torch.get_num_threads() == before
     assert json.loads((tmp_path / "run" / "history.json").read_text())["settings"]["torch_threads"] == 2
     with pytest.raises(SpikepruneError, match="threads must be a whole number >= 1"):
-        train(tiny_model(), "digits", 1, threads=0, **FAST)
+        fit(tiny_model(), "digits", 1, threads=0, **FAST)
 
 
 def test_best_calibration_epoch_is_kept_in_out_best(tiny_model, tmp_path, monkeypatch):
@@ -298,7 +319,7 @@ def test_best_calibration_epoch_is_kept_in_out_best(tiny_model, tmp_path, monkey
 
     monkeypatch.setattr(training, "evaluate", fake_evaluate)
     out = tmp_path / "run"
-    model, history = train(tiny_model(), "digits", 3, output=out, **FAST)
+    model, history = fit(tiny_model(), "digits", 3, output=out, **FAST)
     best = load_model(out / "best")
     assert _same_weights(best, snapshots[1]) and not _same_weights(best, model)
     assert json.loads((out / "best" / "config.json").read_text())["extra"]["epochs_trained"] == 2

@@ -44,7 +44,7 @@ import torch
 from ..coupling import groups as model_groups
 from ..costs import memory_bytes
 from ..models import get_family
-from ..policy_api import PolicyResult, PruneContext, register_policy
+from ..policy_api import PolicyResult, PruneContext, bisect, register_policy
 from ..report import markdown_table
 from ..surgery import plan
 
@@ -112,14 +112,64 @@ def smallest_cut_for(mem_at, n_max: int, budget: int) -> int | None:
     """The smallest n in [0, n_max] with mem_at(n) <= budget (mem_at falls as n grows), or None."""
     if mem_at(n_max) > budget:
         return None
-    lo, hi = -1, n_max  # mem_at(lo) > budget (lo = -1: nothing removed is over by assumption), mem_at(hi) <= budget
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if mem_at(mid) <= budget:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    # over the budget at lo = -1 (nothing removed is over by assumption), within it at hi = n_max
+    return bisect(-1, n_max, lambda n: mem_at(n) > budget)[1]
+
+
+def largest_within_limit(grid: list[int], cap: int, n_max: int, within) -> int:
+    """The largest cut within the accuracy limit below `cap`: the grid's cuts in increasing order
+    until one breaks the limit (or the cap, known to break it when below n_max), then REFINE_STEPS
+    bisection steps between the last within and the first over."""
+    lo, hi = 0, None
+    for n in (n for n in grid if n < cap):
+        if not within(n):
+            hi = n
+            break
+        lo = n
+    if hi is None and cap < n_max:
+        hi = cap  # measured over the limit (the budget cut)
+    return lo if hi is None else bisect(lo, hi, within, steps=REFINE_STEPS)[0]
+
+
+class _Cuts:
+    """The cuts of the ranking measured on the calibration split, kept in a resumable step."""
+
+    def __init__(self, ctx: PruneContext, rank: Ranking, key: dict):
+        self.ctx, self.rank, self.n_max = ctx, rank, len(rank)
+        self.step = ctx.resumable(CHECKPOINT, key, {"measured": {}})
+        self.measured: dict[str, dict] = self.step.state["measured"]
+        self.models: dict[int, object] = {}
+
+    def within(self, n: int) -> bool:
+        """Whether the first n channels of the ranking removed keep the model within the limit."""
+        ctx, k, N = self.ctx, str(n), self.n_max
+        if k not in self.measured:
+            model = ctx.prune(self.rank.ratios(n))
+            top1 = ctx.calib_top1(model)
+            self.measured[k] = {"n": n, "fraction": n / N, "top1": top1, "acc_drop": round(ctx.acc_drop(top1), 6),
+                                "memory_bytes": ctx.memory(model),
+                                "memory_saved": 1 - ctx.memory(model) / ctx.dense_memory}
+            self.models[n] = model
+            self.step.save()
+            ctx.log(f"global: {n} of {N} channels ({n / N:.1%}) removed: calib top-1 {top1:.2%} (drop "
+                    f"{self.measured[k]['acc_drop']:.2f}), memory saved {self.measured[k]['memory_saved']:.2%}")
+        return ctx.within_limit(self.measured[k]["top1"])
+
+    def choose(self, grid: list[int], raw: dict) -> tuple[int, str, int | None]:
+        """(channels removed, why, the cut that meets the memory budget or None) (module docstring)."""
+        ctx, budget, cap = self.ctx, self.ctx.budget_bytes, self.n_max
+        n_budget = None
+        if budget is not None:
+            n_budget = smallest_cut_for(lambda n: _memory_at(ctx, raw, self.rank.ratios(n)), self.n_max, budget)
+            if n_budget is None:
+                ctx.log(f"global: even removing every rankable channel leaves the model over the {budget:,}-byte budget")
+            elif self.within(n_budget):
+                return n_budget, "smallest cut meeting the memory budget", n_budget
+            else:
+                cap = n_budget  # over the limit: search the smaller cuts
+        reason = "largest cut within the accuracy limit" + (
+            " (the memory budget is out of reach within it)" if budget is not None else "")
+        return largest_within_limit(grid, cap, self.n_max, self.within), reason, n_budget
 
 
 @register_policy("global", help="global ranking: all channels of all groups ranked together by group-normalised "
@@ -132,60 +182,13 @@ def global_policy(ctx: PruneContext) -> PolicyResult:
     N = len(rank)
     budget = ctx.budget_bytes
     grid = sorted({round(f * N) for f in ctx.uniform_ratios} - {0})
-
     key = {"N": N, "importance": ctx.importance, "round_to": ctx.round_to, "limit": limit, "budget": budget,
            "precision": ctx.constraints.precision, "grid": grid}
-    state = ctx.load_checkpoint(CHECKPOINT) or {}
-    if state.get("key") != key:
-        state = {"key": key, "measured": {}}
-    measured: dict[str, dict] = state["measured"]
-    models = {}
+    cuts = _Cuts(ctx, rank, key)
+    chosen, reason, n_budget = cuts.choose(grid, raw)
+    measured = cuts.measured
 
-    def within(n: int) -> bool:
-        k = str(n)
-        if k not in measured:
-            model = ctx.prune(rank.ratios(n))
-            top1 = ctx.calib_top1(model)
-            measured[k] = {"n": n, "fraction": n / N, "top1": top1, "acc_drop": round(ctx.acc_drop(top1), 6),
-                           "memory_bytes": ctx.memory(model), "memory_saved": 1 - ctx.memory(model) / ctx.dense_memory}
-            models[n] = model
-            ctx.checkpoint(CHECKPOINT, state)
-            ctx.log(f"global: {n} of {N} channels ({n / N:.1%}) removed: calib top-1 {top1:.2%} (drop "
-                    f"{measured[k]['acc_drop']:.2f}), memory saved {measured[k]['memory_saved']:.2%}")
-        return ctx.within_limit(measured[k]["top1"])
-
-    chosen, reason, n_budget, cap = None, "", None, N
-    if budget is not None:
-        n_budget = smallest_cut_for(lambda n: _memory_at(ctx, raw, rank.ratios(n)), N, budget)
-        if n_budget is None:
-            ctx.log(f"global: even removing every rankable channel leaves the model over the {budget:,}-byte budget")
-        elif within(n_budget):
-            chosen, reason = n_budget, "smallest cut meeting the memory budget"
-        else:
-            cap = n_budget  # over the limit: search the smaller cuts
-    if chosen is None:
-        lo, hi = 0, None
-        for n in (n for n in grid if n < cap):
-            if within(n):
-                lo = n
-            else:
-                hi = n
-                break
-        if hi is None and cap < N:
-            hi = cap  # measured over the limit (the budget cut)
-        for _ in range(REFINE_STEPS if hi is not None else 0):
-            if hi - lo <= 1:
-                break
-            mid = (lo + hi) // 2
-            if within(mid):
-                lo = mid
-            else:
-                hi = mid
-        chosen = lo
-        reason = ("largest cut within the accuracy limit" + (" (the memory budget is out of reach within it)"
-                                                             if budget is not None else ""))
-
-    model = models.get(chosen) or ctx.prune(rank.ratios(chosen))
+    model = cuts.models.get(chosen) or ctx.prune(rank.ratios(chosen))
     top1 = measured[str(chosen)]["top1"] if chosen else ctx.dense_calib_top1
     mem = ctx.memory(model)
     met = budget is None or mem <= budget

@@ -72,18 +72,14 @@ plots/primesvt_trajectory.png is embedded in report.md with a PrimeSVT section.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from ..errors import SpikepruneError
 from ..coupling import group_map
 from ..coupling import groups as model_groups
-from ..importance import scores
-from ..plots import FIGSIZE, new_figure, save_figure
-from ..policy_api import Constraints, PolicyResult, PruneContext, register_policy
-from ..surgery import SpikepruneWarning, plan
-from ..surgery import prune as surgery_prune
+from ..policy_api import (Constraints, Option, PolicyResult, PruneContext, ResumableStep, TrajectoryPoint, bisect,
+                          plot_trajectory as plot_steps, register_policy)
 from ..units import format_bytes
 
 ROBUST_DIVISOR = 2.0
@@ -266,18 +262,14 @@ class _Search:
         t = self.prune(hi)
         if t is None or t.memory_bytes > budget:
             return None
-        lo = 0.0
-        while hi - lo > self.loop.bisect_tol:
-            mid = (lo + hi) / 2
-            t = self.prune(mid)
-            if t is not None and t.memory_bytes <= budget:
-                hi = mid
-            else:
-                lo = mid
-        return hi
+
+        def over(ratio: float) -> bool:
+            t = self.prune(ratio)
+            return t is None or t.memory_bytes > budget
+        return bisect(0.0, hi, over, tol=self.loop.bisect_tol)[1]
 
     def run(self, budget: int | None) -> tuple[_Trial | None, str]:
-        L, best, fail_above = self.loop.max_acc_drop, None, None
+        fail_above = None
         if budget is not None:
             need = self.ratio_for_budget(budget)
             if need is not None:
@@ -285,6 +277,17 @@ class _Search:
                 if ok:
                     return t, "smallest ratio meeting the memory budget"
                 fail_above = need
+        best, fail_above, tried = self.largest_grid_ratio(fail_above)
+        if best is None:
+            return None, ("no tested ratio keeps the cumulative model within the accuracy limit"
+                          if tried else "every grid ratio alone breaks the accuracy limit")
+        return self.refine(best, fail_above), "largest feasible ratio"
+
+    def largest_grid_ratio(self, fail_above: float | None) -> tuple[_Trial | None, float | None, bool]:
+        """The largest grid ratio below `fail_above` whose single-group drop is within the limit and
+        which keeps the cumulative model within it, tried from the largest down: (its trial or None,
+        the smallest ratio known to fail, whether any ratio was a candidate)."""
+        L = self.loop.max_acc_drop
         candidates = [r for r in reversed(self.grid) if self.target.predicted[r] <= L + _EPS
                       and (fail_above is None or r < fail_above)]
         for r in candidates:
@@ -292,28 +295,30 @@ class _Search:
             if t is None:
                 continue  # nothing removed or refused at this ratio; a smaller one may still work
             if ok:
-                best = t
-                break
+                return t, fail_above, True
             fail_above = r
-        if best is None:
-            return None, ("no tested ratio keeps the cumulative model within the accuracy limit"
-                          if candidates else "every grid ratio alone breaks the accuracy limit")
-        # Refine between the winner and the next larger ratio known (or predicted) to fail; a grid
-        # top that passed is not extrapolated beyond.
+        return None, fail_above, bool(candidates)
+
+    def refine(self, best: _Trial, fail_above: float | None) -> _Trial:
+        """Bisection between the winner and the next larger ratio known (or predicted) to fail; a
+        grid top that passed is not extrapolated beyond."""
         bounds = ([fail_above] if fail_above is not None else []) + [r for r in self.grid if r > best.ratio + _EPS][:1]
-        lo, hi = best.ratio, (min(bounds) if bounds else None)
-        for _ in range(self.loop.refine if hi is not None else 0):
-            mid = (lo + hi) / 2
-            t = self.prune(mid)
+        if not bounds:
+            return best
+
+        def ok(ratio: float) -> bool:
+            nonlocal best
+            t = self.prune(ratio)
             if t is None:
-                hi = mid
-            elif t.memory_bytes >= best.memory_bytes:
-                lo = mid  # rounds to the same width as the winner: no pass needed, look further up
-            elif self.measure(t):
-                best, lo = t, mid
-            else:
-                hi = mid
-        return best, "largest feasible ratio"
+                return False
+            if t.memory_bytes >= best.memory_bytes:
+                return True  # rounds to the same width as the winner: no pass needed, look further up
+            if self.measure(t):
+                best = t
+                return True
+            return False
+        bisect(float(best.ratio), float(min(bounds)), ok, steps=self.loop.refine)
+        return best
 
 
 class SequentialCompression:
@@ -404,75 +409,40 @@ class _Pruner:
         self.ctx = ctx
         self._model, self._group, self._scores = None, None, None
 
-    def _score(self, model, group: str):
-        if model is self.ctx.model:  # the first step ranks the dense model: the run's shared scores
-            return self.ctx.dense_scores()[group]
-        kw = self.ctx.score_kwargs()
-        return scores(model, self.ctx.importance, kw.pop("data"), names=[group], **kw)[group]
-
     def __call__(self, model, group: str, ratio: float):
         if self._model is not model or self._group != group:  # holds a reference: no id reuse
-            self._model, self._group, self._scores = model, group, self._score(model, group)
-        with warnings.catch_warnings():
-            # A ratio that would empty a group keeps one unit; the search sees the real width.
-            warnings.simplefilter("ignore", SpikepruneWarning)
-            kept = plan(model, {group: ratio}, importance={group: self._scores}, round_to=self.ctx.round_to).kept[group]
-        return self.apply(model, group, kept), kept
-
-    def apply(self, model, group: str, kept: list[int]):
-        return surgery_prune(model, {group: list(kept)}, round_to=self.ctx.round_to).eval()
+            self._model, self._group, self._scores = model, group, self.ctx.unit_scores(model, group)
+        return self.ctx.cut(model, group, ratio, self._scores)
 
 
 def _group_size(model, group: str) -> int:
     return group_map(model)[group].size
 
 
-def _save_progress(ctx: PruneContext, key: dict, prog: Progress) -> None:
+def _save_progress(step: ResumableStep, prog: Progress) -> None:
     """Checkpoint after each visited group (atomic JSON): what a killed run resumes from."""
-    ctx.checkpoint(CHECKPOINT, {"key": key, "steps": [s.to_dict() for s in prog.steps],
-                                "visited": list(prog.visited), "skipped": list(prog.skipped)})
+    step.state.update(steps=[s.to_dict() for s in prog.steps], visited=list(prog.visited), skipped=list(prog.skipped))
+    step.save()
 
 
-def _restore(ctx: PruneContext, key: dict, pruner: _Pruner) -> Progress | None:
+def _restore(ctx: PruneContext, step: ResumableStep) -> Progress | None:
     """Replay the accepted steps of an interrupted run (exact: kept indices), or None."""
-    saved = ctx.load_checkpoint(CHECKPOINT)
-    if not saved:
+    if not step.resumed:
         return None
-    if saved.get("key") != key:
-        ctx.log("PrimeSVT: the saved progress belongs to other settings; starting the search afresh")
+    steps = [Step(**s) for s in step.state["steps"]]
+    model = ctx.replay(steps, lambda m, s: ctx.keep(m, s.group, s.kept), "PrimeSVT")
+    if model is None:
         return None
-    model = ctx.model
-    steps = [Step(**s) for s in saved["steps"]]
-    for s in steps:
-        model = pruner.apply(model, s.group, s.kept)
-        if ctx.memory(model) != s.memory_bytes:
-            ctx.log(f"PrimeSVT: replaying {s.group} did not give the saved size; starting the search afresh")
-            return None
-    ctx.log(f"PrimeSVT: resumed after {len(saved['visited'])} visited groups ({len(steps)} steps replayed)")
-    return Progress(model, steps, list(saved["visited"]), list(saved["skipped"]))
+    ctx.log(f"PrimeSVT: resumed after {len(step.state['visited'])} visited groups ({len(steps)} steps replayed)")
+    return Progress(model, steps, list(step.state["visited"]), list(step.state["skipped"]))
 
 
 def plot_trajectory(path, dense_bytes: int, dense_top1: float, steps: Sequence[Step], max_acc_drop: float,
                     budget_bytes: int | None, precision: str) -> None:
     """Memory against calibration top-1 after each step, numbered and labelled with its group."""
-    fig, ax = new_figure(figsize=(FIGSIZE[0] + 1.5, FIGSIZE[1] + 0.8))
-    xs = [dense_bytes / 1e6] + [s.memory_bytes / 1e6 for s in steps]
-    ys = [100 * dense_top1] + [100 * s.calib_top1 for s in steps]
-    ax.plot(xs, ys, "o-", color="tab:blue", ms=5, lw=1.2, label="after each step")
-    ax.plot(xs[:1], ys[:1], "k*", ms=13, label="dense")
-    for i, s in enumerate(steps, 1):
-        ax.annotate(f"{i}. {s.group} (-{s.ratio:.0%})", (xs[i], ys[i]), textcoords="offset points",
-                    xytext=(4, 6 if i % 2 else -12), fontsize=7)
-    ax.axhline(100 * dense_top1 - max_acc_drop, color="tab:red", ls="--", lw=1, label=f"accuracy limit (-{max_acc_drop:g} pts)")
-    if budget_bytes is not None:
-        ax.axvline(budget_bytes / 1e6, color="tab:green", ls="--", lw=1, label=f"memory budget ({format_bytes(budget_bytes)})")
-    ax.invert_xaxis()  # compression proceeds to the right
-    ax.set_xlabel(f"model memory at {precision} (MB, 10^6 bytes)")
-    ax.set_ylabel("calibration top-1 (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
-    ax.set_title("PrimeSVT compression trajectory (largest robust groups first)")
-    save_figure(fig, path)
+    plot_steps(path, [TrajectoryPoint(s.memory_bytes, s.calib_top1, f"{s.group} (-{s.ratio:.0%})") for s in steps],
+               dense_bytes=dense_bytes, dense_top1=dense_top1, max_acc_drop=max_acc_drop, budget_bytes=budget_bytes,
+               precision=precision, title="PrimeSVT compression trajectory (largest robust groups first)")
 
 
 def _report_section(cons: Constraints, divisor: float, max_ratio: float, refine: int, threshold: float,
@@ -528,32 +498,22 @@ def _report_section(cons: Constraints, divisor: float, max_ratio: float, refine:
     return "\n".join(lines)
 
 
-def _add_args(g) -> None:
-    g.add_argument("--robust-divisor", type=float, default=None, metavar="K",
-                   help=f"a group is robust when its single-group drop stays <= max-acc-drop / K (default {ROBUST_DIVISOR:g})")
-    g.add_argument("--robust-max-ratio", type=float, default=None, metavar="R",
-                   help=f"robustness is judged on every tested ratio up to R (default {ROBUST_MAX_RATIO:g})")
-    g.add_argument("--refine-steps", type=int, default=None, metavar="N",
-                   help=f"bisection steps between grid ratios per group (default {REFINE_STEPS})")
+OPTIONS = (
+    Option("robust_divisor", float, ROBUST_DIVISOR, "a group is robust when its single-group drop stays <= "
+           "max-acc-drop / K", valid=lambda k: k > 0, must="positive (threshold = max-acc-drop / K)", metavar="K"),
+    Option("robust_max_ratio", float, ROBUST_MAX_RATIO, "robustness is judged on every tested ratio up to R",
+           valid=lambda r: 0 < r < 1, must="a pruning ratio in (0, 1)", metavar="R"),
+    Option("refine_steps", int, REFINE_STEPS, "bisection steps between grid ratios per group",
+           valid=lambda n: n >= 0, must="0 or more"),
+)
 
 
-def _option(ctx: PruneContext, name: str, default):
-    value = ctx.options.get(name)
-    return default if value is None else value
-
-
-@register_policy("primesvt", add_args=_add_args,
+@register_policy("primesvt", options=OPTIONS,
                  help="PrimeSVT: compress the robust groups one after another, largest first, until the memory "
                       "target is met within the accuracy limit (the default policy)")
 def primesvt(ctx: PruneContext) -> PolicyResult:
     """PrimeSVT (module docstring): rank, pick robust groups, compress them in order, stop at the target."""
-    divisor = float(_option(ctx, "robust_divisor", ROBUST_DIVISOR))
-    max_ratio = float(_option(ctx, "robust_max_ratio", ROBUST_MAX_RATIO))
-    refine = int(_option(ctx, "refine_steps", REFINE_STEPS))
-    if not 0 < max_ratio < 1:
-        raise SpikepruneError(f"--robust-max-ratio is a pruning ratio in (0, 1), got {max_ratio:g}")
-    if refine < 0:
-        raise SpikepruneError(f"--refine-steps must be 0 or more, got {refine}")
+    divisor, max_ratio, refine = (ctx.option(o.name) for o in OPTIONS)
     cons = ctx.constraints  # resolved against the dense model before the run started (policy_api)
     threshold = robust_threshold(cons.max_acc_drop, divisor)
     table = ctx.sensitivity()
@@ -569,12 +529,12 @@ def primesvt(ctx: PruneContext) -> PolicyResult:
 
     key = {"targets": [t.group for t in targets], "max_acc_drop": cons.max_acc_drop, "budget": cons.budget_bytes,
            "precision": cons.precision, "refine": refine, "importance": ctx.importance, "round_to": ctx.round_to}
-    pruner = _Pruner(ctx)
-    start = _restore(ctx, key, pruner)
+    progress = ctx.resumable(CHECKPOINT, key, {"steps": [], "visited": [], "skipped": []})
+    start = _restore(ctx, progress)
     loop = SequentialCompression(
-        prune_fn=pruner, memory_fn=ctx.memory, accuracy_fn=ctx.calib_top1, dense_top1=ctx.dense_calib_top1,
+        prune_fn=_Pruner(ctx), memory_fn=ctx.memory, accuracy_fn=ctx.calib_top1, dense_top1=ctx.dense_calib_top1,
         dense_bytes=cons.dense_bytes, max_acc_drop=cons.max_acc_drop, budget_bytes=cons.budget_bytes,
-        refine=refine, size_fn=_group_size, on_step=lambda prog: _save_progress(ctx, key, prog), log=ctx.log)
+        refine=refine, size_fn=_group_size, on_step=lambda prog: _save_progress(progress, prog), log=ctx.log)
     out = loop.run(ctx.model, targets, start)  # each step is a prune call: out.model.pruning composes them
     if not out.met:
         ctx.log(f"PrimeSVT: memory budget not met: {out.shortfall_bytes:,} bytes ({out.shortfall_frac:.2%} of the "

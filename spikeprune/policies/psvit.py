@@ -49,7 +49,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..coupling import groups as model_groups
-from ..policy_api import PolicyResult, PruneContext, register_policy
+from ..policy_api import PolicyResult, PruneContext, largest_within, register_policy
 from ..report import markdown_table, plot_sensitivity, plot_uniform_sweep
 from .uniform import best_uniform, sweep_table_md, uniform_sweep
 
@@ -144,20 +144,13 @@ def backoff_search(k_full: int, within: callable) -> tuple[int, list[int]]:
 
     Returns (k, the prefixes measured, in order). Prefix 0 is the dense model, within by definition.
     """
-    if k_full == 0:
-        return 0, []
-    tried = [k_full]
-    if within(k_full):
-        return k_full, tried
-    lo, hi = 0, k_full
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        tried.append(mid)
-        if within(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, tried
+    tried: list[int] = []
+
+    def measured(k: int) -> bool:
+        tried.append(k)
+        return within(k)
+
+    return largest_within(k_full, measured), tried
 
 
 @register_policy("psvit", help="PSViT: uniform sweep, per-group sensitivity, fine-grained pruning with back-off")
@@ -180,10 +173,8 @@ def psvit_policy(ctx: PruneContext) -> PolicyResult:
     conflicts = exclusive_groups({g.name: g.head_group for g in model_groups(ctx.model) if g.head_group})
     chain = upgrade_chain(levels, limit, stop, conflicts)
 
-    state = ctx.load_checkpoint("psvit_search") or {}
-    if state.get("chain") != chain:
-        state = {"chain": chain, "measured": {}}
-    measured: dict[str, dict] = state["measured"]
+    step = ctx.resumable("psvit_search", chain, {"measured": {}}, key_field="chain")
+    measured: dict[str, dict] = step.state["measured"]
     models = {}
 
     def within(k: int) -> bool:
@@ -195,7 +186,7 @@ def psvit_policy(ctx: PruneContext) -> PolicyResult:
                              "memory_saved": 1 - ctx.memory(model) / ctx.dense_memory,
                              "predicted_drop": chain[k - 1]["predicted_drop"]}
             models[k] = model
-            ctx.checkpoint("psvit_search", state)
+            step.save()
             ctx.log(f"psvit: {k} of {len(chain)} upgrades: predicted drop {measured[key]['predicted_drop']:.2f}, "
                     f"measured {measured[key]['acc_drop']:.2f} points, memory saved "
                     f"{100 * measured[key]['memory_saved']:.2f}%")

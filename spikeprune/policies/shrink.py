@@ -59,19 +59,14 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..coupling import group_map
 from ..errors import SpikepruneError
-from ..importance import scores
-from ..plots import FIGSIZE, new_figure, save_figure
-from ..policy_api import PolicyResult, PruneContext, minimum_kept, register_policy
-from ..surgery import SpikepruneWarning, plan
-from ..surgery import prune as surgery_prune
+from ..policy_api import (Option, PolicyResult, PruneContext, TrajectoryPoint, largest_within, minimum_kept,
+                          plot_trajectory, register_policy)
 from ..training import finetune, recalibrate_batchnorm
 from ..units import format_bytes
 
@@ -125,40 +120,6 @@ class _Candidate:
     priority: float  # loss rise per byte saved
 
 
-def _preload(dataset, n: int, seed: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`n` images of `dataset` (a fixed random subset, or all of it when smaller) as batches."""
-    total = len(dataset)
-    if n >= total:
-        idx = list(range(total))
-    else:
-        g = torch.Generator().manual_seed(seed)
-        idx = sorted(torch.randperm(total, generator=g)[:n].tolist())
-    out = []
-    for i in range(0, len(idx), batch_size):
-        items = [dataset[j] for j in idx[i:i + batch_size]]
-        out.append((torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])))
-    return out
-
-
-def _eval(ctx: PruneContext, model, batches) -> tuple[float, float]:
-    """(mean cross-entropy, top-1) of `model` on preloaded calibration batches; counted in the run's cost."""
-    dev = torch.device(ctx.device)
-    loss, hit, n = 0.0, 0, 0
-    with torch.inference_mode():
-        for x, y in batches:
-            logits = model(x.to(dev)).float()
-            y = y.to(dev)
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
-            hit += int((logits.argmax(1) == y).sum())
-            n += len(y)
-    if not math.isfinite(loss):
-        raise SpikepruneError("a model the walk measured computes a non-finite loss on the calibration images; "
-                              "nothing was chosen from it")
-    ctx.evaluations += 1
-    ctx.images_evaluated += n
-    return loss / n, hit / n
-
-
 class _Walk:
     """The measuring machinery of one run: candidate cuts, BatchNorm re-estimation, screening."""
 
@@ -166,9 +127,9 @@ class _Walk:
                  holdout: float = 0.0):
         self.ctx, self.step = ctx, step
         bs = min(ctx.batch_size, 128)
-        train = ctx.dataset("train")
-        self.recal = _preload(train, recal_images, ctx.seed, bs)
-        self.recal_check = _preload(train, check_recal_images, ctx.seed + 2, bs)
+        # BatchNorm is re-estimated many times on the same training images: read them once
+        self.recal = ctx.batches(ctx.sample("train", recal_images, ctx.seed), bs)
+        self.recal_check = ctx.batches(ctx.sample("train", check_recal_images, ctx.seed + 2), bs)
         calib = ctx.calib
         # --holdout: the walk checks its cuts on one part of the calibration split and never sees the
         # other, which then confirms where it stopped (a walk checked ~100 times against the same images
@@ -181,29 +142,34 @@ class _Walk:
                 raise SpikepruneError(f"--holdout {holdout:g} of a calibration split of {n} images leaves "
                                       f"{n_held} held out and {n - n_held} to check on: both need at least one")
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed + 3)).tolist()
-            calib = torch.utils.data.Subset(calib, sorted(perm[n_held:]))
-            self.check = _preload(calib, len(calib), 0, bs)
-            self.held = _preload(torch.utils.data.Subset(ctx.calib, sorted(perm[:n_held])), n_held, 0, bs)
-        self.screen = _preload(calib, screen_images, ctx.seed + 1, bs)
-        self.screen_is_check = sum(len(y) for _, y in self.screen) == len(calib)  # every image the check uses
+            calib = self.check = torch.utils.data.Subset(calib, sorted(perm[n_held:]))
+            self.held = torch.utils.data.Subset(ctx.calib, sorted(perm[:n_held]))
+        self.screen = ctx.sample("calib", screen_images, ctx.seed + 1, images=calib)
+        self.screen_is_check = len(self.screen) == len(calib)  # every image the check uses
         self.dense_groups = group_map(ctx.model)
-        self.order = _call_order(ctx.model, self.screen[0][0][:2], ctx.device)
+        self.order = _call_order(ctx.model, torch.stack([self.screen[i][0] for i in range(min(2, len(self.screen)))]),
+                                 ctx.device)
         self.batchnorms = {n for n, m in ctx.model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
         self.minimum = {k: len(v) for k, v in minimum_kept(list(self.dense_groups.values()), ctx.round_to).items()}
         self.candidates_measured = 0
 
+    @property
+    def recal_count(self) -> int:
+        return sum(len(y) for _, y in self.recal)
+
     def check_top1(self, model) -> float:
         """Top-1 on the images the walk checks the limit on: the calibration split, or with --holdout
         the part of it not held out."""
-        return self.ctx.calib_top1(model) if self.check is None else _eval(self.ctx, model, self.check)[1]
+        return self.ctx.calib_top1(model, self.check)
 
     def held_top1(self, model) -> float:
         """Top-1 on the held-out calibration images (--holdout), which the walk never sees."""
-        return _eval(self.ctx, model, self.held)[1]
+        return self.ctx.calib_top1(model, self.held)
 
     def screen_eval(self, model) -> tuple[float, float]:
         """(mean cross-entropy, top-1) on the screening images; counted in the run's cost."""
-        return _eval(self.ctx, model, self.screen)
+        r = self.ctx.evaluate(model, self.screen)
+        return r["loss"], r["top1"]
 
     def downstream(self, group: str) -> set[str]:
         """The BatchNorm layers that run at or after the first layer `group` cuts: the only ones
@@ -258,17 +224,11 @@ class _Walk:
             units = size - self.minimum[group]
         if units <= 0:
             return None
-        kw = self.ctx.score_kwargs()
-        s = scores(model, self.ctx.importance, kw.pop("data"), names=[group], **kw)[group]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SpikepruneWarning)
-            try:
-                kept = plan(model, {group: units / size}, importance={group: s}, round_to=self.ctx.round_to).kept[group]
-            except SpikepruneError:
-                return None
-        if len(kept) >= size:
+        try:
+            pruned, kept = self.ctx.cut(model, group, units / size)
+        except SpikepruneError:
             return None
-        return surgery_prune(model, {group: list(kept)}, round_to=self.ctx.round_to).eval(), list(kept)
+        return None if len(kept) >= size else (pruned, kept)
 
     def candidate(self, model, mem_now: int, loss_now: float, group: str, units: int,
                   need: int | None = None) -> _Candidate | None:
@@ -305,27 +265,10 @@ def _call_order(model, images: torch.Tensor, device) -> dict[str, int]:
     return order
 
 
-def _replay(ctx: PruneContext, walk: _Walk, saved: dict, key: dict):
-    if not saved or saved.get("key") != key:
-        if saved:
-            ctx.log("shrink: the saved progress belongs to other settings; starting afresh")
-        return None
-    model = ctx.model
-    cuts = [Cut(**c) for c in saved["cuts"]]
-    for c in cuts:
-        model = _apply_cut(ctx, walk, model, c)
-        if ctx.memory(model) != c.memory_bytes:
-            ctx.log(f"shrink: replaying {c.group} did not give the saved size; starting afresh")
-            return None
-    ctx.log(f"shrink: resumed after {len(cuts)} accepted cuts")
-    return model, cuts, saved
-
-
 def _apply_cut(ctx: PruneContext, walk: _Walk, model, cut: Cut):
     """`model` with an accepted cut replayed from its kept indices, BatchNorm re-estimated as the
     walk did when it accepted it (so a replay gives the same statistics)."""
-    pruned = surgery_prune(model, {cut.group: list(cut.kept)}, round_to=ctx.round_to).eval()
-    return walk.recalibrate(pruned, cut.group, check=True)
+    return walk.recalibrate(ctx.keep(model, cut.group, cut.kept), cut.group, check=True)
 
 
 def _apply(ctx: PruneContext, walk: _Walk, cuts: list[Cut]):
@@ -334,21 +277,6 @@ def _apply(ctx: PruneContext, walk: _Walk, cuts: list[Cut]):
     for c in cuts:
         model = _apply_cut(ctx, walk, model, c)
     return model
-
-
-def _largest_within(n: int, within) -> int:
-    """The largest k in 0..n with within(k) true, by bisection over k (k = 0, the dense model, is
-    taken to be within; the cuts are assumed to cost more the more of them there are)."""
-    lo, hi = 0, n  # lo: known within the limit; hi: the largest k not yet known to fail
-    if n and not within(hi):
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if within(mid):
-                lo = mid
-            else:
-                hi = mid
-        return lo
-    return n
 
 
 def _confirm_on_held_out(ctx: PruneContext, walk: _Walk, cuts: list[Cut], L: float):
@@ -368,7 +296,7 @@ def _confirm_on_held_out(ctx: PruneContext, walk: _Walk, cuts: list[Cut], L: flo
                 f"{top1:.2%} (drop {drop:.2f}) -> {'within' if drop <= L + _EPS else 'over'} the limit")
         return drop <= L + _EPS
 
-    k = _largest_within(len(cuts), within)
+    k = largest_within(len(cuts), within)
     model = checks[k][0] if k in checks else _apply(ctx, walk, cuts[:k])
     return k, model, [c[1] for _, c in sorted(checks.items())], dense
 
@@ -378,16 +306,16 @@ def _choose_by_distillation(ctx: PruneContext, walk: _Walk, cuts: list[Cut], L: 
     the dense model, stay within L points on the calibration split (with --holdout: on its held-out
     images) (bisection over k; k = 0, the dense model, always does). Returns (model, memory, calib
     top-1, probes)."""
-    s = ctx.settings
+    ft = ctx.finetuning  # the run's fine-tuning: the probes distil as it will
     train = ctx.dataset("train", augment=True)
     probes: dict[int, tuple] = {}
-    dense_held = walk.held_top1(ctx.model) if walk.held else None
+    dense_held = walk.held_top1(ctx.model) if walk.held is not None else None
 
     def probe(k: int) -> bool:
         model = _apply(ctx, walk, cuts[:k])
         before = cuts[k - 1].calib_top1
-        distilled, _ = finetune(copy.deepcopy(model), train, 1, teacher=ctx.model, kd_weight=s.kd_weight,
-                                kd_temperature=s.kd_temperature, lr=s.finetune_lr, batch_size=s.finetune_batch_size,
+        distilled, _ = finetune(copy.deepcopy(model), train, 1, teacher=ctx.model, kd_weight=ft.kd_weight,
+                                kd_temperature=ft.kd_temperature, lr=ft.lr, batch_size=ft.batch_size,
                                 max_steps_per_epoch=steps, device=ctx.device, seed=ctx.seed, progress=False)
         distilled.eval()
         distilled.pruning = model.pruning
@@ -400,7 +328,7 @@ def _choose_by_distillation(ctx: PruneContext, walk: _Walk, cuts: list[Cut], L: 
                 f"after {steps} distillation steps (drop {drop:.2f}) -> {'within' if ok else 'over'} the limit")
         return ok
 
-    lo = _largest_within(len(cuts), probe)
+    lo = largest_within(len(cuts), probe)
     table = [p[2] for p in probes.values()]
     if lo == 0:
         ctx.log("shrink: no probe stays within the limit after short distillation: the model stays dense")
@@ -412,26 +340,11 @@ def _choose_by_distillation(ctx: PruneContext, walk: _Walk, cuts: list[Cut], L: 
 
 def plot_walk(path, dense_bytes: int, dense_top1: float, cuts: list[Cut], max_acc_drop: float,
               budget_bytes: int | None, precision: str) -> None:
-    fig, ax = new_figure(figsize=(FIGSIZE[0] + 1.5, FIGSIZE[1] + 0.8))
-    xs = [dense_bytes / 1e6] + [c.memory_bytes / 1e6 for c in cuts]
-    ys = [100 * dense_top1] + [100 * c.calib_top1 for c in cuts]
-    ax.plot(xs, ys, "o-", color="tab:purple", ms=4, lw=1.2, label="after each cut (BatchNorm re-estimated)")
-    ax.plot(xs[:1], ys[:1], "k*", ms=13, label="dense")
-    for i, c in enumerate(cuts, 1):
-        if len(cuts) <= 20 or i % max(1, len(cuts) // 15) == 0 or i == len(cuts):
-            ax.annotate(f"{i}. {c.group}", (xs[i], ys[i]), textcoords="offset points",
-                        xytext=(4, 6 if i % 2 else -12), fontsize=6)
-    ax.axhline(100 * dense_top1 - max_acc_drop, color="tab:red", ls="--", lw=1,
-               label=f"accuracy limit (-{max_acc_drop:g} pts)")
-    if budget_bytes is not None:
-        ax.axvline(budget_bytes / 1e6, color="tab:green", ls="--", lw=1, label=f"memory budget ({format_bytes(budget_bytes)})")
-    ax.invert_xaxis()
-    ax.set_xlabel(f"model memory at {precision} (MB, 10^6 bytes)")
-    ax.set_ylabel("calibration top-1 (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
-    ax.set_title("shrink: one cut at a time, the cheapest per byte")
-    save_figure(fig, path)
+    plot_trajectory(path, [TrajectoryPoint(c.memory_bytes, c.calib_top1, c.group) for c in cuts],
+                    dense_bytes=dense_bytes, dense_top1=dense_top1, max_acc_drop=max_acc_drop,
+                    budget_bytes=budget_bytes, precision=precision,
+                    title="shrink: one cut at a time, the cheapest per byte",
+                    series="after each cut (BatchNorm re-estimated)", color="tab:purple")
 
 
 def _report(ctx: PruneContext, cuts: list[Cut], rejected: list[dict], settings: dict, stop: str, top1: float,
@@ -465,241 +378,287 @@ def _report(ctx: PruneContext, cuts: list[Cut], rejected: list[dict], settings: 
                   f"over it, {(mem - c.budget_bytes) / c.dense_bytes:.2%} of the dense model short. Every further cut "
                   "breaks the accuracy limit: allow a larger --max-acc-drop, count memory at a lower --precision, or "
                   "fine-tune and prune again.", ""]
-    if cuts:
-        by_group: dict[str, list[Cut]] = {}
-        for cut in cuts:
-            by_group.setdefault(cut.group, []).append(cut)
-        lines += ["Where the memory came from:", "", "| group | dense width | final width | cuts |", "|---|---|---|---|"]
-        for g, cs in sorted(by_group.items(), key=lambda kv: -len(kv[1])):
-            lines.append(f"| {g} | {walk.dense_groups[g].size} | {cs[-1].size_after} | {len(cs)} |")
-        lines += ["", f"| cut | group | width | loss rise per MB | {'calib' if held is None else 'checked'} top-1 | drop "
-                      "| memory | saved |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for i, cut in enumerate(cuts, 1):
-            lines.append(f"| {i} | {cut.group} | {cut.size_before} -> {cut.size_after} | {cut.cost_per_mb:.4f} "
-                         f"| {cut.calib_top1:.2%} | {cut.acc_drop:.2f} | {format_bytes(cut.memory_bytes)} "
-                         f"| {cut.memory_saved:.2%} |")
+    lines += _cuts_lines(cuts, walk, held)
     if rejected:
         lines += ["", "Cuts undone because they broke the limit (the group's cuts halved, or it was finished): "
                   + ", ".join(f"{r['group']} at step {r['at_step']} (drop {r['acc_drop']:.2f})" for r in rejected) + "."]
     if held is not None:
-        lines += ["", f"**Held out (--holdout {settings['holdout']:g}).** {held['images']:,} calibration images took "
-                  "no part in the walk, so a cut that passed the check by luck on the others is found out on them. "
-                  f"The walk's result is confirmed on them (dense top-1 there {held['dense_top1']:.2%}); "
-                  "where it breaks the limit there, the largest number of its first cuts that holds it is found by "
-                  f"bisection: **{held['kept_cuts']} of {len(cuts)} cuts kept**, calibration top-1 {top1:.2%} on the "
-                  "whole split.", "", "| first k cuts | memory saved | top-1 checked | top-1 held out | drop held out "
-                  "| within |", "|---|---|---|---|---|---|"]
-        for ch in held["checks"]:
-            lines.append(f"| {ch['k']} | {ch['memory_saved']:.2%} | {ch['check_top1']:.2%} | {ch['held_out_top1']:.2%} "
-                         f"| {ch['acc_drop']:.2f} | {'yes' if ch['ok'] else 'no'} |")
-    if ctx.limit_after_finetune and probes is None:
-        lines += ["", f"**Limit after fine-tuning, with a memory target.** The walk went to the target (limit before "
-                  f"fine-tuning: {walk_L:g} points); fewer cuts would miss it, so no probe chose among them: the run's "
-                  "fine-tuning follows and its check judges the limit on the fine-tuned model."]
-    if probes is not None:
-        lines += ["", f"**Limit after fine-tuning.** The walk went on to a drop of {walk_L:g} points before "
-                  f"fine-tuning; each probe below replays the first k cuts and distils {settings['probe_steps']} steps "
-                  "from the dense model, and the largest k whose calibration drop after that is within the limit "
-                  "(bisection over k) is the model handed to the run's fine-tuning"
-                  + (" (the drop judged on the held-out calibration images)." if walk.held else "."), "",
-                  "| k cuts | memory saved | calib top-1 before | after short distillation | drop | within |",
-                  "|---|---|---|---|---|---|"]
-        for pr in sorted(probes, key=lambda p: p["k"]):
-            lines.append(f"| {pr['k']} | {pr['memory_saved']:.2%} | {pr['calib_top1_before']:.2%} "
-                         f"| {pr['calib_top1']:.2%} | {pr['acc_drop']:.2f} | {'yes' if pr['ok'] else 'no'} |")
+        lines += _held_lines(held, settings, len(cuts), top1)
+    lines += _after_finetune_lines(ctx, walk, walk_L, probes, settings)
     lines += ["", f"Search cost: {walk.candidates_measured} candidates measured this session, each one BatchNorm "
                   f"re-estimation ({settings['recal_images']} images) and one screening pass."]
     return "\n".join(lines)
 
 
-def _add_args(g) -> None:
-    g.add_argument("--shrink-step", type=float, default=None, metavar="F",
-                   help=f"shrink: each cut saves F of the current model's memory (default {STEP:g})")
-    g.add_argument("--shrink-fresh", type=int, default=None, metavar="N",
-                   help=f"shrink: groups re-measured per step (default {FRESH})")
-    g.add_argument("--shrink-refresh", type=int, default=None, metavar="N",
-                   help=f"shrink: re-measure every group every N steps (default {REFRESH})")
-    g.add_argument("--recal-images", type=int, default=None, metavar="N",
-                   help=f"shrink: training images for re-estimating BatchNorm after a cut (default {RECAL_IMAGES})")
-    g.add_argument("--check-recal-images", type=int, default=None, metavar="N",
-                   help=f"shrink: training images for re-estimating BatchNorm of the cut that is checked and kept "
-                        f"(default {CHECK_RECAL_IMAGES})")
-    g.add_argument("--walk-drop", type=float, default=None, metavar="POINTS",
-                   help="shrink with --limit-after-finetune: how far (calibration points, before fine-tuning) the "
-                        "walk may go before the probes choose (default 4 x max-acc-drop + 4)")
-    g.add_argument("--probe-steps", type=int, default=None, metavar="N",
-                   help=f"shrink with --limit-after-finetune: distillation steps per probe (default {PROBE_STEPS})")
-    g.add_argument("--holdout", type=float, default=None, metavar="F",
-                   help="shrink: hold out F of the calibration split from the walk; where the walk's result breaks "
-                        "the limit on those images, it is cut back until it holds (default 0: none held out)")
-    g.add_argument("--screen-images", type=int, default=None, metavar="N",
-                   help=f"shrink: calibration images candidates are compared on (default {SCREEN_IMAGES})")
+def _cuts_lines(cuts: list[Cut], walk: _Walk, held: dict | None) -> list[str]:
+    """Where the memory came from, by group, and every accepted cut."""
+    if not cuts:
+        return []
+    by_group: dict[str, list[Cut]] = {}
+    for cut in cuts:
+        by_group.setdefault(cut.group, []).append(cut)
+    lines = ["Where the memory came from:", "", "| group | dense width | final width | cuts |", "|---|---|---|---|"]
+    for g, cs in sorted(by_group.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"| {g} | {walk.dense_groups[g].size} | {cs[-1].size_after} | {len(cs)} |")
+    lines += ["", f"| cut | group | width | loss rise per MB | {'calib' if held is None else 'checked'} top-1 | drop "
+                  "| memory | saved |",
+              "|---|---|---|---|---|---|---|---|"]
+    for i, cut in enumerate(cuts, 1):
+        lines.append(f"| {i} | {cut.group} | {cut.size_before} -> {cut.size_after} | {cut.cost_per_mb:.4f} "
+                     f"| {cut.calib_top1:.2%} | {cut.acc_drop:.2f} | {format_bytes(cut.memory_bytes)} "
+                     f"| {cut.memory_saved:.2%} |")
+    return lines
 
 
-def _settings(options: dict) -> dict:
-    def get(name, default):
-        v = options.get(name)
-        return default if v is None else v
-    s = {"step": float(get("shrink_step", STEP)), "fresh": int(get("shrink_fresh", FRESH)),
-         "refresh": int(get("shrink_refresh", REFRESH)), "recal_images": int(get("recal_images", RECAL_IMAGES)),
-         "screen_images": int(get("screen_images", SCREEN_IMAGES)),
-         "check_recal_images": int(get("check_recal_images", CHECK_RECAL_IMAGES)), "probe_steps": int(get("probe_steps", PROBE_STEPS)),
-         "walk_drop": options.get("walk_drop")}
-    holdout = float(get("holdout", 0.0))
-    if not (math.isfinite(holdout) and 0 <= holdout < 1):
-        raise SpikepruneError(f"--holdout is a fraction of the calibration split in [0, 1), got {holdout:g}")
-    if holdout > 0:  # only when used: progress saved without it keeps its key
-        s["holdout"] = holdout
-    if s["walk_drop"] is not None:
-        w = float(s["walk_drop"])
-        if not (math.isfinite(w) and 0 <= w <= 100):
-            raise SpikepruneError(f"--walk-drop is in calibration top-1 points (0-100), got {s['walk_drop']}")
-        s["walk_drop"] = w
-    if not (0 < s["step"] < 1) or not math.isfinite(s["step"]):
-        raise SpikepruneError(f"--shrink-step is a fraction of a group's width in (0, 1), got {s['step']:g}")
-    for k, flag in (("fresh", "--shrink-fresh"), ("refresh", "--shrink-refresh"), ("recal_images", "--recal-images"),
-                    ("screen_images", "--screen-images"), ("probe_steps", "--probe-steps"),
-                    ("check_recal_images", "--check-recal-images")):
-        if s[k] < 1:
-            raise SpikepruneError(f"{flag} must be a whole number >= 1, got {s[k]}")
+def _held_lines(held: dict, settings: dict, n_cuts: int, top1: float) -> list[str]:
+    lines = ["", f"**Held out (--holdout {settings['holdout']:g}).** {held['images']:,} calibration images took "
+             "no part in the walk, so a cut that passed the check by luck on the others is found out on them. "
+             f"The walk's result is confirmed on them (dense top-1 there {held['dense_top1']:.2%}); "
+             "where it breaks the limit there, the largest number of its first cuts that holds it is found by "
+             f"bisection: **{held['kept_cuts']} of {n_cuts} cuts kept**, calibration top-1 {top1:.2%} on the "
+             "whole split.", "", "| first k cuts | memory saved | top-1 checked | top-1 held out | drop held out "
+             "| within |", "|---|---|---|---|---|---|"]
+    for ch in held["checks"]:
+        lines.append(f"| {ch['k']} | {ch['memory_saved']:.2%} | {ch['check_top1']:.2%} | {ch['held_out_top1']:.2%} "
+                     f"| {ch['acc_drop']:.2f} | {'yes' if ch['ok'] else 'no'} |")
+    return lines
+
+
+def _after_finetune_lines(ctx: PruneContext, walk: _Walk, walk_L: float, probes: list[dict] | None,
+                          settings: dict) -> list[str]:
+    if ctx.limit_after_finetune and probes is None:
+        return ["", f"**Limit after fine-tuning, with a memory target.** The walk went to the target (limit before "
+                f"fine-tuning: {walk_L:g} points); fewer cuts would miss it, so no probe chose among them: the run's "
+                "fine-tuning follows and its check judges the limit on the fine-tuned model."]
+    if probes is None:
+        return []
+    lines = ["", f"**Limit after fine-tuning.** The walk went on to a drop of {walk_L:g} points before "
+             f"fine-tuning; each probe below replays the first k cuts and distils {settings['probe_steps']} steps "
+             "from the dense model, and the largest k whose calibration drop after that is within the limit "
+             "(bisection over k) is the model handed to the run's fine-tuning"
+             + (" (the drop judged on the held-out calibration images)." if walk.held is not None else "."), "",
+             "| k cuts | memory saved | calib top-1 before | after short distillation | drop | within |",
+             "|---|---|---|---|---|---|"]
+    for pr in sorted(probes, key=lambda p: p["k"]):
+        lines.append(f"| {pr['k']} | {pr['memory_saved']:.2%} | {pr['calib_top1_before']:.2%} "
+                     f"| {pr['calib_top1']:.2%} | {pr['acc_drop']:.2f} | {'yes' if pr['ok'] else 'no'} |")
+    return lines
+
+
+_IMAGES = "a whole number >= 1"
+OPTIONS = (
+    Option("shrink_step", float, STEP, "shrink: each cut saves F of the current model's memory",
+           valid=lambda f: 0 < f < 1, must="a fraction of a group's width in (0, 1)"),
+    Option("shrink_fresh", int, FRESH, "shrink: groups re-measured per step", valid=lambda n: n >= 1, must=_IMAGES),
+    Option("shrink_refresh", int, REFRESH, "shrink: re-measure every group every N steps", valid=lambda n: n >= 1,
+           must=_IMAGES),
+    Option("recal_images", int, RECAL_IMAGES, "shrink: training images for re-estimating BatchNorm after a cut",
+           valid=lambda n: n >= 1, must=_IMAGES),
+    Option("check_recal_images", int, CHECK_RECAL_IMAGES, "shrink: training images for re-estimating BatchNorm of "
+           "the cut that is checked and kept", valid=lambda n: n >= 1, must=_IMAGES),
+    Option("walk_drop", float, None, "shrink with --limit-after-finetune: how far (calibration points, before "
+           "fine-tuning) the walk may go before the probes choose (default 4 x max-acc-drop + 4)",
+           valid=lambda w: 0 <= w <= 100, must="in calibration top-1 points (0-100)", metavar="POINTS"),
+    Option("probe_steps", int, PROBE_STEPS, "shrink with --limit-after-finetune: distillation steps per probe",
+           valid=lambda n: n >= 1, must=_IMAGES),
+    Option("holdout", float, 0.0, "shrink: hold out F of the calibration split from the walk; where the walk's "
+           "result breaks the limit on those images, it is cut back until it holds (0: none held out)",
+           valid=lambda f: 0 <= f < 1, must="a fraction of the calibration split in [0, 1)"),
+    Option("screen_images", int, SCREEN_IMAGES, "shrink: calibration images candidates are compared on",
+           valid=lambda n: n >= 1, must=_IMAGES),
+)
+
+
+def _settings(ctx: PruneContext) -> dict:
+    """The walk's settings (its declared options, checked before the run started), as progress keys them."""
+    o = ctx.option
+    s = {"step": o("shrink_step"), "fresh": o("shrink_fresh"), "refresh": o("shrink_refresh"),
+         "recal_images": o("recal_images"), "screen_images": o("screen_images"),
+         "check_recal_images": o("check_recal_images"), "probe_steps": o("probe_steps"), "walk_drop": o("walk_drop")}
+    if o("holdout") > 0:  # only when used: progress saved without it keeps its key
+        s["holdout"] = o("holdout")
     return s
 
 
-def _check(options: dict, model) -> None:
-    _settings(options)
+def _walk_limit(S: dict, L: float, after: bool, budget: int | None) -> float:
+    """How far (points) the walk may go before fine-tuning. With the limit on the fine-tuned model,
+    further than the limit (fine-tuning recovers part of the loss; short distillation probes then
+    choose how far to keep); with a memory target as well, the target says how far to cut and the
+    run's fine-tuning and check judge the limit: no limit before fine-tuning unless --walk-drop."""
+    if not after:
+        return L
+    if S["walk_drop"] is not None:
+        return S["walk_drop"]
+    return 100.0 if budget is not None else min(100.0, 4 * L + 4)
 
 
-@register_policy("shrink", add_args=_add_args, check=_check, after_finetune=True,
+@dataclass
+class _Greedy:
+    """The lazy greedy walk (module docstring, 1-5) and the progress a resumed run replays."""
+
+    ctx: PruneContext
+    walk: _Walk
+    S: dict
+    names: list[str]
+    walk_L: float
+    dense_top1: float  # on the images the walk checks the limit on
+    key: dict
+    cuts: list[Cut] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    scale: dict = field(default_factory=dict)  # halved for a group each time its cut breaks the limit
+    # A group's next cut is at most half the units of its last cut that broke the limit: halving the
+    # scale alone changes nothing while MAX_CUT, not the scale, sizes the cut.
+    cap: dict = field(default_factory=dict)
+    finished: list[str] = field(default_factory=list)
+    steps_without_cut: int = 0
+    stale: dict = field(default_factory=dict)  # group -> loss rise per byte of its cut when last measured
+
+    def __post_init__(self):
+        self.scale = {n: 1.0 for n in self.names}
+        self.progress = self.ctx.resumable(CHECKPOINT, self.key, {})
+        self.model = self.ctx.model
+        if self.progress.resumed:
+            self._restore(self.progress.state)
+        self.dense_loss, self.dense_screen_top1 = self.walk.screen_eval(self.ctx.model)
+        self.loss_now = self.cuts[-1].screen_loss if self.cuts else self.dense_loss
+        self.mem = self.ctx.memory(self.model)
+        self.top1 = self.cuts[-1].calib_top1 if self.cuts else self.dense_top1
+
+    def _restore(self, saved: dict) -> None:
+        cuts = [Cut(**c) for c in saved["cuts"]]
+        model = self.ctx.replay(cuts, lambda m, c: _apply_cut(self.ctx, self.walk, m, c), "shrink")
+        if model is None:
+            return
+        self.ctx.log(f"shrink: resumed after {len(cuts)} accepted cuts")
+        self.model, self.cuts = model, cuts
+        self.rejected, self.scale, self.finished, self.cap = saved["rejected"], saved["scale"], saved["finished"], \
+            saved["cap"]
+        self.steps_without_cut = saved["steps_without_cut"]
+        self.stale.update({g: (math.inf if v is None else v) for g, v in saved["stale"].items()})
+
+    def save(self) -> None:
+        self.progress.state.update(
+            cuts=[c.to_dict() for c in self.cuts], rejected=self.rejected, scale=self.scale, cap=self.cap,
+            finished=self.finished, steps_without_cut=self.steps_without_cut,
+            # the lazy greedy's last measured costs (None: infinite), so a resumed run measures the
+            # same groups as an uninterrupted one would
+            stale={g: (None if math.isinf(v) else v) for g, v in self.stale.items()})
+        self.progress.save()
+
+    def reject(self, group: str, cand: _Candidate, drop: float, step: int) -> None:
+        """A cut that breaks the limit: undone; the group's cuts halve, or it is finished."""
+        before, after = group_map(self.model)[group].size, group_map(cand.model)[group].size
+        self.rejected.append({"group": group, "at_step": step + 1, "acc_drop": round(drop, 4), "units": before - after})
+        low = self.walk.min_units(group)
+        half = (before - after) // 2 // low * low  # whole smallest cuts
+        if half < low:
+            self.finished.append(group)  # even its smallest cut breaks the limit
+            self.stale.pop(group, None)
+            self.ctx.log(f"shrink: cutting {group} {before} -> {after} breaks the limit (drop {drop:.2f}); it is "
+                         "finished")
+        else:
+            self.scale[group] /= 2
+            self.cap[group] = half
+            self.stale[group] = math.inf  # measured again at the next refresh
+            self.ctx.log(f"shrink: cutting {group} {before} -> {after} breaks the limit (drop {drop:.2f}); its cuts "
+                         "halve")
+
+    def stop_reason(self, step: int, budget: int | None) -> str | None:
+        if step >= MAX_STEPS:
+            return f"reached {MAX_STEPS} steps"
+        if budget is not None and self.mem <= budget:
+            return "memory budget met"
+        if not [n for n in self.names if n not in self.finished]:
+            return "every group is at its limit (a smaller cut breaks the accuracy limit or nothing is left)"
+        return None
+
+    def candidates(self, step: int, budget: int | None) -> tuple[list[_Candidate], int]:
+        """This step's candidates: the FRESH groups last measured cheapest (every group every REFRESH
+        steps), each with its next cut measured; (the candidates, how many groups were measured)."""
+        live = [n for n in self.names if n not in self.finished]
+        if not self.stale or step % self.S["refresh"] == 0:
+            todo = live
+        else:
+            todo = sorted(live, key=lambda n: (self.stale.get(n, -math.inf), n))[:self.S["fresh"]]
+        found = []
+        need = None if budget is None else self.mem - budget  # bytes still over the budget
+        for n in todo:
+            cand = self.walk.candidate(self.model, self.mem, self.loss_now, n,
+                                       self.walk.units(self.model, n, self.scale[n], self.cap.get(n), need), need)
+            if cand is None:  # nothing left to cut, or too little to be worth a pass
+                self.finished.append(n)
+                self.stale.pop(n, None)
+                continue
+            # When the screening images are the whole calibration split, a candidate they already put
+            # over the limit is not worth a check (a subset is too noisy to reject anything: on 512
+            # images one standard error is over a point).
+            screen_drop = (self.dense_screen_top1 - cand.top1) * 100
+            if self.walk.screen_is_check and screen_drop > self.walk_L + _EPS:
+                self.reject(n, cand, screen_drop, step)
+                continue
+            self.stale[n] = cand.priority
+            found.append(cand)
+        return found, len(todo)
+
+    def take(self, best: _Candidate, measured: int, step: int) -> None:
+        """Check the cheapest candidate against the limit: accept it, or undo it."""
+        size_before = group_map(self.model)[best.group].size
+        self.walk.recalibrate(best.model, best.group, check=True)  # the statistics it is checked and returned with
+        cal = self.walk.check_top1(best.model)
+        drop = (self.dense_top1 - cal) * 100
+        if drop > self.walk_L + _EPS:
+            self.reject(best.group, best, drop, step)
+            self.steps_without_cut += 1
+            return
+        self.model, self.mem, self.loss_now, self.top1 = best.model, best.memory_bytes, best.loss, cal
+        size_after = group_map(self.model)[best.group].size
+        dense_bytes = self.ctx.constraints.dense_bytes
+        cut = Cut(best.group, size_before, size_after, self.mem, 1 - self.mem / dense_bytes, best.loss, cal,
+                  round(drop, 4), best.priority * 1e6, measured, best.kept)
+        self.cuts.append(cut)
+        self.stale.pop(best.group, None)  # its next cut starts from a new width: measure it again
+        self.ctx.log(f"shrink: cut {len(self.cuts)}: {best.group} {size_before} -> {size_after}; memory "
+                     f"{format_bytes(self.mem)} ({cut.memory_saved:.2%} saved), calib top-1 {cal:.2%} (drop {drop:.2f})")
+
+    def run(self, budget: int | None) -> str:
+        """Walk until a stop; returns why it stopped."""
+        while True:
+            step = len(self.cuts) + self.steps_without_cut
+            stop = self.stop_reason(step, budget)
+            if stop is not None:
+                return stop
+            found, measured = self.candidates(step, budget)
+            if not found:
+                self.steps_without_cut += 1
+            else:
+                self.take(min(found, key=lambda c: (c.priority, c.group)), measured, step)
+            self.save()
+
+
+@register_policy("shrink", options=OPTIONS, after_finetune=True,
                  help="ours: one small cut at a time, each group's next cut measured after re-estimating "
                       "BatchNorm, the cheapest per byte taken, until the accuracy limit or memory budget")
 def shrink(ctx: PruneContext) -> PolicyResult:
     """shrink (module docstring)."""
-    S = _settings(ctx.options)
+    S = _settings(ctx)
     cons = ctx.constraints
-    L, budget = cons.max_acc_drop, cons.budget_bytes
-    after = ctx.limit_after_finetune
-    # With the limit on the fine-tuned model, the walk goes further than the limit (fine-tuning
-    # recovers part of the loss) and short distillation probes then choose how far to keep.
-    # With a memory target as well, the target says how far to cut and the run's fine-tuning and check
-    # judge the limit: the walk goes to the target (no limit before fine-tuning unless --walk-drop).
-    walk_L = L if not after else (S["walk_drop"] if S["walk_drop"] is not None else
-                                  100.0 if budget is not None else min(100.0, 4 * L + 4))
-    holdout = S.get("holdout", 0.0)
-    walk = _Walk(ctx, S["step"], S["recal_images"], S["screen_images"], S["check_recal_images"], holdout)
+    L, budget, after = cons.max_acc_drop, cons.budget_bytes, ctx.limit_after_finetune
+    walk_L = _walk_limit(S, L, after, budget)
+    walk = _Walk(ctx, S["step"], S["recal_images"], S["screen_images"], S["check_recal_images"], S.get("holdout", 0.0))
     dense_top1 = ctx.dense_calib_top1 if walk.check is None else walk.check_top1(ctx.model)  # on what the walk checks
     patterns = [p.strip() for p in ctx.groups.split(",") if p.strip()]
     names = [n for n in walk.dense_groups if any(fnmatch.fnmatch(n, p) for p in patterns)]  # --groups
     # "walk": the version of the walk's rules; progress saved under other rules starts afresh
     key = {"walk": 2, "settings": S, "max_acc_drop": L, "walk_drop": walk_L, "budget": budget,
            "precision": cons.precision, "importance": ctx.importance, "round_to": ctx.round_to, "groups": names}
-
-    model, cuts, rejected = ctx.model, [], []
-    scale = {n: 1.0 for n in names}  # halved for a group each time its cut breaks the limit
-    # A group's next cut is at most half the units of its last cut that broke the limit: halving the
-    # scale alone changes nothing while MAX_CUT, not the scale, sizes the cut.
-    cap: dict[str, int] = {}
-    finished: list[str] = []
-    steps_without_cut = 0
-    stale: dict[str, float] = {}  # group -> loss rise per byte of its cut when last measured
-    restored = _replay(ctx, walk, ctx.load_checkpoint(CHECKPOINT), key)
-    if restored:
-        model, cuts, saved = restored
-        rejected, scale, finished, cap = saved["rejected"], saved["scale"], saved["finished"], saved["cap"]
-        steps_without_cut = saved["steps_without_cut"]
-        stale.update({g: (math.inf if v is None else v) for g, v in saved["stale"].items()})
-    dense_loss, dense_screen_top1 = walk.screen_eval(ctx.model)
-    loss_now = cuts[-1].screen_loss if cuts else dense_loss
-    mem = ctx.memory(model)
-    top1 = cuts[-1].calib_top1 if cuts else dense_top1
-    stop = f"reached {MAX_STEPS} steps"
+    g = _Greedy(ctx, walk, S, names, walk_L, dense_top1, key)
     ctx.log(f"shrink: {len(names)} groups, each cut saving about {S['step']:.0%} of the memory, BatchNorm re-estimated on "
-            f"{sum(len(y) for _, y in walk.recal)} training images after each")
-
-    def save():
-        ctx.checkpoint(CHECKPOINT, {"key": key, "cuts": [c.to_dict() for c in cuts], "rejected": rejected,
-                                    "scale": scale, "cap": cap, "finished": finished,
-                                    "steps_without_cut": steps_without_cut,
-                                    # the lazy greedy's last measured costs (None: infinite), so a resumed
-                                    # run measures the same groups as an uninterrupted one would
-                                    "stale": {g: (None if math.isinf(v) else v) for g, v in stale.items()}})
-
-    def reject(group: str, cand: _Candidate, drop: float, step: int) -> None:
-        """A cut that breaks the limit: undone; the group's cuts halve, or it is finished."""
-        before, after = group_map(model)[group].size, group_map(cand.model)[group].size
-        rejected.append({"group": group, "at_step": step + 1, "acc_drop": round(drop, 4), "units": before - after})
-        low = walk.min_units(group)
-        half = (before - after) // 2 // low * low  # whole smallest cuts
-        if half < low:
-            finished.append(group)  # even its smallest cut breaks the limit
-            stale.pop(group, None)
-            ctx.log(f"shrink: cutting {group} {before} -> {after} breaks the limit (drop {drop:.2f}); it is finished")
-        else:
-            scale[group] /= 2
-            cap[group] = half
-            stale[group] = math.inf  # measured again at the next refresh
-            ctx.log(f"shrink: cutting {group} {before} -> {after} breaks the limit (drop {drop:.2f}); its cuts halve")
-
-    while True:
-        step = len(cuts) + steps_without_cut
-        if step >= MAX_STEPS:
-            break
-        if budget is not None and mem <= budget:
-            stop = "memory budget met"
-            break
-        live = [n for n in names if n not in finished]
-        if not live:
-            stop = "every group is at its limit (a smaller cut breaks the accuracy limit or nothing is left)"
-            break
-        if not stale or step % S["refresh"] == 0:
-            todo = live
-        else:
-            todo = sorted(live, key=lambda n: (stale.get(n, -math.inf), n))[:S["fresh"]]
-        found = []
-        need = None if budget is None else mem - budget  # bytes still over the budget
-        for n in todo:
-            cand = walk.candidate(model, mem, loss_now, n, walk.units(model, n, scale[n], cap.get(n), need), need)
-            if cand is None:  # nothing left to cut, or too little to be worth a pass
-                finished.append(n)
-                stale.pop(n, None)
-                continue
-            # When the screening images are the whole calibration split, a candidate they already put
-            # over the limit is not worth a check (a subset is too noisy to reject anything: on 512
-            # images one standard error is over a point).
-            screen_drop = (dense_screen_top1 - cand.top1) * 100
-            if walk.screen_is_check and screen_drop > walk_L + _EPS:
-                reject(n, cand, screen_drop, step)
-                continue
-            stale[n] = cand.priority
-            found.append(cand)
-        if not found:
-            steps_without_cut += 1
-            save()
-            continue
-        best = min(found, key=lambda c: (c.priority, c.group))
-        del found
-        size_before = group_map(model)[best.group].size
-        walk.recalibrate(best.model, best.group, check=True)  # the statistics the model is checked and returned with
-        cal = walk.check_top1(best.model)
-        drop = (dense_top1 - cal) * 100
-        if drop > walk_L + _EPS:
-            reject(best.group, best, drop, step)
-            steps_without_cut += 1
-            save()
-            continue
-        model, mem, loss_now, top1 = best.model, best.memory_bytes, best.loss, cal
-        size_after = group_map(model)[best.group].size
-        cut = Cut(best.group, size_before, size_after, mem, 1 - mem / cons.dense_bytes, best.loss, cal,
-                  round(drop, 4), best.priority * 1e6, len(todo), best.kept)
-        cuts.append(cut)
-        stale.pop(best.group, None)  # its next cut starts from a new width: measure it again
-        ctx.log(f"shrink: cut {len(cuts)}: {best.group} {size_before} -> {size_after}; memory "
-                f"{format_bytes(mem)} ({cut.memory_saved:.2%} saved), calib top-1 {cal:.2%} (drop {drop:.2f})")
-        save()
-
+            f"{walk.recal_count} training images after each")
+    stop = g.run(budget)
+    cuts, mem, top1 = g.cuts, g.mem, g.top1
     ctx.log(f"shrink: stopped ({stop}): {len(cuts)} cuts, {1 - mem / cons.dense_bytes:.2%} saved, calib top-1 "
             f"{top1:.2%}; {walk.candidates_measured} candidates measured")
-    probes = held = None
+    model, probes, held = g.model, None, None
     if after and budget is not None and mem <= budget:
         # Fewer cuts would miss the target: nothing is left to choose. The run fine-tunes this model
         # and judges the limit on it (a model that breaks it is reported as such).
@@ -707,19 +666,13 @@ def shrink(ctx: PruneContext) -> PolicyResult:
     elif after:
         model, mem, top1, probes = _choose_by_distillation(ctx, walk, cuts, L, S["probe_steps"])
     elif walk.held is not None:
-        k, model, checks, dense_held = _confirm_on_held_out(ctx, walk, cuts, L)
-        mem, top1 = ctx.memory(model), ctx.calib_top1(model)  # the whole calibration split, as the run reports it
-        held = {"images": sum(len(y) for _, y in walk.held), "dense_top1": dense_held, "kept_cuts": k, "checks": checks}
-        if k < len(cuts):
-            stop = f"the walk: {stop}; then cut back to its first {k} cuts, which hold the limit on the held-out images"
-        ctx.log(f"shrink: kept the first {k} of {len(cuts)} cuts ({1 - mem / cons.dense_bytes:.2%} saved), calib top-1 "
-                f"{top1:.2%} on the whole split")
+        model, mem, top1, held, stop = _cut_back(ctx, walk, cuts, L, stop)
     met = budget is None or mem <= budget
     info = {
         "shrink": {**S, "stop_reason": stop, "memory_met": met, "candidates_measured": walk.candidates_measured,
                    "cuts": [{k: v for k, v in c.to_dict().items() if k != "kept"} for c in cuts],
-                   "rejected": rejected, "dense_screen_loss": dense_loss, "dense_screen_top1": dense_screen_top1,
-                   "bn_recalibrated_on": f"{sum(len(y) for _, y in walk.recal)} training images",
+                   "rejected": g.rejected, "dense_screen_loss": g.dense_loss, "dense_screen_top1": g.dense_screen_top1,
+                   "bn_recalibrated_on": f"{walk.recal_count} training images",
                    "limit_after_finetune": after, "walk_drop": walk_L, "probes": probes, "held_out": held},
         "shortfall": None if met else {"bytes": mem - budget, "fraction": (mem - budget) / cons.dense_bytes,
                                        "budget_bytes": budget, "memory_bytes": mem},
@@ -728,6 +681,19 @@ def shrink(ctx: PruneContext) -> PolicyResult:
         "plots": [("shrink_walk.png",
                    lambda path: plot_walk(path, cons.dense_bytes, dense_top1, cuts, L, budget, cons.precision),
                    "shrink: memory against calibration top-1 after each cut")],
-        "report_sections": [("shrink", _report(ctx, cuts, rejected, S, stop, top1, mem, walk, walk_L, probes, held))],
+        "report_sections": [("shrink", _report(ctx, cuts, g.rejected, S, stop, top1, mem, walk, walk_L, probes, held))],
     }
     return PolicyResult(model, info)
+
+
+def _cut_back(ctx: PruneContext, walk: _Walk, cuts: list[Cut], L: float, stop: str):
+    """--holdout: the walk's first cuts that hold the limit on the held-out images. Returns (model,
+    memory, calibration top-1 on the whole split, what the report says of the held-out check, stop)."""
+    k, model, checks, dense_held = _confirm_on_held_out(ctx, walk, cuts, L)
+    mem, top1 = ctx.memory(model), ctx.calib_top1(model)  # the whole calibration split, as the run reports it
+    held = {"images": len(walk.held), "dense_top1": dense_held, "kept_cuts": k, "checks": checks}
+    if k < len(cuts):
+        stop = f"the walk: {stop}; then cut back to its first {k} cuts, which hold the limit on the held-out images"
+    ctx.log(f"shrink: kept the first {k} of {len(cuts)} cuts ({1 - mem / ctx.constraints.dense_bytes:.2%} saved), "
+            f"calib top-1 {top1:.2%} on the whole split")
+    return model, mem, top1, held, stop

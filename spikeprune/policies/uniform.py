@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..errors import SpikepruneError
 from ..coupling import groups as model_groups
 from ..costs import count_macs, count_params, memory_bytes
-from ..policy_api import PolicyResult, PruneContext, register_policy
+from ..policy_api import Option, PolicyResult, PruneContext, register_policy
 from ..ratios import parse_ratios, uniform_ratio_map
 from ..report import markdown_table, plot_uniform_sweep
 from ..surgery import match_ratios
@@ -31,10 +31,8 @@ def uniform_sweep(ctx: PruneContext, ratios=None, skip=()) -> list[dict]:
     memory_saved_frac (fp32), macs.
     """
     ratios = parse_ratios(ratios if ratios is not None else ctx.uniform_ratios, "--uniform-ratios")
-    saved = ctx.load_checkpoint("uniform_sweep") or {}
-    if saved.get("skip", []) != list(skip):
-        saved = {}
-    rows = {r["ratio"]: r for r in saved.get("rows", [])}
+    step = ctx.resumable("uniform_sweep", list(skip), {"rows": []}, key_field="skip")
+    rows = {r["ratio"]: r for r in step.state["rows"]}
     dense_fp32 = memory_bytes(ctx.model)["fp32"]
     todo = [r for r in ratios if r not in rows]
     if todo:
@@ -48,7 +46,8 @@ def uniform_sweep(ctx: PruneContext, ratios=None, skip=()) -> list[dict]:
         mem = {k: int(v) for k, v in memory_bytes(model).items()}
         rows[r] = {"ratio": r, "top1": top1, "acc_drop": round(ctx.acc_drop(top1), 6), "params": int(count_params(model)),
                    "memory_bytes": mem, "memory_saved_frac": 1 - mem["fp32"] / dense_fp32, "macs": int(count_macs(model))}
-        ctx.checkpoint("uniform_sweep", {"skip": list(skip), "rows": [rows[k] for k in sorted(rows)]})
+        step.state["rows"] = [rows[k] for k in sorted(rows)]
+        step.save()
         if bar:
             bar.update(1)
     if bar:
@@ -80,30 +79,26 @@ def best_uniform(ctx: PruneContext, rows: list[dict]) -> dict | None:
     return max(ok, key=lambda r: r["ratio"])
 
 
-def _uniform_args(g) -> None:
-    g.add_argument("--uniform", type=float, default=None, metavar="R",
-                   help="remove this fraction of every channel group, in [0, 1); without it the largest ratio of "
-                        "the sweep within --max-acc-drop is chosen")
-    g.add_argument("--skip", action="append", default=[], metavar="PATTERN",
-                   help="leave groups matching this glob dense (repeatable), e.g. --skip residual --skip 'stem.*'")
+UNIFORM_OPTIONS = (
+    Option("uniform", float, None, "remove this fraction of every channel group, in [0, 1); without it the largest "
+           "ratio of the sweep within --max-acc-drop is chosen", valid=lambda r: 0 <= r < 1,
+           must="a pruning ratio in [0, 1)", metavar="R"),
+    Option("skip", str, help="leave groups matching this glob dense (repeatable), e.g. --skip residual "
+           "--skip 'stem.*'", many=True, metavar="PATTERN"),
+)
 
 
 def _uniform_check(options: dict, model) -> None:
-    """--uniform in [0, 1) and every --skip pattern matching a channel group of `model`."""
-    ratio = 0.0
-    if options.get("uniform") is not None:
-        (ratio,) = parse_ratios([options["uniform"]], "--uniform")
-    uniform_ratio_map(model, ratio, list(options.get("skip") or []))
+    """Every --skip pattern matching a channel group of `model`."""
+    uniform_ratio_map(model, 0.0, list(options.get("skip") or []))
 
 
-@register_policy("uniform", _uniform_args,
-                 "the same ratio for every channel group: --uniform R, or the largest within the accuracy limit",
-                 check=_uniform_check)
+@register_policy("uniform", help="the same ratio for every channel group: --uniform R, or the largest within the "
+                                 "accuracy limit", check=_uniform_check, options=UNIFORM_OPTIONS)
 def uniform_policy(ctx: PruneContext) -> PolicyResult:
-    skip = list(ctx.options.get("skip") or [])
-    fixed = ctx.options.get("uniform")
-    if fixed is not None:
-        (r,) = parse_ratios([fixed], "--uniform")
+    skip = ctx.option("skip")
+    r = ctx.option("uniform")
+    if r is not None:
         return PolicyResult(ctx.prune(uniform_ratio_map(ctx.model, r, skip)),
                             {"uniform_ratio": r, "selection": "fixed (--uniform)"})
 
@@ -150,18 +145,14 @@ def _parse_ratio_options(items) -> dict[str, float]:
     return ratios
 
 
-def _groups_args(g) -> None:
-    g.add_argument("--ratio", action="append", default=[], metavar="PATTERN=R",
-                   help="ratio for the groups matching a glob (repeatable), e.g. --ratio 'block*.mlp.hidden=0.5'")
-
-
 def _groups_check(options: dict, model) -> None:
     """Every --ratio well formed and every pattern matching a group of `model` (before any work)."""
     match_ratios([g.name for g in model_groups(model)], _parse_ratio_options(options.get("ratio")))
 
 
-@register_policy("groups", _groups_args, "explicit ratios per group or glob pattern (--ratio PATTERN=R)",
-                 check=_groups_check)
+@register_policy("groups", help="explicit ratios per group or glob pattern (--ratio PATTERN=R)", check=_groups_check,
+                 options=[Option("ratio", str, help="ratio for the groups matching a glob (repeatable), e.g. --ratio "
+                                 "'block*.mlp.hidden=0.5'", many=True, metavar="PATTERN=R")])
 def groups_policy(ctx: PruneContext) -> PolicyResult:
-    ratios = _parse_ratio_options(ctx.options.get("ratio"))
+    ratios = _parse_ratio_options(ctx.option("ratio"))
     return PolicyResult(ctx.prune(ratios), {"selection": "explicit (--ratio)"})
