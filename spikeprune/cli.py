@@ -11,10 +11,13 @@ modules' own `register_cli` hooks, which read the shared argument helpers when t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import NoReturn
 
@@ -577,14 +580,37 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        with distributed.launched(args):  # under torchrun: one of N processes (spikeprune.distributed)
+        with distributed.launched(args), _one_line_warnings():  # under torchrun: one of N processes
             return int(args.func(args) or 0)
     except SpikepruneError as e:
-        print(f"spikeprune: error: {e}", file=sys.stderr)
+        distributed.report_error(f"spikeprune: error: {e}", e)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        distributed.report_error(f"spikeprune: error: {os.strerror(e.errno).lower()}{where}; free some space (or "
+                                 "choose an output on another disk) and run the command again: finished outputs "
+                                 "are kept, partial ones were not written", e)
         return 2
     except KeyboardInterrupt:
         print("spikeprune: interrupted; finished outputs are kept, partial ones were not written", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Warnings shown as `spikeprune: warning: MESSAGE`, without the Python file, line and source
+    line that follow it by default (they name our code, not the user's input)."""
+    def one_line(message, category, filename, lineno, line=None):
+        return f"spikeprune: warning: {message}\n"
+
+    before = warnings.formatwarning
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = before
 
 
 def entry_point() -> NoReturn:

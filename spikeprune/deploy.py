@@ -563,6 +563,9 @@ def _check_path(path, overwrite: bool) -> Path:
     if path.exists() and not overwrite:
         raise SpikepruneError(f"{path} exists; pass overwrite=True (--force) to replace it")
     if not path.parent.is_dir():
+        above = next((q for q in path.parents if q.exists()), None)
+        if above is not None and not above.is_dir():
+            raise SpikepruneError(f"cannot write {path}: {above} is a file, not a folder")
         raise SpikepruneError(f"the folder {path.parent} does not exist")
     return path
 

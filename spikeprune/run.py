@@ -55,7 +55,7 @@ from .policy_api import Constraints, PolicyResult, PolicySpec, PruneContext, get
 from .ratios import DEFAULT_SENSITIVITY_RATIOS, UNIFORM_GRID, parse_ratios
 from .record import PruningRecord
 from .report import plot_tradeoff, write_report
-from .serialization import is_saved_model, load_model, save_model, write_json
+from .serialization import is_saved_model, load_model, refuse_symlink, save_model, write_json
 from .stats import resolution_warning
 from .surgery import record_of
 from .training import evaluate, finetune
@@ -257,7 +257,7 @@ def check_writable(path: str | Path, folder: bool = True) -> None:
     """Refuse an output path that cannot be written -- a read-only folder or file system, a file
     where a folder must go -- with one line, before any work. `folder`: path is a folder to create
     or fill (else a file to write)."""
-    path = Path(path)
+    path = refuse_symlink(path, "output folder" if folder else "output file")
     probe = path if folder else path.parent
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
