@@ -37,7 +37,9 @@ from .report import format_summary_table
 from .run import LATENCY_REPEATS, MEASURE_IMAGES, RunSettings, check_writable, run
 from .sensitivity import analyze
 from .serialization import is_saved_model, load_model
-from .training import check_output_folder, check_training_settings, evaluate, finetune, train
+from .stats import few_images_warning
+from .training import (check_output_folder, check_teacher_fits, check_training_settings, evaluate, finetune,
+                       train)
 
 DATA_HELP = ("dataset as NAME[:PATH]: mnist5k (bundled), digits (bundled), fashion-mnist[:DIR] and mnist:DIR (the "
              "original IDX files; `make data` brings Fashion-MNIST), cifar10:DIR, cifar100:DIR (python-batch "
@@ -406,6 +408,7 @@ def cmd_train(args) -> int:
     model = _resolve_seeded(args)
     model, history = train(model, args.data, args.epochs, **_training_kwargs(args))
     test = evaluate(model, args.data, split="test", device=args.device, progress=not args.quiet)
+    _warn_few_images("the test top-1", test)
     last = history[-1] if history else {}
     calib = f"calib top-1 {last['calib_top1']:.2%}, " if last.get("calib_top1") is not None else ""
     print(f"trained {_describe_model(model, args.model_spec)} for {len(history)} epochs on {args.data}: "
@@ -413,6 +416,12 @@ def cmd_train(args) -> int:
     print(f"saved to {args.out}  (try: spikeprune evaluate {args.out} --data {args.data})")
     _print_best(args.out, history)
     return 0
+
+
+def _warn_few_images(what: str, m: dict) -> None:
+    text = few_images_warning(what, m["n"], m["top1"])
+    if text:
+        warnings.warn(text, stacklevel=2)
 
 
 def _print_best(out, history: list[dict]) -> None:
@@ -431,6 +440,7 @@ def cmd_evaluate(args) -> int:
     model = resolve_model(args)
     m = evaluate(model, args.data, split=args.split, batch_size=args.batch_size, device=args.device,
                  max_batches=args.max_batches, progress=not args.quiet, workers=args.workers)
+    _warn_few_images(f"the {args.split} top-1", m)
     k = min(5, model.cfg.num_classes) if hasattr(model, "cfg") else 5
     if args.json:
         print_json({"model": args.model_spec, "data": args.data, "split": args.split, **m, "top5_k": k})
@@ -449,16 +459,19 @@ def cmd_finetune(args) -> int:
     teacher = None
     if args.teacher:
         teacher = resolve_model(argparse.Namespace(model_spec=args.teacher, preset=None, checkpoint=None, overrides=[]))
+        check_teacher_fits(teacher, model)  # before the "before" figures are measured
     progress = not args.quiet
 
     def accuracy(m):
-        return {s: evaluate(m, args.data, split=s, device=args.device, progress=progress)["top1"]
+        return {s: evaluate(m, args.data, split=s, device=args.device, progress=progress)
                 for s in ("calib", "test")}
 
-    before = accuracy(model)
+    before = {s: m["top1"] for s, m in accuracy(model).items()}
     model, history = finetune(model, args.data, args.epochs, teacher=teacher, kd_weight=args.kd_weight,
                               kd_temperature=args.kd_temperature, **_training_kwargs(args))
     after = accuracy(model)
+    _warn_few_images("the test top-1 after fine-tuning", after["test"])
+    after = {s: m["top1"] for s, m in after.items()}
     if args.json:
         print_json({"model": args.model_spec, "data": args.data, "teacher": args.teacher, "out": args.out,
                     "before": before, "after": after, "history": history})

@@ -239,6 +239,19 @@ def check_training_settings(*, epochs: int, lr: float, weight_decay: float = 0.0
         _check_count(nm("threads"), threads, minimum=1)
 
 
+def check_teacher_fits(teacher: nn.Module, model: nn.Module) -> None:
+    """The teacher sees the student's images and its logits are compared class by class: image size,
+    channels and classes must agree (else distillation fails at its first batch, minutes in)."""
+    t_cfg, s_cfg = getattr(teacher, "cfg", None), getattr(model, "cfg", None)
+    if t_cfg is None or s_cfg is None:
+        return
+    wrong = [f"{k} {getattr(t_cfg, k)} (the model: {getattr(s_cfg, k)})" for k in ("img_size", "in_channels", "num_classes")
+             if hasattr(t_cfg, k) and hasattr(s_cfg, k) and getattr(t_cfg, k) != getattr(s_cfg, k)]
+    if wrong:
+        raise SpikepruneError(f"the teacher (--teacher) does not fit the model it would teach: it has {', '.join(wrong)}; "
+                              "distil from a model of the same input and classes (e.g. the dense model)")
+
+
 def check_output_folder(out_dir, resume: bool = False, overwrite: bool = False) -> Path:
     """Refuse, before any work, an output folder train() could not use: a file, an unwritable place,
     a folder with another run (unless resume / overwrite), a config.json spikeprune did not write
@@ -449,6 +462,7 @@ def train(model: nn.Module, data, epochs: int, *, lr: float = 5e-4, weight_decay
     check_finite(model, "the model to train")
     if teacher is not None:
         check_finite(teacher, "the teacher")
+        check_teacher_fits(teacher, model)
     if out_dir is not None:  # rank 0 checks (and cleans) the folder; its verdict reaches every process
         distributed.from_main(lambda: check_output_folder(out_dir, resume=resume, overwrite=overwrite),
                               "checking the output folder")

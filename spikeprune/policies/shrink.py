@@ -508,7 +508,7 @@ def _report(ctx: PruneContext, cuts: list[Cut], rejected: list[dict], settings: 
         for pr in sorted(probes, key=lambda p: p["k"]):
             lines.append(f"| {pr['k']} | {pr['memory_saved']:.2%} | {pr['calib_top1_before']:.2%} "
                          f"| {pr['calib_top1']:.2%} | {pr['acc_drop']:.2f} | {'yes' if pr['ok'] else 'no'} |")
-    lines += ["", f"Search cost: {walk.candidates_measured} candidates measured this session, each one BatchNorm "
+    lines += ["", f"Search cost: {walk.candidates_measured} candidates measured (over every session of the run), each one BatchNorm "
                   f"re-estimation ({settings['recal_images']} images) and one screening pass."]
     return "\n".join(lines)
 
@@ -568,6 +568,11 @@ def _settings(options: dict) -> dict:
 
 def _check(options: dict, model) -> None:
     _settings(options)
+    if not options.get("limit_after_finetune"):  # set by the run (policy_api: after_finetune policies)
+        given = [f"--{k.replace('_', '-')}" for k in ("walk_drop", "probe_steps") if options.get(k) is not None]
+        if given:
+            raise SpikepruneError(f"{' and '.join(given)} only apply with --limit-after-finetune (the walk past the "
+                                  "limit and the probes that fine-tune it); add it, or drop them")
 
 
 @register_policy("shrink", add_args=_add_args, check=_check, after_finetune=True,
@@ -607,6 +612,7 @@ def shrink(ctx: PruneContext) -> PolicyResult:
         model, cuts, saved = restored
         rejected, scale, finished, cap = saved["rejected"], saved["scale"], saved["finished"], saved["cap"]
         steps_without_cut = saved["steps_without_cut"]
+        walk.candidates_measured = int(saved.get("candidates_measured", 0))  # the earlier sessions' too
         stale.update({g: (math.inf if v is None else v) for g, v in saved["stale"].items()})
     dense_loss, dense_screen_top1 = walk.screen_eval(ctx.model)
     loss_now = cuts[-1].screen_loss if cuts else dense_loss
@@ -620,6 +626,7 @@ def shrink(ctx: PruneContext) -> PolicyResult:
         ctx.checkpoint(CHECKPOINT, {"key": key, "cuts": [c.to_dict() for c in cuts], "rejected": rejected,
                                     "scale": scale, "cap": cap, "finished": finished,
                                     "steps_without_cut": steps_without_cut,
+                                    "candidates_measured": walk.candidates_measured,
                                     # the lazy greedy's last measured costs (None: infinite), so a resumed
                                     # run measures the same groups as an uninterrupted one would
                                     "stale": {g: (None if math.isinf(v) else v) for g, v in stale.items()}})
