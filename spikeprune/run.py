@@ -563,7 +563,7 @@ def _measure_model(ctx: PruneContext, model: nn.Module, name: str) -> dict:
         model, data=test, device=ctx.device, n_images=min(s.measure_images, len(test)), batch_size=64,
         latency=True, latency_batch=1, repeats=s.latency_repeats, warmup=2), f"measuring the {name} model")
     t = m["total"]
-    out = {"top1": acc["top1"], "top5": acc["top5"], "params": int(t["params"]),
+    out = {"top1": acc["top1"], "top5": acc["top5"], "images": int(acc["n"]), "params": int(t["params"]),
            "memory_bytes": {k: int(v) for k, v in t["memory_bytes"].items()},
            "deployed_bytes": {k: int(v) for k, v in deployed_memory_bytes(model).items() if k != "params"},
            "macs": int(t["macs"]), "sops": t.get("sops"), "energy_mj": t.get("energy_mj"),
@@ -702,6 +702,7 @@ def _run_locked(s: RunSettings, model: nn.Module, spec: PolicySpec, ctx: PruneCo
         "policy": s.policy, "model": s.model_spec, "data": s.data,
         "dense": figures["dense"], "pruned": figures["pruned"], "finetuned": figures["finetuned"],
         "memory_saved": checks["memory_saved"],
+        "test_images": len(ctx.dataset("test")),  # what every test figure rests on (the report states it)
         "constraints": ctx.constraints.to_dict(),
         "constraints_met": bool(checks["acc_ok"] and checks["memory_ok"]),
         "constraint_checks": checks,

@@ -80,7 +80,7 @@ from ..errors import SpikepruneError
 from ..coupling import group_map
 from ..coupling import groups as model_groups
 from ..importance import scores
-from ..plots import FIGSIZE, new_figure, save_figure
+from ..plots import FIGSIZE, label_points, limit_line, new_figure, save_figure
 from ..policy_api import Constraints, PolicyResult, PruneContext, register_policy
 from ..surgery import SpikepruneWarning, plan
 from ..surgery import prune as surgery_prune
@@ -460,10 +460,7 @@ def plot_trajectory(path, dense_bytes: int, dense_top1: float, steps: Sequence[S
     ys = [100 * dense_top1] + [100 * s.calib_top1 for s in steps]
     ax.plot(xs, ys, "o-", color="tab:blue", ms=5, lw=1.2, label="after each step")
     ax.plot(xs[:1], ys[:1], "k*", ms=13, label="dense")
-    for i, s in enumerate(steps, 1):
-        ax.annotate(f"{i}. {s.group} (-{s.ratio:.0%})", (xs[i], ys[i]), textcoords="offset points",
-                    xytext=(4, 6 if i % 2 else -12), fontsize=7)
-    ax.axhline(100 * dense_top1 - max_acc_drop, color="tab:red", ls="--", lw=1, label=f"accuracy limit (-{max_acc_drop:g} pts)")
+    limit_line(ax, 100 * dense_top1 - max_acc_drop, f"accuracy limit (-{max_acc_drop:g} pts)")
     if budget_bytes is not None:
         ax.axvline(budget_bytes / 1e6, color="tab:green", ls="--", lw=1, label=f"memory budget ({format_bytes(budget_bytes)})")
     ax.invert_xaxis()  # compression proceeds to the right
@@ -472,6 +469,7 @@ def plot_trajectory(path, dense_bytes: int, dense_top1: float, steps: Sequence[S
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     ax.set_title("PrimeSVT compression trajectory (largest robust groups first)")
+    label_points(ax, xs[1:], ys[1:], [f"{s.group} (-{s.ratio:.0%})" for s in steps], key_title="step")
     save_figure(fig, path)
 
 
@@ -482,7 +480,8 @@ def _report_section(cons: Constraints, divisor: float, max_ratio: float, refine:
     L = cons.max_acc_drop
     lines = [
         f"Limit {L:g} points of calibration top-1; memory counted at **{cons.precision}** "
-        f"(dense {format_bytes(cons.dense_bytes)}, smallest reachable {format_bytes(cons.min_bytes)}); "
+        f"(dense {format_bytes(cons.dense_bytes)}; {format_bytes(cons.min_bytes)} if every group kept only its "
+        "minimum width, the floor no pruning goes below); "
         + (f"budget {format_bytes(cons.budget_bytes)} ({cons.budget_bytes:,} bytes, a saving of "
            f"{cons.saving:.2%})." if cons.budget_bytes is not None else "no memory target: every robust group "
            "is compressed as far as the limit allows."),
@@ -499,7 +498,9 @@ def _report_section(cons: Constraints, divisor: float, max_ratio: float, refine:
         worst = "-" if j.worst_drop is None else f"{j.worst_drop:.2f}"
         lines.append(f"| {i} | {g.name} | {g.params:,} | {format_bytes(g.memory_bytes)} | {'yes' if j.robust else 'no'} "
                      f"| {worst} | {j.reason} |")
-    lines += ["", "Compression steps (calibration split, cumulative model):", ""]
+    lines += ["", "Compression steps (calibration split, cumulative model; width: the group's width before and after "
+              "this step, after the steps above it; passes: the calibration passes, i.e. evaluations of a candidate "
+              "model on the calibration split, this step's search spent):", ""]
     if out.steps:
         lines += ["| step | group | width | removed | calib top-1 | drop (points) | memory | saved | passes | why |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -524,7 +525,8 @@ def _report_section(cons: Constraints, divisor: float, max_ratio: float, refine:
                      "--max-acc-drop, count memory at a lower --precision, or fine-tune and prune again.")
     else:
         lines.append(f"No memory target: {1 - out.memory_bytes / cons.dense_bytes:.2%} saved within the limit.")
-    lines.append(f"Search cost: {out.evaluations} calibration passes and {out.surgeries} surgeries in this session.")
+    lines.append(f"Search cost: {out.evaluations} calibration passes (the steps' passes above) and {out.surgeries} "
+                 "surgeries in this session.")
     return "\n".join(lines)
 
 

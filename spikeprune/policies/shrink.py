@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from ..coupling import group_map
 from ..errors import SpikepruneError
 from ..importance import scores
-from ..plots import FIGSIZE, new_figure, save_figure
+from ..plots import FIGSIZE, label_points, limit_line, new_figure, save_figure
 from ..policy_api import PolicyResult, PruneContext, minimum_kept, register_policy
 from ..surgery import SpikepruneWarning, plan
 from ..surgery import prune as surgery_prune
@@ -417,12 +417,7 @@ def plot_walk(path, dense_bytes: int, dense_top1: float, cuts: list[Cut], max_ac
     ys = [100 * dense_top1] + [100 * c.calib_top1 for c in cuts]
     ax.plot(xs, ys, "o-", color="tab:purple", ms=4, lw=1.2, label="after each cut (BatchNorm re-estimated)")
     ax.plot(xs[:1], ys[:1], "k*", ms=13, label="dense")
-    for i, c in enumerate(cuts, 1):
-        if len(cuts) <= 20 or i % max(1, len(cuts) // 15) == 0 or i == len(cuts):
-            ax.annotate(f"{i}. {c.group}", (xs[i], ys[i]), textcoords="offset points",
-                        xytext=(4, 6 if i % 2 else -12), fontsize=6)
-    ax.axhline(100 * dense_top1 - max_acc_drop, color="tab:red", ls="--", lw=1,
-               label=f"accuracy limit (-{max_acc_drop:g} pts)")
+    limit_line(ax, 100 * dense_top1 - max_acc_drop, f"accuracy limit (-{max_acc_drop:g} pts)")
     if budget_bytes is not None:
         ax.axvline(budget_bytes / 1e6, color="tab:green", ls="--", lw=1, label=f"memory budget ({format_bytes(budget_bytes)})")
     ax.invert_xaxis()
@@ -431,6 +426,7 @@ def plot_walk(path, dense_bytes: int, dense_top1: float, cuts: list[Cut], max_ac
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     ax.set_title("shrink: one cut at a time, the cheapest per byte")
+    label_points(ax, xs[1:], ys[1:], [c.group for c in cuts], key_title="cut")
     save_figure(fig, path)
 
 
