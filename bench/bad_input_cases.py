@@ -177,6 +177,8 @@ class Case:
     before_work: bool = False      # must be refused before any forward pass
     needs_readonly: bool = False
     setup: Callable | None = None  # (world, tmp) -> None: files the row's input needs, made before the snapshot
+    around: Callable | None = None  # (world, tmp) -> context manager the row runs in (e.g. a full disk)
+    may_leave: str | None = None   # regex of paths the row may add (a run folder kept to resume); never a temporary
 
 
 def _prune(w, tmp, *extra, out=None):
@@ -305,6 +307,160 @@ def _empty_class_dataset(w, tmp):
     from spikeprune.data import load_dataset
 
     return lambda: load_dataset(f"imagefolder:{w.imagefolder_empty_class}", "train", img_size=16)
+
+
+# --- helpers of the second audit's rows (issue 23) -------------------------------------------------
+def _training_leftovers(tmp: Path) -> Path:
+    """A folder that looks like a training output but holds the user's files under its names."""
+    d = _user_folder(tmp, "out", {"history.json": '{"mine": "the user\'s history"}'})
+    (d / "checkpoint").mkdir()
+    (d / "checkpoint" / "mine.txt").write_text("the user's notes")
+    (d / "best").mkdir()
+    (d / "best" / "photo.txt").write_text("a photo")
+    return d
+
+
+def _link(tmp: Path, target: Path, name: str = "link") -> Path:
+    link = tmp / name
+    link.symlink_to(target, target_is_directory=True)
+    return link
+
+
+def _idx_file(path: Path, dims: list[int], body: bytes) -> None:
+    ndim = len(dims)
+    path.write_bytes(bytes([0, 0, 8, ndim]) + b"".join(d.to_bytes(4, "big") for d in dims) + body)
+
+
+def _idx_folder(tmp: Path, train_labels: list[int], header_dims: list[int] | None = None) -> Path:
+    """mnist:DIR files of 8x8 images; header_dims replaces the train images' declared dimensions."""
+    import numpy as np
+
+    d = tmp / "idx"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    n_train, n_test = len(train_labels), 10
+    # an overflowing header declares 2619255648 x 1845099 x 3817, which wraps to 1568 in 64-bit arithmetic:
+    # the body has those 1568 bytes, so a check in int64 passes and the reshape fails (the audit's file)
+    _idx_file(d / "train-images-idx3-ubyte", header_dims or [n_train, 8, 8],
+              rng.integers(0, 255, 1568 if header_dims else n_train * 64, dtype=np.uint8).tobytes())
+    _idx_file(d / "train-labels-idx1-ubyte", [n_train], bytes(train_labels))
+    _idx_file(d / "t10k-images-idx3-ubyte", [n_test, 8, 8], rng.integers(0, 255, n_test * 64, dtype=np.uint8).tobytes())
+    _idx_file(d / "t10k-labels-idx1-ubyte", [n_test], bytes(range(10)))
+    return d
+
+
+@contextlib.contextmanager
+def _full_disk(module: str, name: str, error: Callable):
+    """Writing through `module.name` fails as a full disk does (`error()` is the exception)."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    original = getattr(mod, name)
+
+    def fails(*args, **kwargs):
+        raise error()
+    setattr(mod, name, fails)
+    try:
+        yield
+    finally:
+        setattr(mod, name, original)
+
+
+def _safetensors_full():
+    from safetensors import SafetensorError  # the text safetensors gives for ENOSPC
+
+    return SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                           '"No space left on device" })')
+
+
+def _enospc():
+    import errno
+
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _hold_run_lock(w, tmp):
+    """Another run holds the lock of tmp/run (flock: the same process on another descriptor counts)."""
+    import fcntl
+
+    fd = os.open(tmp / ".run.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"process 12345")
+    _HELD_LOCKS.append(fd)  # released at the end of the row (run_case)
+
+
+_HELD_LOCKS: list[int] = []
+
+
+def _pruned_folder(w, tmp, edit: Callable | None = None, fingerprint: bool = True) -> Path:
+    """A saved pruned tiny model; `edit(meta)` changes its config.json afterwards; without
+    `fingerprint` the weights carry no config hash (a file saved by an earlier version)."""
+    from safetensors.torch import load_file, save_file
+
+    from spikeprune.serialization import load_model, save_model
+    from spikeprune.surgery import prune
+
+    d = save_model(prune(load_model(w.model), {"block0.mlp.hidden": 0.5}), tmp / "pruned")
+    if not fingerprint:
+        weights = d / "model.safetensors"
+        save_file(load_file(str(weights)), str(weights), metadata={"format": "pt"})
+    if edit is not None:
+        meta = json.loads((d / "config.json").read_text())
+        edit(meta)
+        (d / "config.json").write_text(json.dumps(meta))
+    return d
+
+
+def _edit_kept(meta):
+    meta["pruning"]["kept"]["block0.mlp.hidden"] = meta["pruning"]["kept"]["block0.mlp.hidden"][:4]
+
+
+def _edit_heads(meta):
+    meta["config"]["num_heads"] = 4  # 16 channels as 4 heads of 4: the same tensor shapes
+
+
+def _saved_tiny(tmp: Path, name: str, **overrides) -> Path:
+    from spikeprune.models import create_model
+    from spikeprune.serialization import save_model
+
+    return save_model(create_model(PRESET, **{**TINY, **overrides}), tmp / name)
+
+
+def _replay_on_other_weights(w, tmp):
+    from spikeprune.models import create_model
+    from spikeprune.serialization import load_model
+    from spikeprune.surgery import prune
+
+    small = prune(load_model(w.model), {"block0.mlp.hidden": 0.5})
+    torch.manual_seed(1)
+    other = create_model(PRESET, **TINY).eval()  # the same preset and widths, other weights
+    return lambda: prune(other, small.pruning)
+
+
+def _one_class_idx(w, tmp):
+    from spikeprune.data import load_dataset
+
+    folder = _idx_folder(tmp, [3] * 20)
+    return lambda: load_dataset(f"mnist:{folder}", "train")
+
+
+def _train_on_two_images(w, tmp):
+    from spikeprune.cli import main
+
+    folder = tmp / "two-images"
+    _image_folder(folder, {"a": 1, "b": 1})
+    for p in (folder / "val" / "b").iterdir():
+        p.unlink()  # val/: one image
+
+    def go():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the empty val/b class is not what this row is about
+            warnings.filterwarnings("always", message=".*rests on 1 image")
+            rc = main(["train", PRESET, *TINY_SET, "--set", "in_channels=3", "--set", "num_classes=2", "--set",
+                       "img_size=16", "--data", f"imagefolder:{folder}", "--batch-size", "1", "--epochs", "1",
+                       "--quiet", "-o", str(tmp / "out")])
+        assert rc == 0
+    return go
 
 
 CASES: list[Case] = [
@@ -549,6 +705,83 @@ CASES: list[Case] = [
          lambda w, tmp: _finetune(w, tmp, "--teacher", str(tmp / "no-teacher")), r"neither a preset", before_work=True),
     Case("train --resume of a folder with another architecture", "api", _resume_other_architecture,
          r"different architecture"),
+    # --- the second audit (issue 23): user files lost ---------------------------------------------
+    Case("train -o a folder holding the user's history.json, checkpoint/, best/", "cli",
+         lambda w, tmp: _train(w, tmp, out=_training_leftovers(tmp)), r"training run did not write", before_work=True),
+    Case("train --force -o a folder holding the user's files under training names", "cli",
+         lambda w, tmp: _train(w, tmp, "--force", out=_training_leftovers(tmp)), r"training run did not write.*--force",
+         before_work=True),
+    Case("finetune -o a folder holding the user's files under training names", "cli",
+         lambda w, tmp: _finetune(w, tmp, out=_training_leftovers(tmp)), r"training run did not write",
+         before_work=True),
+    Case("train -o a folder holding one user file", "cli",
+         lambda w, tmp: _train(w, tmp, out=_user_folder(tmp)), r"did not write \(notes.txt\)", before_work=True),
+    # --- tracebacks -------------------------------------------------------------------------------
+    Case("IDX header whose dimensions overflow", "api",
+         lambda w, tmp: (lambda f=_idx_folder(tmp, [0] * 20, header_dims=[2619255648, 1845099, 3817]):
+                         __import__("spikeprune.data", fromlist=["load_dataset"]).load_dataset(f"mnist:{f}", "train")),
+         r"truncated: its header declares 2619255648 x 1845099 x 3817"),
+    Case("prune --force -o a symlink to a user folder", "cli",
+         lambda w, tmp: _prune(w, tmp, "--force", "--uniform", "0.2", out=_link(tmp, _user_folder(tmp))),
+         r"symbolic link", before_work=True),
+    Case("prune -o a dangling symlink", "cli",
+         lambda w, tmp: _prune(w, tmp, "--uniform", "0.2", out=_link(tmp, tmp / "nowhere")),
+         r"symbolic link \(to .*nowhere, which does not exist\)", before_work=True),
+    Case("train -o a symlink to a user folder", "cli",
+         lambda w, tmp: _train(w, tmp, out=_link(tmp, _user_folder(tmp, "empty", {}))), r"symbolic link",
+         before_work=True),
+    Case("finetune -o a dangling symlink", "cli",
+         lambda w, tmp: _finetune(w, tmp, out=_link(tmp, tmp / "nowhere")), r"symbolic link", before_work=True),
+    Case("save_model into a symlink to a folder", "api",
+         _save_into(lambda w, tmp: _link(tmp, _user_folder(tmp, "empty", {}))), r"symbolic link"),
+    Case("full disk while prune writes the model", "cli",
+         lambda w, tmp: _prune(w, tmp, "--uniform", "0.2"), r"no space left on the device",
+         around=lambda w, tmp: _full_disk("spikeprune.serialization", "save_file", _safetensors_full),
+         may_leave=r"/case/run(/|$)"),
+    Case("full disk while prune writes summary.json", "cli",
+         lambda w, tmp: _prune(w, tmp, "--uniform", "0.2"), r"no space left on device.*free some space",
+         around=lambda w, tmp: _full_disk("spikeprune.run", "write_json", _enospc), may_leave=r"/case/run(/|$)"),
+    Case("full disk while train writes its checkpoint", "cli", lambda w, tmp: _train(w, tmp),
+         r"no space left on the device",
+         around=lambda w, tmp: _full_disk("spikeprune.serialization", "save_file", _safetensors_full)),
+    Case("full disk while finetune writes its history", "cli", lambda w, tmp: _finetune(w, tmp),
+         r"no space left on device",
+         around=lambda w, tmp: _full_disk("spikeprune.training", "write_json", _enospc), may_leave=r"/case/ft(/|$)"),
+    # --- silent wrong -----------------------------------------------------------------------------
+    Case("config.json whose pruning record disagrees with the weights (fingerprinted)", "api",
+         lambda w, tmp: (lambda d=_pruned_folder(w, tmp, _edit_kept):
+                         __import__("spikeprune.serialization", fromlist=["x"]).load_model(d)),
+         r"not the config these weights were saved with"),
+    Case("config.json whose pruning record disagrees with the weights (no fingerprint)", "api",
+         lambda w, tmp: (lambda d=_pruned_folder(w, tmp, _edit_kept, fingerprint=False):
+                         __import__("spikeprune.serialization", fromlist=["x"]).load_model(d)),
+         r"pruning record disagrees with the model's widths \(block0.mlp.hidden keeps 4 units in the record but has 32"),
+    Case("config.json edited to another head count", "cli",
+         lambda w, tmp: ["evaluate", str(_pruned_folder(w, tmp, _edit_heads)), "--data", "digits", "--quiet"],
+         r"not the config these weights were saved with", before_work=True),
+    Case("prune(other model of the same preset, record)", "api", _replay_on_other_weights, r"allow_other_weights=True"),
+    Case("two prune runs into the same -o at once", "cli", lambda w, tmp: _prune(w, tmp, "--uniform", "0.2"),
+         r"another spikeprune run is writing .*run right now \(process 12345\)", before_work=False,
+         setup=_hold_run_lock),
+    Case("training on 2 images", "warn", _train_on_two_images, r"rests on 1 image", may_leave=r"/case/(out|two-images)"),
+    Case("IDX training set of one class", "warn", _one_class_idx, r"no train image of classes 0, 1, 2, 4"),
+    Case("prune --walk-drop without --limit-after-finetune", "cli",
+         lambda w, tmp: _prune(w, tmp, "--policy", "shrink", "--walk-drop", "5"), r"--walk-drop only apply with "
+         r"--limit-after-finetune", before_work=True),
+    Case("prune --probe-steps without --limit-after-finetune", "cli",
+         lambda w, tmp: _prune(w, tmp, "--policy", "shrink", "--probe-steps", "5"), r"--probe-steps only apply",
+         before_work=True),
+    # --- weaker messages --------------------------------------------------------------------------
+    Case("export -o below a file", "cli",
+         lambda w, tmp: ["export", str(w.model), "-o", str(_user_file(tmp) / "m.onnx"), "--no-check"],
+         r"results.txt is a file, not a folder", before_work=True),
+    Case("finetune --teacher of another image size", "cli",
+         lambda w, tmp: _finetune(w, tmp, "--teacher", str(_saved_tiny(tmp, "teacher", img_size=32))),
+         r"the teacher \(--teacher\) does not fit.*img_size 32 \(the model: 16\)", before_work=True),
+    Case("config.json without 'family'", "api", _api_call("spikeprune.serialization.load_model", "%damaged"),
+         r"names no model family \(its 'family' entry is missing", setup=lambda w, tmp: _copy_model_text(
+             w, tmp, json.dumps({k: v for k, v in json.loads((w.model / "config.json").read_text()).items()
+                                 if k != "family"}))),
 ]
 
 
@@ -611,11 +844,12 @@ def run_case(case: Case, world: World, tmp: Path) -> Outcome:
         case.setup(world, tmp)
     target = case.make(world, tmp)
     before = _snapshot(tmp, world.root)
+    around = case.around(world, tmp) if case.around is not None else contextlib.nullcontext()
     err, out = io.StringIO(), io.StringIO()
     raised, message, rc = None, "", None
     t0 = time.perf_counter()
     with _count_forwards() as forwards, contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), \
-            warnings.catch_warnings(record=True) as caught:
+            warnings.catch_warnings(record=True) as caught, around:
         warnings.simplefilter("always")
         try:
             if case.kind == "cli":
@@ -631,10 +865,18 @@ def run_case(case: Case, world: World, tmp: Path) -> Outcome:
             raised, message = "other", "".join(traceback.format_exception_only(type(e), e)).strip()
             message += "\n" + traceback.format_exc(limit=-3)
     seconds = time.perf_counter() - t0
+    while _HELD_LOCKS:
+        os.close(_HELD_LOCKS.pop())
     after = _snapshot(tmp, world.root)
     stderr = err.getvalue()
     lost = [p for p, h in before.items() if after.get(p) != h]
     added = [p for p in after if p not in before]
+    temporaries = [p for p in added if p.endswith((".tmp", ".partial", ".old", ".lock"))]
+    if case.may_leave:
+        import re
+
+        added = [p for p in added if not re.search(case.may_leave, p)]
+    added = sorted(set(added) | set(temporaries))  # a temporary is never what a row may leave
     o = Outcome("", seconds=seconds, forwards=forwards[0], lost=lost, added=added)
     if world.canary.exists():
         o.category, o.detail = "silent wrong", "a pickle's code ran"

@@ -21,11 +21,14 @@ RunSettings for `prune`) and print; nothing below imports this module.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import re
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -49,7 +52,9 @@ from .report import format_summary_table
 from .run import LATENCY_REPEATS, MEASURE_IMAGES, RunSettings, run
 from .sensitivity import analyze
 from .serialization import CONFIG_NAME, is_saved_model, load_model
-from .training import TrainSettings, check_output_folder, check_training_settings, evaluate, finetune, train
+from .stats import few_images_warning
+from .training import (TrainSettings, check_output_folder, check_teacher_fits, check_training_settings, evaluate,
+                       finetune, train)
 from .validation import PRECISIONS, SPLITS, check_writable, deprecation, device as check_device, parse_max_images
 
 DEFAULT_DATA = "mnist5k"  # what a model that records no data set is run on
@@ -703,6 +708,7 @@ def cmd_train(args) -> int:
     recipe, how = TrainSettings.split(args.epochs, **_training_kwargs(args))
     model, history = train(model, train_data, recipe, val_data=val, **how)
     test = _test_top1(args, model, data)
+    _warn_few_images("the test top-1", test)
     last = history[-1] if history else {}
     if args.json:
         print_json({"model": args.model_spec, "data": data, "output": str(args.output), "epochs": len(history),
@@ -715,6 +721,12 @@ def cmd_train(args) -> int:
     print(f"saved to {args.output}  (try: spikeprune evaluate {args.output})")
     _print_best(args.output, history)
     return EXIT_OK
+
+
+def _warn_few_images(what: str, m: dict) -> None:
+    text = few_images_warning(what, m["n"], m["top1"])
+    if text:
+        warnings.warn(text, stacklevel=2)
 
 
 def _print_best(out, history: list[dict]) -> None:
@@ -739,6 +751,7 @@ def cmd_evaluate(args) -> int:
     m = evaluate(model, data, split=args.split, batch_size=args.batch_size, device=args.device,
                  max_batches=max_batches, max_images=caps.get(args.split), progress=not args.quiet,
                  workers=args.workers)
+    _warn_few_images(f"the {args.split} top-1", m)
     k = min(5, model.cfg.num_classes) if hasattr(model, "cfg") else 5
     weights = _weights_word(args)
     if args.json:
@@ -762,6 +775,7 @@ def cmd_finetune(args) -> int:
     if args.teacher:
         teacher = resolve_model(argparse.Namespace(model_spec=args.teacher, preset=None, checkpoint=None, overrides=[],
                                                    quiet=args.quiet), trained=True)
+        check_teacher_fits(teacher, model)  # before the "before" figures are measured
     progress, caps = not args.quiet, _caps(args)
 
     def accuracy(m):
@@ -773,6 +787,8 @@ def cmd_finetune(args) -> int:
     model, history = finetune(model, train_data, args.epochs, teacher=teacher, kd_weight=args.kd_weight,
                               kd_temperature=args.kd_temperature, val_data=val, **_training_kwargs(args))
     after = accuracy(model)
+    _warn_few_images("the test top-1 after fine-tuning", after["test"])
+    after = {s: m["top1"] for s, m in after.items()}
     if args.json:
         print_json({"model": args.model_spec, "data": data, "teacher": args.teacher, "output": str(args.output),
                     "before_top1_pct": {s: pct(v) for s, v in before.items()},
@@ -974,16 +990,39 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
-        with distributed.launched(args):  # under torchrun: one of N processes (spikeprune.distributed)
+        with distributed.launched(args), _one_line_warnings():  # under torchrun: one of N processes
             return int(args.func(args) or 0)
     except SpikepruneError as e:
-        print(f"spikeprune: error: {e}", file=sys.stderr)
+        distributed.report_error(f"spikeprune: error: {e}", e)
+        return EXIT_REFUSED
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        distributed.report_error(f"spikeprune: error: {os.strerror(e.errno).lower()}{where}; free some space (or "
+                                 "choose an output on another disk) and run the command again: finished outputs "
+                                 "are kept, partial ones were not written", e)
         return EXIT_REFUSED
     except KeyboardInterrupt:
         print("spikeprune: interrupted; finished outputs are kept, partial ones were not written", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         torch.set_num_threads(previous_threads)
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Warnings shown as `spikeprune: warning: MESSAGE`, without the Python file, line and source
+    line that follow it by default (they name our code, not the user's input)."""
+    def one_line(message, category, filename, lineno, line=None):
+        return f"spikeprune: warning: {message}\n"
+
+    before = warnings.formatwarning
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = before
 
 
 def entry_point() -> NoReturn:

@@ -71,6 +71,7 @@ import codecs
 import gzip
 import importlib
 import os
+import math
 import pickle
 import warnings
 import zlib
@@ -362,7 +363,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     if len(raw) < header:
         raise SpikepruneError(f"{path} is truncated: {len(raw)} bytes, shorter than its {header}-byte IDX header")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    need, body = int(np.prod(dims, dtype=np.int64)), len(raw) - header
+    need, body = math.prod(dims), len(raw) - header  # Python ints: a damaged header cannot overflow them
     if body < need:
         raise SpikepruneError(f"{path} is truncated: its header declares {' x '.join(map(str, dims))} = {need} "
                               f"bytes of {what}s but {body} follow; fetch the file again")
@@ -423,6 +424,12 @@ def _decode_idx_set(name: str, folder: str, stamp: tuple):
                               f"{files['test-images']} holds {'x'.join(map(str, test_x.shape[1:]))}")
     if len(train_y) < 2 or len(test_y) < 1:
         raise SpikepruneError(f"{name} folder {folder} holds too few images ({len(train_y)} train, {len(test_y)} test)")
+    for part, labels_ in (("train", train_y), ("test", test_y)):  # cached: warned once per process
+        absent = sorted(set(range(10)) - set(np.unique(labels_).tolist()))
+        if absent:
+            warnings.warn(f"{files[part + '-labels']} holds no {part} image of class{'es' if len(absent) > 1 else ''} "
+                          f"{', '.join(map(str, absent))} (of 10); a model trained or measured on it never sees "
+                          "them", stacklevel=4)
     n_calib = min(CALIB_MAX, max(1, round(CALIB_FRACTION * len(train_y))))
     split = stratified_split(train_y, {"calib": n_calib})
     split["test"] = np.arange(len(train_y), len(train_y) + len(test_y))

@@ -563,6 +563,9 @@ def _check_path(path, force: bool) -> Path:
     if path.exists() and not force:
         raise SpikepruneError(f"{path} exists; replace it with --force (force=True in Python)")
     if not path.parent.is_dir():
+        above = next((q for q in path.parents if q.exists()), None)
+        if above is not None and not above.is_dir():
+            raise SpikepruneError(f"cannot write {path}: {above} is a file, not a folder")
         raise SpikepruneError(f"the folder {path.parent} does not exist")
     return path
 

@@ -45,6 +45,7 @@ import contextlib
 import math
 import os
 import sys
+import time
 import warnings
 from datetime import timedelta
 from typing import Callable, Iterator
@@ -162,10 +163,11 @@ def launched(args):
         return
     torch.manual_seed(getattr(args, "seed", 0) or 0)  # a preset MODEL: the same random weights everywhere
     stdout = sys.stdout
+    restore_bars = None
     if not is_main():
         if hasattr(args, "quiet"):
             args.quiet = True
-        os.environ["TQDM_DISABLE"] = "1"  # bars that are not given `disable` explicitly
+        restore_bars = _silence_progress_bars()
         sys.stdout = open(os.devnull, "w")
     try:
         with collective(f"spikeprune {getattr(args, 'command', '')}".strip()):
@@ -174,7 +176,27 @@ def launched(args):
         if sys.stdout is not stdout:
             sys.stdout.close()
             sys.stdout = stdout
+        if restore_bars is not None:
+            restore_bars()
         dist.destroy_process_group()
+
+
+def _silence_progress_bars():
+    """Make every tqdm bar of this process a silent one, even those given disable=False (tqdm reads
+    TQDM_DISABLE only when it is imported, before a process knows its rank); returns the undo."""
+    from tqdm import std
+
+    original = std.tqdm.__init__
+
+    def silent_init(self, *a, **kw):
+        kw["disable"] = True
+        original(self, *a, **kw)
+
+    std.tqdm.__init__ = silent_init
+
+    def restore():
+        std.tqdm.__init__ = original
+    return restore
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,8 +285,31 @@ def from_main(fn: Callable, what: str):
         raise failure
     kind, value = box[0]
     if kind == "error":
-        raise SpikepruneError(value)
+        error = SpikepruneError(value)
+        error.reported_by_main = True  # process 0 raised it too and prints it: the others stay quiet
+        raise error
     return value
+
+
+def report_error(message: str, error: BaseException | None = None) -> None:
+    """Print a command's one-line error, once across the processes of a torchrun group: a process
+    other than 0 stays silent about an error process 0 raised too (from_main). Under torchrun the
+    line is also left in the error file torchrun reads (TORCHELASTIC_ERROR_FILE), so its failure
+    summary names it rather than pointing to a traceback."""
+    other = joined_a_group() and os.environ.get("RANK", "0") != "0"
+    if not (other and getattr(error, "reported_by_main", False)):
+        sys.stderr.write(message + "\n")  # one write: the processes' lines do not run together
+        sys.stderr.flush()
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path and launched_by_torchrun() and not os.path.exists(path):
+        import json
+
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                         "timestamp": str(int(time.time()))}}}, f)
+        except OSError:
+            pass  # the summary then shows torchrun's default text; the line above was printed
 
 
 def gather_objects(obj, what: str) -> list:

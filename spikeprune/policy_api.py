@@ -65,7 +65,7 @@ from .coupling import groups as model_groups
 from .importance import needs_data, scores
 from .costs import memory_bytes
 from .models import get_family
-from .plots import FIGSIZE, new_figure, save_figure
+from .plots import FIGSIZE, label_points, limit_line, new_figure, save_figure
 from .sensitivity import SensitivityTable, analyze
 from .serialization import atomic_path, is_saved_model, load_model, save_model, write_json
 from .surgery import SpikepruneWarning, plan
@@ -681,21 +681,16 @@ class TrajectoryPoint:
 
 def plot_trajectory(path, points: Sequence[TrajectoryPoint], *, dense_bytes: int, dense_top1: float,
                     max_acc_drop: float, budget_bytes: int | None, precision: str, title: str,
-                    series: str = "after each step", color: str = "tab:blue") -> None:
-    """Memory against calibration top-1 after each step of a policy, numbered and labelled, with
-    the accuracy limit and the memory budget (at most about 20 labels: a long walk labels every k-th)."""
+                    series: str = "after each step", color: str = "tab:blue", key_title: str = "step") -> None:
+    """Memory against calibration top-1 after each step of a policy, with the accuracy limit and the
+    memory budget; the points are numbered where a number fits and listed in a key beside the axes
+    (plots.label_points), so no label overprints another or leaves the figure."""
     fig, ax = new_figure(figsize=(FIGSIZE[0] + 1.5, FIGSIZE[1] + 0.8))
     xs = [dense_bytes / 1e6] + [p.memory_bytes / 1e6 for p in points]
     ys = [100 * dense_top1] + [100 * p.calib_top1 for p in points]
     ax.plot(xs, ys, "o-", color=color, ms=5 if len(points) <= 20 else 4, lw=1.2, label=series)
     ax.plot(xs[:1], ys[:1], "k*", ms=13, label="dense")
-    n = len(points)
-    for i, p in enumerate(points, 1):
-        if n <= 20 or i % max(1, n // 15) == 0 or i == n:
-            ax.annotate(f"{i}. {p.label}", (xs[i], ys[i]), textcoords="offset points",
-                        xytext=(4, 6 if i % 2 else -12), fontsize=7 if n <= 20 else 6)
-    ax.axhline(100 * dense_top1 - max_acc_drop, color="tab:red", ls="--", lw=1,
-               label=f"accuracy limit (-{max_acc_drop:g} pts)")
+    limit_line(ax, 100 * dense_top1 - max_acc_drop, f"accuracy limit (-{max_acc_drop:g} pts)")
     if budget_bytes is not None:
         ax.axvline(budget_bytes / 1e6, color="tab:green", ls="--", lw=1,
                    label=f"memory budget ({format_bytes(budget_bytes)})")
@@ -705,6 +700,7 @@ def plot_trajectory(path, points: Sequence[TrajectoryPoint], *, dense_bytes: int
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     ax.set_title(title)
+    label_points(ax, xs[1:], ys[1:], [p.label for p in points], key_title=key_title)
     save_figure(fig, path)
 
 __all__ = ["DEFAULT_MAX_ACC_DROP", "PRECISIONS", "Constraints", "Option", "PolicyResult", "PolicySpec", "PruneContext",

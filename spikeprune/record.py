@@ -6,6 +6,8 @@ Every model that `spikeprune.prune` returns carries one as `model.pruning`:
     dense_config   the dense model's config_dict(): the widths it descends from
     dense_preset   the dense model's preset name, when it had one
     dense_sizes    every group's unit count in the dense model
+    dense_hash     sha256 of the dense model's config and weights (hashing.model_hash), so a replay
+                   on a model with other weights is caught; None in records written before it
     kept           group -> sorted indices of the kept units, against the *dense* model; only the
                    groups that lost units (any other group kept all of its units)
     steps          one entry per prune call: importance, round_to, what was asked, notes
@@ -35,6 +37,7 @@ class PruningRecord:
     kept: dict[str, list[int]] = field(default_factory=dict)
     steps: list[dict] = field(default_factory=list)
     dense_preset: str | None = None
+    dense_hash: str | None = None
 
     # -- reading ------------------------------------------------------------------------------
     def kept_units(self, group: str) -> list[int]:
@@ -62,9 +65,11 @@ class PruningRecord:
 
     # -- building -----------------------------------------------------------------------------
     @classmethod
-    def identity(cls, family: str, config: dict, sizes: dict[str, int], preset: str | None = None) -> "PruningRecord":
+    def identity(cls, family: str, config: dict, sizes: dict[str, int], preset: str | None = None,
+                 dense_hash: str | None = None) -> "PruningRecord":
         """The record of a model that was never pruned: it is its own dense model."""
-        return cls(family=family, dense_config=copy.deepcopy(config), dense_sizes=dict(sizes), dense_preset=preset)
+        return cls(family=family, dense_config=copy.deepcopy(config), dense_sizes=dict(sizes), dense_preset=preset,
+                   dense_hash=dense_hash)
 
     def compose(self, kept_now: dict[str, list[int]], step: dict) -> "PruningRecord":
         """The record after one more prune call. `kept_now` holds, for every group, the kept unit
@@ -83,7 +88,7 @@ class PruningRecord:
             if len(mapped) < n_dense:
                 kept[g] = mapped
         return PruningRecord(self.family, copy.deepcopy(self.dense_config), dict(self.dense_sizes), kept,
-                             [*copy.deepcopy(self.steps), step], self.dense_preset)
+                             [*copy.deepcopy(self.steps), step], self.dense_preset, self.dense_hash)
 
     def copy(self) -> "PruningRecord":
         return copy.deepcopy(self)
@@ -91,6 +96,7 @@ class PruningRecord:
     # -- plain data -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"format": RECORD_FORMAT, "family": self.family, "dense_preset": self.dense_preset,
+                "dense_hash": self.dense_hash,
                 "dense_config": copy.deepcopy(self.dense_config), "dense_sizes": dict(self.dense_sizes),
                 "kept": {g: list(v) for g, v in self.kept.items()}, "removed": self.removed_fractions(),
                 "kept_counts": self.kept_counts(), "steps": copy.deepcopy(self.steps)}
@@ -105,7 +111,8 @@ class PruningRecord:
             sizes = {str(g): int(n) for g, n in d["dense_sizes"].items()}
             kept = {str(g): [int(i) for i in v] for g, v in d.get("kept", {}).items()}
             rec = cls(family=str(d["family"]), dense_config=dict(d["dense_config"]), dense_sizes=sizes, kept=kept,
-                      steps=list(d.get("steps", [])), dense_preset=d.get("dense_preset"))
+                      steps=list(d.get("steps", [])), dense_preset=d.get("dense_preset"),
+                      dense_hash=d.get("dense_hash"))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SpikepruneError(f"the pruning record is damaged ({type(e).__name__}: {e})") from None
         for g, idx in rec.kept.items():

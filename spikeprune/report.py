@@ -14,11 +14,14 @@ your own: spikeprune.plots (new_figure, save_figure).
 """
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
-from .plots import new_figure, pyplot, save_figure
+from .plots import limit_line, new_figure, pyplot, save_figure
 from .serialization import atomic_path
-from .units import format_bytes, format_number, format_percent
+from .stats import top1_standard_error
+from .units import MISSING, format_bytes, format_number, format_percent
 
 
 # ------------------------------------------------------------------------------------------------
@@ -31,12 +34,14 @@ def plot_uniform_sweep(path, rows: list[dict], dense_top1: float, max_acc_drop: 
     ax.plot(r, [100 * x["top1"] for x in rows], "o-", color="tab:blue", label="calibration top-1")
     ax.axhline(100 * dense_top1, color="tab:blue", ls=":", lw=1, label="dense")
     if max_acc_drop is not None:
-        ax.axhline(100 * dense_top1 - max_acc_drop, color="tab:red", ls="--", lw=1, label=f"limit (-{max_acc_drop:g} pts)")
+        limit_line(ax, 100 * dense_top1 - max_acc_drop, f"accuracy limit (-{max_acc_drop:g} pts)")
     ax.set_xlabel("uniform ratio (fraction of every channel group removed)")
-    ax.set_ylabel("top-1 (%)", color="tab:blue")
+    ax.set_ylabel("calibration top-1 (%)", color="tab:blue")
     ax2 = ax.twinx()
-    ax2.plot(r, [100 * x["memory_saved_frac"] for x in rows], "s--", color="tab:green", label="memory saved")
-    ax2.set_ylabel("memory saved (%)", color="tab:green")
+    saved = [100 * x["memory_saved_frac"] for x in rows]
+    ax2.plot(r, saved, "s--", color="tab:green", label="memory saved")
+    ax2.set_ylabel("memory saved (% of the dense model)", color="tab:green")
+    ax2.set_ylim(0, max(100.0, *saved) if saved else 100.0)  # a share: from zero
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="lower left", fontsize=8)
@@ -44,25 +49,51 @@ def plot_uniform_sweep(path, rows: list[dict], dense_top1: float, max_acc_drop: 
     save_figure(fig, path)
 
 
+def group_kind(name: str) -> str:
+    """A group's kind: its name with the block number replaced ('block3.mlp.hidden' -> 'blockN.mlp.hidden'),
+    so the same group of every block lands in one panel of the sensitivity plot."""
+    return re.sub(r"^([A-Za-z_]+)\d+\.", r"\1N.", name)
+
+
 def plot_sensitivity(path, table, max_acc_drop: float | None = None) -> None:
-    """PSViT step 2: per group, accuracy drop against the ratio (left) and against memory saved (right)."""
-    fig, (a, b) = new_figure(1, 2, figsize=(11, 4.4), sharey=True)
-    cmap = pyplot().get_cmap("tab20")
-    for i, g in enumerate(table.groups):
-        rows = table.for_group(g)
-        c = cmap(i % 20)
-        a.plot([r["ratio"] for r in rows], [r["acc_drop"] for r in rows], "o-", ms=3, color=c, label=g)
-        b.plot([100 * r["memory_saved_frac"] for r in rows], [r["acc_drop"] for r in rows], "o-", ms=3, color=c)
-    for ax in (a, b):
+    """PSViT step 2: per group, the calibration top-1 drop against the fraction removed, one panel per
+    group kind (the same group of every block together, a few distinct colours each); the panel's
+    title gives the memory its groups hold."""
+    kinds: dict[str, list[str]] = {}
+    for g in table.groups:
+        kinds.setdefault(group_kind(g), []).append(g)
+    n = len(kinds)
+    ncols = min(4, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = new_figure(nrows, ncols, figsize=(3.2 * ncols + 0.6, 2.7 * nrows + 0.9), sharex=True, sharey=True,
+                           squeeze=False)
+    colours = pyplot().get_cmap("tab10")
+    drops = [r["acc_drop"] for g in table.groups for r in table.for_group(g)]
+    for ax, (kind, groups) in zip(axes.flat, kinds.items()):
+        for i, g in enumerate(groups):
+            rows = table.for_group(g)
+            ax.plot([100 * r["ratio"] for r in rows], [r["acc_drop"] for r in rows], "o-", ms=3, lw=1.2,
+                    color=colours(i % 10), label=g if len(groups) > 1 else "drop")
         ax.axhline(0, color="grey", lw=0.8)
         if max_acc_drop is not None:
-            ax.axhline(max_acc_drop, color="tab:red", ls="--", lw=1)
+            ax.axhline(max_acc_drop, color="tab:red", ls="--", lw=1, label=f"limit ({max_acc_drop:g} pts)")
+        top = max((r["memory_saved_frac"] for g in groups for r in table.for_group(g)), default=0.0)
+        ax.set_title(f"{kind}: {len(groups)} group{'s' if len(groups) != 1 else ''}, at most {top:.0%} saved each",
+                     fontsize=8)
         ax.grid(alpha=0.3)
-    a.set_xlabel("ratio (fraction of the group removed)")
-    a.set_ylabel("calibration top-1 drop (points)")
-    b.set_xlabel("memory saved (% of the dense model)")
-    a.set_title("Sensitivity: each group pruned alone")
-    a.legend(fontsize=6, ncol=2, loc="upper left")
+        ax.set_xlim(left=0)
+        ax.legend(fontsize=6, loc="upper left")
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    if drops:
+        low, high = min(0.0, *drops), max(drops + ([max_acc_drop] if max_acc_drop is not None else []))
+        axes.flat[0].set_ylim(low - 0.05 * (high - low + 1e-9), high + 0.1 * (high - low + 1e-9))
+    for ax in axes[-1]:
+        ax.set_xlabel("removed (% of the group)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("calib top-1 drop (points)")
+    fig.suptitle("Sensitivity: each group pruned alone (calibration split)", fontsize=10)
+    fig.tight_layout()
     save_figure(fig, path)
 
 
@@ -81,8 +112,8 @@ def plot_tradeoff(path, summary: dict, series: dict, max_acc_drop: float | None 
     if calib.get("finetuned_top1") is not None:
         ax.plot([100 * summary["memory_saved"]], [100 * calib["finetuned_top1"]], "g*", ms=14, label="fine-tuned")
     if max_acc_drop is not None:
-        ax.axhline(100 * calib["dense_top1"] - max_acc_drop, color="tab:red", ls="--", lw=1,
-                   label=f"limit (-{max_acc_drop:g} pts)")
+        limit_line(ax, 100 * calib["dense_top1"] - max_acc_drop, f"accuracy limit (-{max_acc_drop:g} pts)")
+    ax.set_xlim(left=-2)  # a share: from zero (the dense star sits on it)
     ax.set_xlabel(f"memory saved (% of the dense model, {summary['constraints']['precision']})")
     ax.set_ylabel("calibration top-1 (%)")
     ax.grid(alpha=0.3)
@@ -123,12 +154,46 @@ def format_summary_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def plural(n: int, word: str) -> str:
+    """'1 epoch', '2 epochs'."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def with_error(top1: float | None, n: int | None) -> str:
+    """A top-1 with its standard error on n images: '90.46% ± 0.29'; without n, the top-1 alone."""
+    if top1 is None:
+        return MISSING
+    if not n:
+        return format_percent(top1)
+    return f"{format_percent(top1)} ± {100 * top1_standard_error(top1, n):.2f}"
+
+
+def drop_with_error(drop_points: float, a: float, b: float, n: int | None) -> str:
+    """A drop in points between top-1 a and b, both on the same n images, with the standard error of
+    the difference (taken as independent: an upper bound when the two models err on the same images)."""
+    if not n:
+        return f"{drop_points:.2f} points"
+    se = 100 * math.hypot(top1_standard_error(a, n), top1_standard_error(b, n))
+    return f"{drop_points:.2f} ± {se:.2f} points"
+
+
+def _test_images(s: dict, name: str = "dense") -> int | None:
+    m = s.get(name) or {}
+    return m.get("images") or s.get("test_images")
+
+
 def _constraints_section(s: dict) -> list[str]:
     c, k = s["constraints"], s["constraint_checks"]
+    cal, n_test = s["calib"], _test_images(s)
     yes = lambda ok: "yes" if ok else "**no**"  # noqa: E731
-    lines = ["## Constraints", "", "| constraint | asked | reached | met |", "|---|---|---|---|",
-             f"| accuracy drop, calibration split | <= {c['max_acc_drop']:g} points | {k['acc_drop_calib']:.2f} points | "
-             f"{yes(k['acc_ok'])} |"]
+    judged_ft = k.get("limit_judged_on") == "fine-tuned model" and cal.get("finetuned_top1") is not None
+    final_calib = cal["finetuned_top1"] if judged_ft else cal["pruned_top1"]
+    lines = ["## Constraints", "",
+             "Accuracy drops are dense minus pruned top-1, in points, ± their standard error (each top-1 counted on "
+             "the images named; see Results).", "",
+             "| constraint | asked | reached | met |", "|---|---|---|---|",
+             f"| accuracy drop, calibration split ({plural(cal['n'], 'image')}) | <= {c['max_acc_drop']:g} points | "
+             f"{drop_with_error(k['acc_drop_calib'], cal['dense_top1'], final_calib, cal['n'])} | {yes(k['acc_ok'])} |"]
     target = []
     if c.get("target_saving") is not None:
         target.append(f"save >= {format_percent(c['target_saving'])}")
@@ -136,14 +201,26 @@ def _constraints_section(s: dict) -> list[str]:
         target.append(f"<= {format_bytes(c['memory_budget'])}")
     lines.append(f"| memory at {c['precision']} | {' and '.join(target) or 'none'} | {format_bytes(k['memory_bytes'])} "
                  f"({format_percent(s['memory_saved'])} saved) | {yes(k['memory_ok'])} |")
-    lines.append(f"| (for information) accuracy drop, test split | | {k['acc_drop_test']:.2f} points | |")
-    if k.get("acc_drop_test_finetuned") is not None:
-        lines.append(f"| (for information) accuracy drop after fine-tuning, test split | | "
-                     f"{k['acc_drop_test_finetuned']:.2f} points | |")
+    test_n = f" ({plural(n_test, 'image')})" if n_test else ""
+    lines.append(f"| (for information) accuracy drop, test split{test_n} | | "
+                 f"{drop_with_error(k['acc_drop_test'], s['dense']['top1'], s['pruned']['top1'], n_test)} | |")
+    if k.get("acc_drop_test_finetuned") is not None and s.get("finetuned"):
+        lines.append(f"| (for information) accuracy drop after fine-tuning, test split{test_n} | | "
+                     f"{drop_with_error(k['acc_drop_test_finetuned'], s['dense']['top1'], s['finetuned']['top1'], n_test)}"
+                     " | |")
     return lines + [""]
 
 
+def _fixed(x, decimals: int) -> str:
+    return MISSING if x is None else f"{x:.{decimals}f}"
+
+
+def _whole(x) -> str:
+    return MISSING if x is None else f"{round(x):,}"
+
+
 def _results_section(s: dict) -> list[str]:
+    n_test = _test_images(s)
     lines = ["## Results (test split)", "",
              "| model | top-1 | top-5 | params | memory fp32 | memory fp16 | memory int8 | MACs | SOPs | energy (mJ) | "
              "latency (ms) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -151,16 +228,24 @@ def _results_section(s: dict) -> list[str]:
         m = s.get(name)
         if not m:
             continue
-        mb = m["memory_bytes"]
-        lines.append(f"| {name} | {format_percent(m['top1'])} | {format_percent(m.get('top5'))} | {m['params']:,} | {format_bytes(mb.get('fp32'))} | "
-                     f"{format_bytes(mb.get('fp16'))} | {format_bytes(mb.get('int8'))} | {m['macs']:,} | {format_number(m.get('sops'))} | "
-                     f"{format_number(m.get('energy_mj'))} | {_latency_cell(m)} |")
+        mb, n = m["memory_bytes"], _test_images(s, name)
+        lines.append(f"| {name} | {with_error(m['top1'], n)} | {with_error(m.get('top5'), n)} | {m['params']:,} | "
+                     f"{format_bytes(mb.get('fp32'))} | {format_bytes(mb.get('fp16'))} | {format_bytes(mb.get('int8'))} | "
+                     f"{m['macs']:,} | {_whole(m.get('sops'))} | {_fixed(m.get('energy_mj'), 4)} | "
+                     f"{_latency_cell(m)} |")
     cal = s["calib"]
-    lines += ["", f"Calibration split ({cal['n']} images, where every decision was made): dense {format_percent(cal['dense_top1'])}, "
-                  f"pruned {format_percent(cal['pruned_top1'])}"
-              + (f", fine-tuned {format_percent(cal['finetuned_top1'])}" if cal.get("finetuned_top1") is not None else "") + ".",
-              "Latency: batch 1, median of the repeats, the models timed in turn (interleaved), ± half the "
-              "interquartile range; on this machine. Energy: the Spikformer papers' 45 nm estimate."]
+    measured = s.get("settings", {}).get("measure_images")
+    lines += ["", (f"Top-1 and top-5 on {plural(n_test, 'test image')}; " if n_test else "Top-1 and top-5 on the test "
+                   "split; ") + "± is the standard error of that figure (sqrt(p(1-p)/n), in points): figures closer "
+              "than about two of them cannot be told apart.",
+              f"Calibration split ({plural(cal['n'], 'image')}, where every decision was made): dense "
+              f"{with_error(cal['dense_top1'], cal['n'])}, pruned {with_error(cal['pruned_top1'], cal['n'])}"
+              + (f", fine-tuned {with_error(cal['finetuned_top1'], cal['n'])}" if cal.get("finetuned_top1") is not None
+                 else "") + ".",
+              "MACs per image; SOPs (synaptic operations: spikes times the fan-out they reach) and energy are means "
+              + (f"over {plural(min(measured, n_test or measured), 'test image')}" if measured else "over test images")
+              + "; energy: the Spikformer papers' 45 nm estimate. Latency: batch 1, median of the repeats, the models "
+              "timed in turn (interleaved), ± half the interquartile range; on this machine."]
     lat = s.get("latency") or {}
     if lat and not lat.get("reliable", True):
         lines += ["", "**Latency marked ? is unreliable**: " + "; ".join(lat.get("why") or []) + "."]
@@ -172,14 +257,18 @@ def _results_section(s: dict) -> list[str]:
                      f"fp32 {format_bytes(dep['fp32'])}, fp16 {format_bytes(dep['fp16'])}, int8 {format_bytes(dep['int8'])}.")
     if s.get("finetune"):
         ft = s["finetune"]
-        lines.append(f"Fine-tuning: {ft['epochs']} epochs, lr {ft['lr']:g}"
+        lines.append(f"Fine-tuning: {plural(ft['epochs'], 'epoch')}, lr {ft['lr']:g}"
                      + (f", distillation from the dense model (weight {ft['kd_weight']:g}, T {ft['kd_temperature']:g})"
                         if ft.get("kd") else ", no distillation") + ".")
     return lines + [""]
 
 
 def _widths_section(s: dict) -> list[str]:
-    lines = ["## Widths per group (before -> after)", "", "| group | unit | before | after | removed |", "|---|---|---|---|---|"]
+    lines = ["## Widths per group (before -> after)", "",
+             "Before is the dense model's width, after the final one (from the pruning record). A policy's own table "
+             "below may show other \"before\" widths: it gives each step's width after the steps before it (and a "
+             "removed head takes its channels of qk and v with it).", "",
+             "| group | unit | before | after | removed |", "|---|---|---|---|---|"]
     for w in s["widths"]:
         after = w["after"]
         removed = "-" if after is None else (f"{1 - after / w['before']:.0%}" if after != w["before"] else "")
@@ -189,9 +278,16 @@ def _widths_section(s: dict) -> list[str]:
 
 def _cost_section(s: dict) -> list[str]:
     fc = s.get("forward_cost") or {}
+    total = fc.get("calib_evaluations_this_run", 0)
+    policy = (s.get("cost") or {}).get("policy_calib_passes")
+    split = ""
+    if policy is not None and not s.get("resumed"):
+        split = (f": {policy:,} while the policy ran (its search, and the dense model's figure), "
+                 f"{max(total - policy, 0):,} after it (the run's check of the model it returned"
+                 + (" and of the fine-tuned one" if s.get("finetuned") else "") + ")")
     lines = ["## Cost", "", f"- wall time: {s['wall_time_s']:.1f} s" + (" (over several sessions: resumed)" if s.get("resumed") else ""),
-             f"- calibration passes in this session: {fc.get('calib_evaluations_this_run', 0)} "
-             f"({fc.get('calib_images_this_run', 0):,} images)"]
+             f"- calibration passes (one evaluation of a model on the calibration split) in this session: "
+             f"{total:,} ({fc.get('calib_images_this_run', 0):,} images){split}"]
     sc = fc.get("sensitivity")
     if sc:
         lines.append(f"- sensitivity analysis: {sc['candidates']} candidates, {sc['spent']:,.0f} image-block passes spent "
@@ -207,13 +303,17 @@ def write_report(run_dir, summary: dict, sections=(), table=None) -> Path:
     ok = s["constraints_met"]
     k = s["constraint_checks"]
     ft = s.get("finetuned")
+    cal, n_test = s["calib"], _test_images(s)
     head = [f"# spikeprune run: {s['policy']} on {s.get('model') or 'a model'} / {s.get('data')}", "",
-            f"**Outcome: constraints {'met' if ok else 'NOT met'}.** The pruned model "
+            f"**Outcome: constraints {'met' if ok else 'NOT met'}.** The "
+            + ("fine-tuned" if k.get("limit_judged_on") == "fine-tuned model" else "pruned") + " model "
             f"{'loses' if k['acc_drop_calib'] >= 0 else 'gains'} {abs(k['acc_drop_calib']):.2f} points of calibration "
-            f"top-1 (limit {s['constraints']['max_acc_drop']:g}) and saves {format_percent(s['memory_saved'])} of the memory "
+            f"top-1 ({plural(cal['n'], 'image')}; limit {s['constraints']['max_acc_drop']:g}) and saves "
+            f"{format_percent(s['memory_saved'])} of the memory "
             f"({format_bytes(s['dense']['memory_bytes']['fp32'])} -> {format_bytes(s['pruned']['memory_bytes']['fp32'])} at fp32). "
-            f"Test top-1: dense {format_percent(s['dense']['top1'])}, pruned {format_percent(s['pruned']['top1'])}"
-            + (f", fine-tuned {format_percent(ft['top1'])}" if ft else "") + ".", ""]
+            f"Test top-1" + (f" on {plural(n_test, 'image')}" if n_test else "") + ": dense "
+            f"{with_error(s['dense']['top1'], n_test)}, pruned {with_error(s['pruned']['top1'], n_test)}"
+            + (f", fine-tuned {with_error(ft['top1'], n_test)}" if ft else "") + " (± standard error, points).", ""]
     if not k["acc_ok"]:
         head.append("The accuracy limit is broken: see the policy's section below for why.\n")
     if not k["memory_ok"]:
@@ -250,4 +350,4 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str, callable]]) -
 
 
 __all__ = ["plot_uniform_sweep", "plot_sensitivity", "plot_tradeoff", "format_summary_table", "write_report",
-           "markdown_table"]
+           "markdown_table", "plural", "with_error", "drop_with_error"]

@@ -244,7 +244,9 @@ def _check(settings: RunSettings, model: nn.Module, spec: PolicySpec) -> PruneCo
     ctx = PruneContext(model, settings)
     _check_groups_pattern(model, settings.groups)
     if spec.check:
-        spec.check(settings.options, model)
+        # a policy that can hold the limit after fine-tuning is told whether it must (options of that mode need it)
+        spec.check({**settings.options, "limit_after_finetune": settings.limit_after_finetune}
+                   if spec.after_finetune else settings.options, model)
     for split in ("calib", "test") + (("train",) if settings.finetune_epochs else ()):
         ds = ctx.dataset(split, augment=split == "train")
         if len(ds) == 0:
@@ -291,6 +293,47 @@ def _prepare_run_dir(out: Path, fp: str, fields: dict, force: bool) -> bool:
     write_json(run_json, {"format": RUN_FORMAT, "version": RUN_VERSION, "fingerprint": fp, "settings": fields,
                           "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     return False
+
+
+class _RunLock:
+    """An exclusive lock on the run folder RUN while a run writes it, so two runs given the same -o at
+    once cannot mix their steps, model and report: the second is refused with one line. The lock is
+    flock() on the sibling file .RUN.lock (a sibling, since --force replaces RUN itself); the kernel
+    drops it when the process dies, so a killed run never leaves the folder locked."""
+
+    def __init__(self, out: Path):
+        self.path = out.parent / f".{out.name}.lock"
+        self.fd = None
+
+    def acquire(self) -> "_RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise SpikepruneError(f"another spikeprune run is writing {self.path.parent / self.path.name[1:-5]} "
+                                      f"right now ({holder}); wait for it to finish, or choose another -o") from None
+            try:  # the holder before us may have removed the file it locked: lock the one at the path
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"process {os.getpid()}".encode(), 0)
+                self.fd = fd
+                return self
+            os.close(fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # before unlocking: a waiter then retries on a new file
+            os.close(self.fd)
+            self.fd = None
 
 
 def _remove_leftovers(out: Path) -> list[str]:
@@ -474,7 +517,7 @@ def _measure_model(ctx: PruneContext, model: nn.Module, name: str) -> dict:
         model, data=test, device=ctx.device, max_images=min(s.measure_images, len(test)), batch_size=64,
         latency=False), f"measuring the {name} model")
     t = m["total"]
-    out = {"top1": acc["top1"], "top5": acc["top5"], "params": int(t["params"]),
+    out = {"top1": acc["top1"], "top5": acc["top5"], "images": int(acc["n"]), "params": int(t["params"]),
            "memory_bytes": {k: int(v) for k, v in t["memory_bytes"].items()},
            "deployed_bytes": {k: int(v) for k, v in deployed_memory_bytes(model).items() if k != "params"},
            "macs": int(t["macs"]), "sops": t.get("sops"), "energy_mj": t.get("energy_mj"),
@@ -597,6 +640,17 @@ def _run(settings: RunSettings, model: nn.Module) -> dict:
     fields = {"model": model_hash(model), **s.fingerprint_fields()}
     if s.shared_steps:
         _check_shared_steps(s.shared_steps, fields)
+    lock = _RunLock(Path(out))
+    distributed.from_main(lambda: lock.acquire() and None, "locking the run folder")  # rank 0 writes RUN
+    try:
+        return _run_locked(s, model, spec, ctx, fields)
+    finally:
+        lock.release()
+
+
+def _run_locked(s: RunSettings, model: nn.Module, spec: PolicySpec, ctx: PruneContext, fields: dict) -> dict:
+    """run() once the run folder is this process's."""
+    out = s.output
     resumed = distributed.from_main(  # the run folder is rank 0's; the other processes follow what it found
         lambda: _prepare_run_dir(out, fingerprint(fields), fields, s.force), "opening the run folder")
     shared = _copy_shared_steps(s.shared_steps, out) if s.shared_steps and not resumed and distributed.is_main() else []
@@ -635,6 +689,7 @@ def _run(settings: RunSettings, model: nn.Module) -> dict:
         "policy": s.policy, "model": s.model_spec, "data": s.data,
         "dense": figures["dense"], "pruned": figures["pruned"], "finetuned": figures["finetuned"],
         "memory_saved": checks["memory_saved"],
+        "test_images": len(ctx.dataset("test")),  # what every test figure rests on (the report states it)
         "constraints": ctx.constraints.to_dict(),
         "constraints_met": bool(checks["acc_ok"] and checks["memory_ok"]),
         "constraint_checks": checks,

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -19,15 +21,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 # reading weights lives in checkpoint_io (below the model registry); re-exported here under the names callers know
 from .checkpoint_io import (CONFIG_NAME, WEIGHTS_NAME, check_finite, is_saved_model, read_checkpoint,  # noqa: F401
                             read_safetensors)
 from .errors import SpikepruneError
-from .models import build_from_config, load_checkpoint_into  # noqa: F401
+from .models import build_from_config, families, get_family, load_checkpoint_into  # noqa: F401
 from .record import PruningRecord
-from .validation import check_writable  # noqa: F401  (re-exported: its home before validation.py)
+from .validation import check_writable, refuse_symlink  # noqa: F401  (check_writable re-exported: its home before validation.py)
 
 FORMAT = "spikeprune-model"
 
@@ -180,14 +183,41 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, extra: dict | No
     if extra:
         meta["extra"] = extra
     with atomic_path(path, is_dir=True) as tmp:
-        save_file(_contiguous_state(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_safetensors(_contiguous_state(model), tmp / WEIGHTS_NAME,
+                          metadata={"format": "pt", CONFIG_FINGERPRINT_KEY: config_fingerprint(meta)})
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return path
 
 
+# The weights file records a hash of the architecture in config.json (family, config, pruning
+# record) when it is saved: an edit that the tensor shapes cannot show (another head count over the
+# same channels) is then caught on load. Files saved before it existed carry none and load as before.
+CONFIG_FINGERPRINT_KEY = "spikeprune_config_sha256"
+
+
+def config_fingerprint(meta: dict) -> str:
+    """sha256 of what in a model's config.json defines the architecture and what it descends from."""
+    core = {k: meta.get(k) for k in ("family", "config", "pruning")}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+
+def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors' save_file, its I/O failures raised as OSError (a full disk is ENOSPC: atomic_path
+    reports it in one line) instead of a SafetensorError carrying the Rust error's text."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"code: (\d+)", str(e))
+        if code:
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+        raise
+    os.chmod(path, 0o666 & ~_umask())  # as every other file written here, whatever safetensors chose
+
+
 def _check_model_target(path: Path) -> None:
     """Refuse to replace anything but an empty folder or a folder save_model wrote."""
-    if path.is_file() or (path.is_symlink() and not path.exists()):
+    refuse_symlink(path, "save_model's folder")
+    if path.is_file():
         raise SpikepruneError(f"{path} exists and is a file; save_model writes a folder and will not replace "
                               "a file: choose another path")
     if not path.is_dir():
@@ -240,6 +270,10 @@ def read_config(path: str | os.PathLike) -> dict:
     if not isinstance(meta.get("config"), dict):
         raise SpikepruneError(f"{p} has no 'config' object (the model's architecture); the model folder is damaged "
                               "or was not written by spikeprune.save_model: save the model again")
+    if not isinstance(meta.get("family"), str) or not meta["family"]:
+        raise SpikepruneError(f"{p} names no model family (its 'family' entry is {'missing' if 'family' not in meta else repr(meta['family'])}; "
+                              f"known families: {', '.join(families())}); the model folder is damaged: save the "
+                              "model again")
     return meta
 
 
@@ -247,13 +281,45 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu") -> torch.nn.M
     """Load a model saved by `save_model`: the architecture comes from config.json alone."""
     meta = read_config(path)
     model = build_from_config(meta)
-    state = read_safetensors(Path(path) / WEIGHTS_NAME, map_location)
+    weights = Path(path) / WEIGHTS_NAME
+    state = read_safetensors(weights, map_location)
+    _check_fingerprint(weights, meta, path)
     _load_exact(model, state, source=str(path))
     check_finite(state, f"the model in {path}")
     model.preset = meta.get("preset")
     if meta.get("pruning") is not None:
         model.pruning = PruningRecord.from_dict(meta["pruning"])
+        _check_record_fits(model, model.pruning, path)
     return model
+
+
+def _check_fingerprint(weights: Path, meta: dict, folder) -> None:
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            saved = (f.metadata() or {}).get(CONFIG_FINGERPRINT_KEY)
+    except (SafetensorError, OSError):
+        return  # read_safetensors has read the file; no metadata to compare
+    if saved is not None and saved != config_fingerprint(meta):
+        raise SpikepruneError(f"{Path(folder) / CONFIG_NAME} is not the config these weights were saved with (it was "
+                              "edited after saving: its family, widths, head counts or pruning record differ); restore "
+                              "it, or save the model again with spikeprune.save_model")
+
+
+def _check_record_fits(model: torch.nn.Module, record: PruningRecord, folder) -> None:
+    """The pruning record in config.json must describe this model: same family, and every group
+    keeps the number of units the model has (else inspect, replay and further pruning would read
+    widths the weights do not have)."""
+    fam = get_family(model)
+    if record.family != fam.name:
+        raise SpikepruneError(f"{Path(folder) / CONFIG_NAME}: the pruning record is of a {record.family} model, the "
+                              f"model is a {fam.name}; the model folder is damaged: save the model again")
+    sizes = {g.name: g.size for g in fam.groups(model)}
+    kept = record.kept_counts()
+    wrong = [f"{g} keeps {kept.get(g)} units in the record but has {n}" for g, n in sizes.items() if kept.get(g) != n]
+    wrong += [f"the record names {g}, which the model has not" for g in kept if g not in sizes]
+    if wrong:
+        raise SpikepruneError(f"{Path(folder) / CONFIG_NAME}: the pruning record disagrees with the model's widths "
+                              f"({'; '.join(wrong[:3])}); the model folder is damaged: save the model again")
 
 
 def _load_exact(model: torch.nn.Module, state: dict, source: str) -> None:

@@ -50,3 +50,16 @@ def resolution_warning(n: int, top1: float, points: float = 1.0) -> str | None:
             f"top-1 estimate is {r['se_points']:.2f} points and one image is {r['image_points']:.2f} points, so a "
             f"{points:g}-point drop cannot be told from noise; about {r['needed']:,} images would resolve it. "
             "Decisions on this split are noisy: use a larger calibration split if you can.")
+
+
+FEW_IMAGES_SE = 0.05  # a top-1 whose standard error exceeds 5 points is flagged where it is printed
+
+
+def few_images_warning(what: str, n: int, top1: float) -> str | None:
+    """The warning text when a top-1 (`what`, e.g. "the test top-1") on `n` images is too noisy to
+    mean much (standard error above FEW_IMAGES_SE), else None."""
+    se = top1_standard_error(top1, n)
+    if se <= FEW_IMAGES_SE:
+        return None
+    return (f"{what} {top1:.2%} rests on {n} image{'s' if n != 1 else ''} only (standard error {100 * se:.1f} "
+            "points): it says little about the model; use more images")

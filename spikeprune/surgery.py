@@ -44,6 +44,7 @@ from torch import nn
 
 from .errors import SpikepruneError
 from .coupling import Group, groups as model_groups
+from .hashing import model_hash
 from .importance import scores
 from .models import get_family
 from .record import PruningRecord
@@ -306,10 +307,22 @@ def record_of(model: nn.Module) -> PruningRecord:
     if isinstance(rec, PruningRecord):
         return rec
     return PruningRecord.identity(model.family, model.config_dict(), {g.name: g.size for g in model_groups(model)},
-                                  getattr(model, "preset", None))
+                                  getattr(model, "preset", None), dense_hash(model))
 
 
-def _replay_plan(model: nn.Module, record: PruningRecord) -> dict[str, list[int]]:
+def dense_hash(model: nn.Module) -> str:
+    """hashing.model_hash(model), remembered on the model until a tensor of it changes (a policy
+    prunes the same dense model hundreds of times; training bumps the tensors' versions)."""
+    key = tuple((t.data_ptr(), t._version) for t in model.state_dict().values())
+    cached = getattr(model, "_spikeprune_dense_hash", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    h = model_hash(model)
+    model._spikeprune_dense_hash = (key, h)
+    return h
+
+
+def _replay_plan(model: nn.Module, record: PruningRecord, allow_other_weights: bool = False) -> dict[str, list[int]]:
     """The kept indices of a record, checked against the (dense) model it is replayed on."""
     if record.family != getattr(model, "family", None):
         raise SpikepruneError(f"the pruning record is of a {record.family} model, not of this "
@@ -318,10 +331,16 @@ def _replay_plan(model: nn.Module, record: PruningRecord) -> dict[str, list[int]
     if sizes != record.dense_sizes or model.config_dict() != record.dense_config:
         raise SpikepruneError("a pruning record replays on the dense model it was made from; this model's widths "
                               "differ from the record's dense config (load the dense model, e.g. by its preset)")
+    if record.dense_hash and not allow_other_weights and dense_hash(model) != record.dense_hash:
+        raise SpikepruneError("this model has the record's dense widths but not the weights of the dense model the "
+                              f"record was made from (sha256 {record.dense_hash[:12]}...), so the replay would not give "
+                              "the same pruned model; load that dense model, or pass allow_other_weights=True to "
+                              "keep the record's units of these weights anyway")
     return {g: record.kept_units(g) for g in record.kept}
 
 
-def prune(model: nn.Module, ratios, importance="l2", round_to: int = 1, data=None, **score_kw) -> nn.Module:
+def prune(model: nn.Module, ratios, importance="l2", round_to: int = 1, data=None, *,
+          allow_other_weights: bool = False, **score_kw) -> nn.Module:
     """A new, physically smaller model; `model` is left untouched.
 
     ratios      {group name or glob pattern: fraction to remove in [0, 1), or the kept indices}
@@ -333,13 +352,18 @@ def prune(model: nn.Module, ratios, importance="l2", round_to: int = 1, data=Non
     round_to    kept channel counts rounded up to a multiple of this (8: hardware-friendly)
     data        calibration data for the data-driven criteria (taylor, firing)
     score_kw    passed to importance.scores (batches, batch_size, seed, progress)
+    allow_other_weights  replaying a record on a model whose weights are not the record's dense
+                model's (its hash differs) is refused unless this is True: the units kept are
+                then the record's, but the model is not the one the record describes
 
     The new model carries `pruning`, a PruningRecord (spikeprune.record): the kept units of every
     group against the dense model, composed over successive prune calls.
     """
     if isinstance(ratios, PruningRecord):
-        new = apply_plan(model, plan(model, _replay_plan(model, ratios)))
+        new = apply_plan(model, plan(model, _replay_plan(model, ratios, allow_other_weights)))
         new.pruning = ratios.copy()  # the same record: replaying adds no step
+        if allow_other_weights:
+            new.pruning.dense_hash = dense_hash(model)  # what these units were taken from
     else:
         p = plan(model, ratios, importance, round_to, data, **score_kw)
         new = apply_plan(model, p)

@@ -53,7 +53,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -63,8 +62,8 @@ from .data import dataset_for_model, make_loader
 from .errors import SpikepruneError
 from . import validation
 from .serialization import (CONFIG_NAME, FORMAT, WEIGHTS_NAME, atomic_path, clean_interrupted_write, load_model,
-                            read_safetensors, save_model, write_json)
-from .validation import check_finite, check_writable, deprecation, renamed_arguments
+                            read_safetensors, save_model, write_json, write_safetensors)
+from .validation import check_finite, check_writable, deprecation, refuse_symlink, renamed_arguments
 
 MIN_LR_FACTOR = 0.01  # the cosine ends at 1% of the peak learning rate
 STATE_FORMAT = "spikeprune-train-state"
@@ -239,18 +238,36 @@ def check_training_settings(*, epochs: int, lr: float, weight_decay: float = 0.0
         _check_count(nm("threads"), threads, minimum=1)
 
 
+def check_teacher_fits(teacher: nn.Module, model: nn.Module) -> None:
+    """The teacher sees the student's images and its logits are compared class by class: image size,
+    channels and classes must agree (else distillation fails at its first batch, minutes in)."""
+    t_cfg, s_cfg = getattr(teacher, "cfg", None), getattr(model, "cfg", None)
+    if t_cfg is None or s_cfg is None:
+        return
+    wrong = [f"{k} {getattr(t_cfg, k)} (the model: {getattr(s_cfg, k)})" for k in ("img_size", "in_channels", "num_classes")
+             if hasattr(t_cfg, k) and hasattr(s_cfg, k) and getattr(t_cfg, k) != getattr(s_cfg, k)]
+    if wrong:
+        raise SpikepruneError(f"the teacher (--teacher) does not fit the model it would teach: it has {', '.join(wrong)}; "
+                              "distil from a model of the same input and classes (e.g. the dense model)")
+
+
 @renamed_arguments(out_dir="output", overwrite="force")
 def check_output_folder(output, resume: bool = False, force: bool = False) -> Path:
     """Refuse, before any work, an output folder train() could not use: a file, an unwritable place,
     a folder with another run (unless resume / force), a config.json spikeprune did not write
     (never deleted, even with force). Cleans what a killed earlier run left (temporaries, a
     half-swapped checkpoint folder)."""
-    out = Path(output)
+    out = refuse_symlink(Path(output), "output folder")
     if out.exists() and not out.is_dir():
         raise SpikepruneError(f"{out} exists and is not a folder; choose another output folder")
     check_writable(out, "output folder")
     if not out.is_dir():
         return out
+    foreign = _foreign_entries(out)
+    if foreign:  # replacing a run replaces these names wholesale: a user's file among them would be lost
+        shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+        raise SpikepruneError(f"{out} holds files a training run did not write ({shown}); they are left alone "
+                              "(even with --force): choose a new output folder, or empty this one first")
     config = out / CONFIG_NAME
     if config.exists():
         try:
@@ -327,7 +344,7 @@ def _write_checkpoint(out: Path, model, opt, scaler, state: dict, history_doc: d
     state = dict(state, optimizer=opt_meta, scaler=scaler.state_dict() if scaler.is_enabled() else None)
     with atomic_path(out / CHECKPOINT, is_dir=True) as tmp:
         save_model(model, tmp / "model", extra={"epochs_trained": state["epoch"], "data": state["settings"]["data"]})
-        save_file(tensors, str(tmp / OPTIMIZER_NAME))
+        write_safetensors(tensors, tmp / OPTIMIZER_NAME)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
     # The top-level model is the checkpoint's, linked (not copied) and swapped in file by file.
     for name in (WEIGHTS_NAME, CONFIG_NAME):
@@ -352,6 +369,47 @@ def _read_checkpoint(out: Path) -> tuple[Path, dict] | None:
     if state.get("format") != STATE_FORMAT:
         raise SpikepruneError(f"{ckpt / STATE_NAME} is not a spikeprune training state")
     return ckpt, state
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """What in the existing folder `out` train() did not write: names outside its layout (and its
+    temporaries), and any of its names holding something else (a checkpoint folder without a
+    training state or with other files, a best/ that is not a saved model, a history.json that is
+    not a training history). train() replaces these names wholesale, so they must all be its own."""
+    ours = (CHECKPOINT, BEST, CONFIG_NAME, WEIGHTS_NAME, HISTORY_NAME)
+    foreign = []
+    for p in sorted(out.iterdir()):
+        name = p.name
+        if name.startswith(".") and any(name.startswith(f".{o}.") for o in ours):
+            continue  # a temporary of ours (cleaned by _clean_stale_temps)
+        if name not in ours:
+            foreign.append(name)
+        elif name == CHECKPOINT:
+            inside = {q.name for q in p.iterdir()} if p.is_dir() and not p.is_symlink() else None
+            if inside is None or STATE_NAME not in inside or inside - {STATE_NAME, OPTIMIZER_NAME, "model"}:
+                foreign.append(f"{name}/" + (", ".join(sorted(inside - {STATE_NAME, OPTIMIZER_NAME, "model"}))
+                                              if inside else ""))
+        elif name == BEST:
+            inside = {q.name for q in p.iterdir()} if p.is_dir() and not p.is_symlink() else None
+            if inside is None or inside - {CONFIG_NAME, WEIGHTS_NAME} or not _is_our_model_config(p / CONFIG_NAME):
+                foreign.append(f"{name}/")
+        elif name == HISTORY_NAME:
+            try:
+                doc = json.loads(p.read_text())
+                if not (isinstance(doc, dict) and "settings" in doc and "history" in doc):
+                    foreign.append(name)
+            except (OSError, ValueError):
+                foreign.append(name)
+        elif p.is_symlink() or not p.is_file():
+            foreign.append(name)
+    return foreign
+
+
+def _is_our_model_config(p: Path) -> bool:
+    try:
+        return json.loads(p.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _clean_stale_temps(out: Path) -> None:
@@ -439,6 +497,7 @@ def train(model: nn.Module, data, settings: TrainSettings | int, *, teacher: nn.
     check_finite(model, "the model to train")
     if teacher is not None:
         check_finite(teacher, "the teacher")
+        check_teacher_fits(teacher, model)
     if output is not None:  # rank 0 checks (and cleans) the folder; its verdict reaches every process
         distributed.from_main(lambda: check_output_folder(output, resume=resume, force=force),
                               "checking the output folder")

@@ -164,13 +164,27 @@ def _why(e: OSError) -> str:
     return e.strerror or type(e).__name__
 
 
+def refuse_symlink(path: str | os.PathLike, what: str = "output") -> Path:
+    """Refuse an output path that is itself a symbolic link, dangling or not: writing through it
+    would fill (or, replacing a run, empty) the folder it points at, which the user named elsewhere
+    and may hold their own files. A link higher up the path (runs/ on another disk) is fine."""
+    path = Path(path)
+    if path.is_symlink():
+        target = os.readlink(path)
+        state = "" if path.exists() else ", which does not exist"
+        raise SpikepruneError(f"{what} {path} is a symbolic link (to {target}{state}); spikeprune does not write "
+                              "through a link: give the real folder, or a new path")
+    return path
+
+
 def check_writable(path: str | os.PathLike, what: str = "output", folder: bool | None = None) -> Path:
     """Raise a one-line SpikepruneError unless `path` (a file or folder about to be written, existing
     or not) can be written; returns it as a Path. folder=True: `path` is a folder to create or fill
     (an existing file there is refused); folder=False: a file (an existing folder is refused);
     None: either. Tried by creating and removing a temporary file, since permission bits miss
-    read-only mounts and what root may not do. Call it before any costly work; it leaves nothing."""
-    path = Path(path)
+    read-only mounts and what root may not do. Call it before any costly work; it leaves nothing.
+    A path that is a symbolic link is refused (refuse_symlink)."""
+    path = refuse_symlink(path, what)
     if folder is True and path.exists() and not path.is_dir():
         raise SpikepruneError(f"{path} exists and is not a folder; choose another output folder")
     if folder is False and path.is_dir():

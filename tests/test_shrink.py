@@ -183,6 +183,8 @@ def test_shrink_resume_after_kill_replays_cuts(saved_trained, full_run, tmp_path
     assert resumed["shrink"]["cuts"] == full["shrink"]["cuts"]
     assert resumed["pruned"]["memory_bytes"] == full["pruned"]["memory_bytes"]
     assert resumed["calib"]["pruned_top1"] == full["calib"]["pruned_top1"]
+    # the count covers both sessions: the killed one's saved candidates, then those measured again
+    assert resumed["shrink"]["candidates_measured"] == full["shrink"]["candidates_measured"]
 
 
 def test_shrink_holdout_confirms_the_walk_on_images_it_never_saw(saved_trained, tmp_path, monkeypatch):

@@ -452,7 +452,8 @@ def _report_section(cons: Constraints, divisor: float, max_ratio: float, refine:
     L = cons.max_acc_drop
     lines = [
         f"Limit {L:g} points of calibration top-1; memory counted at **{cons.precision}** "
-        f"(dense {format_bytes(cons.dense_bytes)}, smallest reachable {format_bytes(cons.min_bytes)}); "
+        f"(dense {format_bytes(cons.dense_bytes)}; {format_bytes(cons.min_bytes)} if every group kept only its "
+        "minimum width, the floor no pruning goes below); "
         + (f"budget {format_bytes(cons.budget_bytes)} ({cons.budget_bytes:,} bytes, a saving of "
            f"{cons.saving:.2%})." if cons.budget_bytes is not None else "no memory target: every robust group "
            "is compressed as far as the limit allows."),
@@ -469,7 +470,9 @@ def _report_section(cons: Constraints, divisor: float, max_ratio: float, refine:
         worst = "-" if j.worst_drop is None else f"{j.worst_drop:.2f}"
         lines.append(f"| {i} | {g.name} | {g.params:,} | {format_bytes(g.memory_bytes)} | {'yes' if j.robust else 'no'} "
                      f"| {worst} | {j.reason} |")
-    lines += ["", "Compression steps (calibration split, cumulative model):", ""]
+    lines += ["", "Compression steps (calibration split, cumulative model; width: the group's width before and after "
+              "this step, after the steps above it; passes: the calibration passes, i.e. evaluations of a candidate "
+              "model on the calibration split, this step's search spent):", ""]
     if out.steps:
         lines += ["| step | group | width | removed | calib top-1 | drop (points) | memory | saved | passes | why |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -494,7 +497,8 @@ def _report_section(cons: Constraints, divisor: float, max_ratio: float, refine:
                      "--max-acc-drop, count memory at a lower --precision, or fine-tune and prune again.")
     else:
         lines.append(f"No memory target: {1 - out.memory_bytes / cons.dense_bytes:.2%} saved within the limit.")
-    lines.append(f"Search cost: {out.evaluations} calibration passes and {out.surgeries} surgeries in this session.")
+    lines.append(f"Search cost: {out.evaluations} calibration passes (the steps' passes above) and {out.surgeries} "
+                 "surgeries in this session.")
     return "\n".join(lines)
 
 

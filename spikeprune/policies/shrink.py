@@ -344,7 +344,7 @@ def plot_walk(path, dense_bytes: int, dense_top1: float, cuts: list[Cut], max_ac
                     dense_bytes=dense_bytes, dense_top1=dense_top1, max_acc_drop=max_acc_drop,
                     budget_bytes=budget_bytes, precision=precision,
                     title="shrink: one cut at a time, the cheapest per byte",
-                    series="after each cut (BatchNorm re-estimated)", color="tab:purple")
+                    series="after each cut (BatchNorm re-estimated)", color="tab:purple", key_title="cut")
 
 
 def _report(ctx: PruneContext, cuts: list[Cut], rejected: list[dict], settings: dict, stop: str, top1: float,
@@ -385,7 +385,7 @@ def _report(ctx: PruneContext, cuts: list[Cut], rejected: list[dict], settings: 
     if held is not None:
         lines += _held_lines(held, settings, len(cuts), top1)
     lines += _after_finetune_lines(ctx, walk, walk_L, probes, settings)
-    lines += ["", f"Search cost: {walk.candidates_measured} candidates measured this session, each one BatchNorm "
+    lines += ["", f"Search cost: {walk.candidates_measured} candidates measured (over every session of the run), each one BatchNorm "
                   f"re-estimation ({settings['recal_images']} images) and one screening pass."]
     return "\n".join(lines)
 
@@ -492,6 +492,14 @@ def _walk_limit(S: dict, L: float, after: bool, budget: int | None) -> float:
     return 100.0 if budget is not None else min(100.0, 4 * L + 4)
 
 
+def _check(options: dict, model) -> None:
+    if not options.get("limit_after_finetune"):  # set by the run (policy_api: after_finetune policies)
+        given = [f"--{k.replace('_', '-')}" for k in ("walk_drop", "probe_steps") if options.get(k) is not None]
+        if given:
+            raise SpikepruneError(f"{' and '.join(given)} only apply with --limit-after-finetune (the walk past the "
+                                  "limit and the probes that fine-tune it); add it, or drop them")
+
+
 @dataclass
 class _Greedy:
     """The lazy greedy walk (module docstring, 1-5) and the progress a resumed run replays."""
@@ -534,12 +542,14 @@ class _Greedy:
         self.rejected, self.scale, self.finished, self.cap = saved["rejected"], saved["scale"], saved["finished"], \
             saved["cap"]
         self.steps_without_cut = saved["steps_without_cut"]
+        self.walk.candidates_measured = int(saved.get("candidates_measured", 0))  # the earlier sessions' too
         self.stale.update({g: (math.inf if v is None else v) for g, v in saved["stale"].items()})
 
     def save(self) -> None:
         self.progress.state.update(
             cuts=[c.to_dict() for c in self.cuts], rejected=self.rejected, scale=self.scale, cap=self.cap,
             finished=self.finished, steps_without_cut=self.steps_without_cut,
+            candidates_measured=self.walk.candidates_measured,
             # the lazy greedy's last measured costs (None: infinite), so a resumed run measures the
             # same groups as an uninterrupted one would
             stale={g: (None if math.isinf(v) else v) for g, v in self.stale.items()})
@@ -635,7 +645,7 @@ class _Greedy:
             self.save()
 
 
-@register_policy("shrink", options=OPTIONS, after_finetune=True,
+@register_policy("shrink", options=OPTIONS, after_finetune=True, check=_check,
                  help="ours: one small cut at a time, each group's next cut measured after re-estimating "
                       "BatchNorm, the cheapest per byte taken, until the accuracy limit or memory budget")
 def shrink(ctx: PruneContext) -> PolicyResult:
