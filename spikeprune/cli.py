@@ -779,10 +779,10 @@ def cmd_finetune(args) -> int:
     progress, caps = not args.quiet, _caps(args)
 
     def accuracy(m):
-        return {s: evaluate(m, data, split=s, device=args.device, progress=progress, max_images=caps.get(s))["top1"]
+        return {s: evaluate(m, data, split=s, device=args.device, progress=progress, max_images=caps.get(s))
                 for s in ("calib", "test")}
 
-    before = accuracy(model)
+    before = {s: m["top1"] for s, m in accuracy(model).items()}
     train_data, val = _training_data(args, model, data)
     model, history = finetune(model, train_data, args.epochs, teacher=teacher, kd_weight=args.kd_weight,
                               kd_temperature=args.kd_temperature, val_data=val, **_training_kwargs(args))

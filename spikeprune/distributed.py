@@ -42,6 +42,7 @@ a machine's other processes when one fails. Finished checkpoints are kept: rerun
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sys
@@ -54,6 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+from tqdm import std
 
 from .errors import SpikepruneError
 
@@ -184,8 +186,6 @@ def launched(args):
 def _silence_progress_bars():
     """Make every tqdm bar of this process a silent one, even those given disable=False (tqdm reads
     TQDM_DISABLE only when it is imported, before a process knows its rank); returns the undo."""
-    from tqdm import std
-
     original = std.tqdm.__init__
 
     def silent_init(self, *a, **kw):
@@ -302,8 +302,6 @@ def report_error(message: str, error: BaseException | None = None) -> None:
         sys.stderr.flush()
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path and launched_by_torchrun() and not os.path.exists(path):
-        import json
-
         try:
             with open(path, "w") as f:
                 json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,

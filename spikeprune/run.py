@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fcntl
 import fnmatch
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -306,8 +308,6 @@ class _RunLock:
         self.fd = None
 
     def acquire(self) -> "_RunLock":
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
