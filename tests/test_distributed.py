@@ -152,7 +152,9 @@ def test_finetune_two_processes_equals_one_and_resumes_on_one(tmp_path, tiny_mod
     # The two-process checkpoint continues on one process as the one-process run's does.
     one, more_one = finetune(one, "digits", 3, output=tmp_path / "one", resume=True, **common)
     two, more_two = finetune(two, "digits", 3, output=tmp_path / "two", resume=True, **common)
-    assert len(more_two) == 3 and more_two[2]["train_loss"] == pytest.approx(more_one[2]["train_loss"], rel=1e-6)
+    # rel 1e-5: the two runs' float32 sums differ in order (an all-reduce against one process), and
+    # three epochs compound it (4e-6 seen on an AMD EPYC with AVX-512)
+    assert len(more_two) == 3 and more_two[2]["train_loss"] == pytest.approx(more_one[2]["train_loss"], rel=1e-5)
     assert torch.allclose(_train_mode_logits(two), _train_mode_logits(one), rtol=1e-4, atol=1e-5)
 
 
