@@ -38,7 +38,7 @@ import torch
 from . import __version__, distributed
 from .bundled import ASSETS, BUNDLED_NAME, bundled_model, bundled_names
 from .costs import format_report as format_measure_report, measure
-from .data import DEFAULT_SIZE, dataset_for_model, load_dataset, parse_spec
+from .data import DEFAULT_SIZE, dataset_for_model, parse_spec
 from .deploy import (CHECK_IMAGES, DEFAULT_OPSET, FORMATS, INT8_MAX_DROP, MAX_OPSET, MIN_OPSET, export,
                      format_export_report)
 from .errors import SpikepruneError
@@ -352,7 +352,8 @@ def choose_data(args, model) -> str:
     size, model_size = DEFAULT_SIZE.get(name), getattr(getattr(model, "cfg", None), "img_size", None)
     # imagefolder images are resized to any size on purpose; the others have one native size.
     if name != "imagefolder" and size and model_size and size != model_size:
-        load_dataset(args.data, "test", max_images=1)  # a missing or damaged folder is said first
+        dataset_for_model(args.data, model, "test", max_images=1)  # a missing or damaged folder, other channels
+        # or classes are said first
         on = f" (it was trained on {recorded})" if recorded else ""
         raise SpikepruneError(f"{args.data} has {size}x{size} images but the model takes {model_size}x{model_size}"
                               f"{on}; give data of the model's size" + (f", e.g. --data {recorded}" if recorded else ""))
@@ -865,7 +866,8 @@ def cmd_measure(args) -> int:
     repeats = args.legacy_repeats if args.legacy_repeats is not None else args.latency_repeats
     warmup = args.legacy_warmup if args.legacy_warmup is not None else args.latency_warmup
     model = resolve_model(args)
-    report = measure(model, data=args.data, device=args.device, max_images=n, batch_size=args.batch_size,
+    data = choose_data(args, model) if args.data is not None else None  # None: no firing rates
+    report = measure(model, data=data, device=args.device, max_images=n, batch_size=args.batch_size,
                      latency=not args.no_latency, latency_batch=args.latency_batch, repeats=repeats,
                      warmup=warmup, split=args.split)
     if args.json:
@@ -910,8 +912,9 @@ def cmd_export(args) -> int:
     if args.legacy_check_images is not None:
         caps.setdefault("calib", args.legacy_check_images)
     model = resolve_model(args)
+    data = choose_data(args, model) if args.data is not None else None  # None: random images, no accuracy
     report = export(model, args.output, format=args.format, precision=args.precision, opset=args.opset,
-                    check=not args.no_check, data=args.data, force=args.force, max_drop=args.max_drop,
+                    check=not args.no_check, data=data, force=args.force, max_drop=args.max_drop,
                     keep_inaccurate=args.keep_inaccurate, max_images=caps.get("calib", CHECK_IMAGES), progress=False)
     if args.json:
         print_json(report)

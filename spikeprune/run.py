@@ -60,7 +60,7 @@ from .surgery import record_of
 from .training import evaluate, finetune
 from .validation import (FinetuneSettings, check_finite, check_writable, drop_within, max_images_per_split, number,
                          whole)
-from .validation import device as check_device
+from .validation import device as check_device, renamed_arguments
 
 RUN_FORMAT = "spikeprune-run"
 RUN_VERSION = 2  # 2: typed pruning record, one settings object (version 1 folders are refused)
@@ -743,8 +743,9 @@ def _run_locked(s: RunSettings, model: nn.Module, spec: PolicySpec, ctx: PruneCo
 _CONSTRAINT_KEYS = ("max_acc_drop", "target_saving", "memory_budget", "precision")
 
 
-def prune_run(model: nn.Module, data: str, out: str | Path, **settings) -> dict:
-    """Prune `model` with a policy into the run folder `out` and return the summary (summary.json).
+@renamed_arguments(out="output")
+def prune_run(model: nn.Module, data: str, output: str | Path, **settings) -> dict:
+    """Prune `model` with a policy into the run folder `output` and return the summary (summary.json).
 
     settings: any RunSettings field (policy="psvit", finetune_epochs=1, kd=True, ...), and the
     limits max_acc_drop / target_saving / memory_budget / precision (or constraints=Constraints(...)).
@@ -760,7 +761,7 @@ def prune_run(model: nn.Module, data: str, out: str | Path, **settings) -> dict:
                               f"{', '.join(sorted(known | set(_CONSTRAINT_KEYS)))}")
     if "constraints" not in settings:
         settings["constraints"] = Constraints(**limits)
-    return run(RunSettings(data=data, output=out, **settings), model)
+    return run(RunSettings(data=data, output=output, **settings), model)
 
 
 __all__ = ["LATENCY_REPEATS", "MEASURE_IMAGES", "RUN_FORMAT", "RUN_VERSION", "RunSettings", "check_writable",

@@ -109,6 +109,7 @@ def test_version_has_one_source(capsys):
     (spikeprune.finetune, {"out_dir": "output", "overwrite": "force"}),
     (spikeprune.export, {"path": "output", "overwrite": "force", "check_images": "max_images", "verbose": "progress"}),
     (spikeprune.measure, {"n_images": "max_images"}),
+    (spikeprune.prune_run, {"out": "output"}),
 ])
 def test_python_arguments_use_the_cli_words(fn, renames):
     assert fn.renamed_arguments == renames

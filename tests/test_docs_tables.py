@@ -52,3 +52,17 @@ def test_tables_come_from_the_stored_results(update_docs):
     shrink = next(r for r in doc["results"] if r["policy"] == "shrink" and r["limit"] == 1.0)
     doc_table = update_docs.TABLES["policies-fmnist"]()
     assert f"{100 * shrink['memory_saved']:.2f}%" in doc_table and f"{shrink['cost']['calib_images']:,}" in doc_table
+
+
+def test_bench_readme_results_equal_what_the_benchmark_writes(update_docs):
+    """bench/README.md's "Current results" are written by `bench/policies.py --update-readme` between
+    its own markers: they equal what the benchmark writes from its stored policies.json."""
+    import json
+    import os
+
+    bench = update_docs.bench_policies
+    doc = json.loads((ROOT / "bench" / "results" / "policies.json").read_text())
+    plot = os.path.relpath(ROOT / "bench" / "results" / "frontier.png", ROOT / "bench")
+    text = (ROOT / "bench" / "README.md").read_text()
+    block = text.split(bench.README_START, 1)[1].split(bench.README_END, 1)[0]
+    assert block == "\n" + bench.write_markdown(doc, plot, heading="###")
