@@ -36,6 +36,8 @@ CASES = {
     "global-target": ("global", {"uniform_ratios": (0.2, 0.5)}, {"max_acc_drop": 4, "target_saving": 0.3}),
     "shrink": ("shrink", {"options": {**SHRINK, "shrink_step": 0.2}}, {"max_acc_drop": 3}),
     "shrink-target": ("shrink", {"options": {**SHRINK, "shrink_step": 0.2}}, {"max_acc_drop": 6, "target_saving": 0.25}),
+    "shrink-mlp": ("shrink", {"options": {**SHRINK, "shrink_step": 0.1}, "groups": "block*.mlp.hidden"},
+                   {"max_acc_drop": 5, "target_saving": 0.1}),
     "shrink-holdout": ("shrink", {"options": {**SHRINK, "shrink_step": 0.2, "holdout": 0.5}},
                        {"max_acc_drop": 3, "target_saving": 0.3}),
     "shrink-after": ("shrink", {"options": {**SHRINK, "shrink_step": 0.25, "probe_steps": 2, "walk_drop": 3},
