@@ -3,16 +3,18 @@
 A policy decides *what* to prune; spikeprune.run does everything around it (run folder, resume,
 fine-tuning, measuring, report), the same way for every policy:
 
-    @register_policy("mine", add_args=lambda g: g.add_argument("--my-knob", type=float), help="...")
+    @register_policy("mine", options=[Option("my_knob", float, 0.5, "how much", valid=lambda r: 0 <= r < 1,
+                                             must="a ratio in [0, 1)")], help="...")
     def mine(ctx: PruneContext) -> PolicyResult:
-        model = ctx.prune({"block*.mlp.hidden": 0.5})
+        model = ctx.prune({"block*.mlp.hidden": ctx.option("my_knob")})
         return PolicyResult(model, {"calib_top1": ctx.calib_top1(model)})
 
 What was pruned is `model.pruning`, the typed PruningRecord every `spikeprune.prune` call attaches
 (successive calls compose it), so a policy never describes its choice in a second way. A policy
 declares its own options (`options=[Option("my_knob", float, 0.5, "help", valid=..., must=...)]`):
 they are added to `spikeprune prune`, checked before the run folder is touched, and read as
-ctx.option("my_knob"); `check(options, model)` adds checks that need the model.
+ctx.option("my_knob"); `check(options, model)` adds checks that need the model. docs/policy-toolkit.md
+has a worked example.
 
 The toolkit every policy uses (no policy keeps its own copy):
   ctx.resumable(step, key, fresh)   a step's JSON state, back after a kill when saved under the same key

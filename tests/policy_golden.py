@@ -1,8 +1,11 @@
 """Fixed-seed runs of every built-in policy on the bundled mnist5k model with tiny image caps:
 what each one keeps, the weights it returns, its calibration top-1 and what it says (summary info).
 
-`python tests/policy_golden.py OUT.json` records them; tests/test_policy_golden.py checks that a
-refactoring of the policies left every figure bit for bit as it was (issue 22, point 7).
+tests/data/policy_golden.json holds them as the code before the policy toolkit gave them (on the
+machine it names: float sums, and so spikes, may differ on another CPU kind or thread count).
+    python tests/policy_golden.py OUT.json [CASE ...]     record (every case, or those named)
+    python tests/policy_golden.py --check [CASE ...]      compare with tests/data/policy_golden.json
+tests/test_policy_golden.py checks the fast cases in the suite (issue 22, point 7: behaviour unchanged).
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import json
 import math
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -19,6 +23,7 @@ from spikeprune.policy_api import Constraints, PruneContext, get_policy
 from spikeprune.run import RunSettings
 from spikeprune.surgery import record_of
 
+GOLDEN = Path(__file__).parent / "data" / "policy_golden.json"
 CAPS = {"calib": 120, "train": 256, "test": 64}
 SHRINK = {"recal_images": 48, "check_recal_images": 96, "screen_images": 64}
 # name -> (policy, RunSettings fields, constraints)
@@ -36,6 +41,8 @@ CASES = {
     "global-target": ("global", {"uniform_ratios": (0.2, 0.5)}, {"max_acc_drop": 4, "target_saving": 0.3}),
     "shrink": ("shrink", {"options": {**SHRINK, "shrink_step": 0.2}}, {"max_acc_drop": 3}),
     "shrink-target": ("shrink", {"options": {**SHRINK, "shrink_step": 0.2}}, {"max_acc_drop": 6, "target_saving": 0.25}),
+    "shrink-mlp": ("shrink", {"options": {**SHRINK, "shrink_step": 0.1}, "groups": "block*.mlp.hidden"},
+                   {"max_acc_drop": 5, "target_saving": 0.1}),
     "shrink-holdout": ("shrink", {"options": {**SHRINK, "shrink_step": 0.2, "holdout": 0.5}},
                        {"max_acc_drop": 3, "target_saving": 0.3}),
     "shrink-after": ("shrink", {"options": {**SHRINK, "shrink_step": 0.25, "probe_steps": 2, "walk_drop": 3},
@@ -75,13 +82,27 @@ def run_case(name: str, model=None) -> dict:
                 "images_evaluated": ctx.images_evaluated, "info": _clean(result.info)}
 
 
-def main(path: str, names=None) -> None:
+def machine() -> dict:
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__, "threads": 1}
+
+
+def as_json(x):
+    """What the golden file holds for a result (JSON's own types: tuples become lists)."""
+    return json.loads(json.dumps(x, sort_keys=True))
+
+
+def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     model = bundled_model()
-    out = {n: run_case(n, model) for n in (names or CASES)}
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1, sort_keys=True)
+    if argv and argv[0] == "--check":
+        golden = json.loads(GOLDEN.read_text())["cases"]
+        bad = [n for n in (argv[1:] or golden) if as_json(run_case(n, model)) != golden[n]]
+        print("differ: " + ", ".join(bad) if bad else "every case as recorded")
+        return 1 if bad else 0
+    out = {n: run_case(n, model) for n in (argv[1:] or CASES)}
+    Path(argv[0]).write_text(json.dumps(out, indent=1, sort_keys=True))
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:] or None)
+    sys.exit(main(sys.argv[1:]))

@@ -40,7 +40,8 @@ from ..neuron import LIF
 from ..structure import Group, Layer, Member, Probe
 from ..surrogate import heaviside_sigmoid
 from .registry import Family, register_family, register_model
-from .common import check_pooled_size, fit_state, pooled_tokens, strict_config, strip_module
+from .common import (EMA_WRAPPERS, WRAPPERS, StagedTransformer, batchnorm as _batchnorm, check_pooled_size, fit_state,
+                     pointwise as _pointwise, pooled_tokens, preset_builders, strict_config, strip_module, unwrap)
 
 SPIKE_MODES = ("lif", "plif")
 STEM_STAGES = 4
@@ -197,19 +198,6 @@ def _neuron_names(depth: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Layers on channel-last tokens
 # ---------------------------------------------------------------------------------------------
-def _pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A 1x1 Conv2d applied to channel-last x [..., C_in] as one GEMM."""
-    w = conv.weight
-    y = F.linear(x.reshape(-1, x.shape[-1]), w.view(w.shape[0], w.shape[1]), conv.bias)
-    return y.view(*x.shape[:-1], w.shape[0])
-
-
-def _batchnorm(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """BatchNorm2d over the last dim of channel-last x; statistics over every other position."""
-    c = x.shape[-1]
-    return bn(x.reshape(-1, c, 1, 1)).view(x.shape)
-
-
 def _init_conv(conv: nn.Conv2d) -> nn.Conv2d:
     """The reference's _init_weights for Conv2d: truncated normal (std 0.02, cut at +-2), bias 0."""
     nn.init.trunc_normal_(conv.weight, mean=0.0, std=0.02, a=-2.0, b=2.0)
@@ -407,32 +395,18 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _make(preset: str):
-    def build(**overrides) -> SDT:
-        cfg = dict(PRESETS[preset])
-        cfg.update(overrides)
-        return SDT(SDTConfig(**cfg))
-
-    build.__doc__ = f"SDT preset {preset}: {PRESETS[preset]}"
-    return build
-
-
-for _name in PRESETS:
-    register_model(_name, family="sdt")(_make(_name))
+for _name, _build in preset_builders(SDT, SDTConfig, PRESETS, "SDT").items():
+    register_model(_name, family="sdt")(_build)
 
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints from the reference training code (timm's CheckpointSaver)
 # ---------------------------------------------------------------------------------------------
-WRAPPERS = ("state_dict", "model")
-EMA_WRAPPERS = ("state_dict_ema", "model_ema")
-
-
 def _unwrap(state: dict, ema: bool = False) -> dict:
     """The weights of a checkpoint: `state_dict` (or `state_dict_ema` when `ema`), else the dict itself."""
-    for wrapper in (EMA_WRAPPERS if ema else WRAPPERS):
-        if isinstance(state.get(wrapper), dict):
-            return state[wrapper]
+    inner = unwrap(state, EMA_WRAPPERS if ema else WRAPPERS)
+    if inner is not None:
+        return inner
     if ema:
         raise SpikepruneError("the checkpoint has no state_dict_ema (it was trained without EMA); "
                               "load its state_dict instead")
@@ -555,31 +529,9 @@ def sdt_resize(model: SDT, kept: dict[str, int]) -> SDT:
     return SDT(SDTConfig.from_dict(cfg))
 
 
-# The forward cut into stages: stem.0 .. stem.3 (stem.3 = the last stem stage + rpe, giving the
-# residual tokens), block.0 .. block.{L-1}, head, exactly as SDT.forward runs them.
-def sdt_stages(model: SDT) -> list[str]:
-    return [f"stem.{i}" for i in range(STEM_STAGES)] + [f"block.{i}" for i in range(len(model.block))] + ["head"]
-
-
-def sdt_run_stage(model: SDT, s: int, x: torch.Tensor) -> torch.Tensor:
-    if s < STEM_STAGES:
-        return model.patch_embed.forward_stage(s, x)
-    if s < STEM_STAGES + len(model.block):
-        return model.block[s - STEM_STAGES](x)
-    return model.forward_head(x)
-
-
-def sdt_first_stage(model: SDT, group: str) -> int:
-    """The first stage a group changes: a stem group changes the stage of its conv; the residual
-    width is first produced by the last stem stage; a block group changes its block."""
-    for i in range(STEM_STAGES - 1):
-        if group == stem_group_name(i):
-            return i
-    if group == "residual":
-        return STEM_STAGES - 1
-    if group.startswith("block"):
-        return STEM_STAGES + int(group[len("block"):].split(".")[0])
-    raise SpikepruneError(f"{group!r} is not an SDT group")
+# The forward cut into stages (stem.3 = the last stem stage + rpe, giving the residual tokens);
+# the head is SDT.forward_head.
+STAGED = StagedTransformer(STEM_STAGES, lambda i: stem_group_name(i), lambda model, x: model.forward_head(x), "an SDT")
 
 
 def sdt_layer_table(cfg: SDTConfig) -> list[Layer]:
@@ -638,8 +590,8 @@ def _dead_count(cfg: SDTConfig) -> int:
 FAMILY = register_family(Family(
     name="sdt", model_class=SDT, config_class=SDTConfig,
     groups=sdt_groups, resize=sdt_resize, layer_table=sdt_layer_table,
-    checkpoint_filter=checkpoint_filter_fn, stages=sdt_stages, run_stage=sdt_run_stage,
-    first_stage=sdt_first_stage, describe=_describe, recognizes=_recognizes,
+    checkpoint_filter=checkpoint_filter_fn, stages=STAGED.stages, run_stage=STAGED.run_stage,
+    first_stage=STAGED.first_stage, describe=_describe, recognizes=_recognizes,
     cost_notes=("SDT: every conv after the first reads spikes (membrane shortcut: each branch starts with a LIF on "
                 "the real-valued residual stream), so q/k/v, proj, fc1, fc2, rpe and the head count SOPs; only the "
                 "first conv reads the (real) image",

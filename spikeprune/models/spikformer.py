@@ -30,7 +30,8 @@ from ..errors import SpikepruneError
 from ..neuron import LIF
 from ..structure import Group, Layer, Member, Probe
 from .registry import Family, register_family, register_model
-from .common import WRAPPERS, check_pooled_size, fit_state, pooled_tokens, strict_config, strip_module
+from .common import (EMA_WRAPPERS, WRAPPERS, StagedTransformer, batchnorm as _batchnorm, check_pooled_size, fit_state,
+                     pointwise as _pointwise, pooled_tokens, preset_builders, strict_config, strip_module, unwrap)
 
 LAYOUTS = ("imagenet", "cifar")
 STEM_STAGES = 4
@@ -103,19 +104,6 @@ class SpikformerConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "SpikformerConfig":
         return strict_config(cls, d, "Spikformer")
-
-
-def _pointwise(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A k=1 Conv1d/Conv2d or a Linear, applied to channel-last x [..., C_in] as one GEMM."""
-    w = layer.weight
-    # on a 2-D input the bias is fused into the GEMM (addmm); a 4-D input adds it in a second pass
-    y = F.linear(x.reshape(-1, x.shape[-1]), w.view(w.shape[0], w.shape[1]), layer.bias)
-    return y.view(*x.shape[:-1], w.shape[0])
-
-
-def _batchnorm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
-    """BatchNorm over the last dim of channel-last x; statistics over every other position."""
-    return bn(x.reshape(-1, x.shape[-1])).view(x.shape)
 
 
 def _pointwise_layer(layout: str, cin: int, cout: int, bias: bool, conv_dims: int) -> nn.Module:
@@ -309,18 +297,8 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _make(preset: str):
-    def build(**overrides) -> Spikformer:
-        cfg = dict(PRESETS[preset])
-        cfg.update(overrides)
-        return Spikformer(SpikformerConfig(**cfg))
-
-    build.__doc__ = f"Spikformer preset {preset}: {PRESETS[preset]}"
-    return build
-
-
-for _name in PRESETS:
-    register_model(_name, family="spikformer")(_make(_name))
+for _name, _build in preset_builders(Spikformer, SpikformerConfig, PRESETS, "Spikformer").items():
+    register_model(_name, family="spikformer")(_build)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,10 +314,8 @@ def checkpoint_filter_fn(state_dict: dict, model: Spikformer) -> dict:
 
     Raises SpikepruneError naming the first mismatched keys and shapes if it does not fit.
     """
-    for wrapper in WRAPPERS:
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
+    inner = unwrap(state_dict, WRAPPERS + EMA_WRAPPERS)  # the reference saves no EMA; a fork's is taken
+    state_dict = state_dict if inner is None else inner
     out = {k: v for k, v in strip_module(state_dict).items() if not _is_unused_norm(k)}
     return fit_state(out, model, "Spikformer")
 
@@ -450,32 +426,10 @@ def spikformer_resize(model: Spikformer, kept: dict[str, int]) -> Spikformer:
     return Spikformer(SpikformerConfig.from_dict(cfg))
 
 
-# The forward cut into stages: stem.0 .. stem.3 (stem.3 = the last stem stage + rpe, giving
-# tokens), block.0 .. block.{L-1}, head, exactly as Spikformer.forward runs them (the
-# sensitivity analysis checks on real data that running every stage equals model(images)).
-def spikformer_stages(model: Spikformer) -> list[str]:
-    return [f"stem.{i}" for i in range(STEM_STAGES)] + [f"block.{i}" for i in range(len(model.block))] + ["head"]
-
-
-def spikformer_run_stage(model: Spikformer, s: int, x: torch.Tensor) -> torch.Tensor:
-    if s < STEM_STAGES:
-        return model.patch_embed.forward_stage(s, x)
-    if s < STEM_STAGES + len(model.block):
-        return model.block[s - STEM_STAGES](x)
-    return model.head(x.mean(2).mean(0))  # tokens [T, B, N, D] -> mean over tokens, then over T
-
-
-def spikformer_first_stage(model: Spikformer, group: str) -> int:
-    """The first stage a group changes: a stem group changes the stage of its conv; the residual
-    width is first produced by the last stem stage; a block group changes its block."""
-    for i in range(STEM_STAGES - 1):
-        if group == stem_group_name(i):
-            return i
-    if group == "residual":
-        return STEM_STAGES - 1
-    if group.startswith("block"):
-        return STEM_STAGES + int(group[len("block"):].split(".")[0])
-    raise SpikepruneError(f"{group!r} is not a Spikformer group")
+# The forward cut into stages (stem.3 = the last stem stage + rpe, giving tokens); the head takes the
+# tokens [T, B, N, D], averages them over tokens, then over T.
+STAGED = StagedTransformer(STEM_STAGES, lambda i: stem_group_name(i), lambda model, x: model.head(x.mean(2).mean(0)),
+                           "a Spikformer")
 
 
 def spikformer_layer_table(cfg: SpikformerConfig) -> list[Layer]:
@@ -541,8 +495,8 @@ def _describe(cfg: SpikformerConfig) -> str:
 FAMILY = register_family(Family(
     name="spikformer", model_class=Spikformer, config_class=SpikformerConfig,
     groups=spikformer_groups, resize=spikformer_resize, layer_table=spikformer_layer_table,
-    checkpoint_filter=checkpoint_filter_fn, stages=spikformer_stages, run_stage=spikformer_run_stage,
-    first_stage=spikformer_first_stage, describe=_describe, recognizes=_recognizes,
+    checkpoint_filter=checkpoint_filter_fn, stages=STAGED.stages, run_stage=STAGED.run_stage,
+    first_stage=STAGED.first_stage, describe=_describe, recognizes=_recognizes,
     cost_notes=("norm1/norm2 LayerNorms of the reference code are never called by its forward: not built here, "
                 "not counted",
                 "MACs of attention, computed as q (k^T v): 2*N*d_qk*d_v per head and step; the head runs once on the "
