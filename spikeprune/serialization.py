@@ -300,9 +300,10 @@ def _check_fingerprint(weights: Path, meta: dict, folder) -> None:
     except (SafetensorError, OSError):
         return  # read_safetensors has read the file; no metadata to compare
     if saved is not None and saved != config_fingerprint(meta):
-        raise SpikepruneError(f"{Path(folder) / CONFIG_NAME} is not the config these weights were saved with (it was "
-                              "edited after saving: its family, widths, head counts or pruning record differ); restore "
-                              "it, or save the model again with spikeprune.save_model")
+        raise SpikepruneError(f"{Path(folder) / CONFIG_NAME} is not the config these weights were saved with (the "
+                              "config was edited after saving, or the weights file comes from another model: its family, "
+                              "widths, head counts or pruning record differ); restore the pair, or save the model again "
+                              "with spikeprune.save_model")
 
 
 def _check_record_fits(model: torch.nn.Module, record: PruningRecord, folder) -> None:
