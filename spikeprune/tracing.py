@@ -389,6 +389,8 @@ class Recorder(TorchFunctionMode):
             return self.getitem(x, args[1], out)
         if name in ("stack", "cat", "concat", "concatenate"):
             return self.cat(name, args, kwargs, out)
+        if name in ("chunk", "split", "tensor_split", "split_with_sizes"):
+            return self.chunk(name, x, args, kwargs, out)
         if name in ("unbind",):
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
             inf = self.get(x)
@@ -549,6 +551,45 @@ class Recorder(TorchFunctionMode):
             mark(dims[d], "tensors are concatenated along this dim")
         spikes = {inf.spike_from for inf in infs}
         self.put(out, TInfo(dims, spikes.pop() if len(spikes) == 1 else None))
+
+    def chunk(self, name, x, args, kwargs, out) -> None:
+        """Equal parts along a dim: the dim is [parts, part] (row-major) and every part reads the
+        inner factor; the parts' factor is tainted (a fused q/k/v projection cut into q, k, v:
+        each of its units would repeat once per part in one weight, which a Group cannot say)."""
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+        outs = _tensors(out)
+        inf = self.get(x)
+        d = dim % x.dim()
+        n, size = len(outs), x.shape[d]
+        if any(t.shape[d] != size // n for t in outs) or size % n:
+            mark(inf.dims[d], f"{name} cuts this dim into unequal parts")
+            for t in outs:
+                self.fresh(t)
+            return
+        queue, part = leaves(inf.dims[d]), size // n
+        inner = []
+        need = part
+        for leaf in reversed(queue):  # the inner factor: the last leaves, split where needed
+            if need == 1:
+                break
+            if need % leaf.size == 0:
+                inner.insert(0, leaf)
+                need //= leaf.size
+            elif leaf.size % need == 0:
+                p = split(leaf, [leaf.size // need, need])
+                inner.insert(0, p[1])
+                mark([p[0]], f"{name} cuts this dim into {n} parts (e.g. a fused q/k/v projection): a group "
+                              "cannot cut a unit that repeats once per part yet")
+                need = 1
+            else:
+                raise ValueError("parts cut across factors")
+        outer = [a for a in leaves(inf.dims[d]) if a not in inner]
+        mark(outer, f"{name} cuts this dim into {n} parts (e.g. a fused q/k/v projection): a group cannot cut "
+                    "a unit that repeats once per part yet")
+        for t in outs:
+            dims = list(inf.dims)
+            dims[d] = inner or [Atom(1)]
+            self.put(t, TInfo(dims, inf.spike_from))
 
     def reduce(self, name, x, args, kwargs, out) -> None:
         inf = self.get(x)

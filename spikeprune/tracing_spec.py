@@ -243,6 +243,23 @@ def _new_layer(old: nn.Module, widths: dict[int, int]) -> nn.Module | None:
     return None
 
 
+def _set_widths(layer: nn.Module, widths: dict[int, int]) -> None:
+    """The width attributes of a subclass of a known layer (e.g. SpikingJelly's multi-step
+    layer.Conv2d) whose tensors were swapped in place."""
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        depthwise = layer.groups > 1 and layer.groups == layer.out_channels
+        layer.out_channels = widths.get(0, layer.out_channels)
+        layer.in_channels = widths.get(1, layer.in_channels)
+        if depthwise:
+            layer.groups = layer.in_channels = layer.out_channels
+    elif isinstance(layer, nn.Linear):
+        layer.out_features, layer.in_features = widths.get(0, layer.out_features), widths.get(1, layer.in_features)
+    elif isinstance(layer, nn.modules.batchnorm._NormBase):
+        layer.num_features = widths.get(0, layer.num_features)
+    elif isinstance(layer, nn.LayerNorm) and len(layer.normalized_shape) == 1:
+        layer.normalized_shape = (widths.get(0, layer.normalized_shape[0]),)
+
+
 def resize_with_spec(model: nn.Module, spec: TraceSpec, counts: dict[str, int]) -> nn.Module:
     """A copy of `model` with the group sizes `counts`: smaller layers, updated width attributes.
     Its tensors are empty (meta) when the default device is meta, else fresh (uninitialised) ones."""
@@ -273,6 +290,7 @@ def resize_with_spec(model: nn.Module, spec: TraceSpec, counts: dict[str, int]) 
                     shape = [w.get(d, s) for d, s in enumerate(t.shape)]
                     empty = torch.empty(shape, dtype=t.dtype)
                     store[name] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
+            _set_widths(old, w)
     values: dict[tuple[str, str], int] = {}
     for b in spec.bindings:
         v = math.prod(sizes[leaf] for leaf in b.leaves)
