@@ -176,6 +176,23 @@ class TrackedInt(int):
         return int(self)
 
 
+class ShapeInt(int):
+    """A size read from a tensor during the recording; `atoms` = the dim it was read from."""
+
+    def __new__(cls, value: int, atoms: list):
+        obj = super().__new__(cls, value)
+        obj.atoms = atoms
+        return obj
+
+
+class TrackedSize(tuple):
+    """x.shape / x.size() during the recording: a tuple of ShapeInts (torch.Size's methods that
+    forward code uses are here; code that needs a real torch.Size is recorded again without)."""
+
+    def numel(self) -> int:
+        return math.prod(int(n) for n in self)
+
+
 def _track_ints(model: nn.Module) -> list[tuple[nn.Module, str, int]]:
     restore = []
     for path, mod in model.named_modules():
@@ -239,9 +256,10 @@ def _name(func) -> str:
 class Recorder(TorchFunctionMode):
     """Records one forward as atom equalities (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, batch: int):
+    def __init__(self, model: nn.Module, batch: int, track_shapes: bool = True):
         super().__init__()
         self.batch = batch
+        self.track_shapes = track_shapes
         self.info: dict[int, TInfo] = {}
         self.keep: list = []  # tensors alive for the recording, so their ids stay unique
         self.param_owner: dict[int, tuple[str, str]] = {}
@@ -319,6 +337,13 @@ class Recorder(TorchFunctionMode):
         if self.leaf_depth:
             return out
         name = _name(func)
+        if self.track_shapes and name in ("__get__shape", "size") and args and isinstance(args[0], torch.Tensor):
+            dims = self.get(args[0]).dims
+            if isinstance(out, int) and len(args) > 1:
+                return ShapeInt(out, dims[args[1] % len(dims)])
+            if isinstance(out, torch.Size):
+                return TrackedSize(ShapeInt(n, d) for n, d in zip(out, dims))
+            return out
         if name in NO_TENSOR or name.startswith("__get__") and name not in ("__get__T", "__get__mT", "__get__data"):
             return out
         try:
@@ -477,6 +502,10 @@ class Recorder(TorchFunctionMode):
         for k, s in pos.items():
             if isinstance(s, TrackedInt) and k < out.dim():
                 self.bindings.append((s.origin, inf.dims[k]))
+            if isinstance(s, ShapeInt) and k < out.dim() and name != "repeat" and int(s) == out.shape[k]:
+                # a size read from another tensor's dim: the forward keeps the two equal, so they
+                # must be cut together (e.g. a head merge that reshapes to the block input's width)
+                unify(s.atoms, inf.dims[k])
 
     def permute(self, name, x, args, kwargs, out) -> None:
         inf = self.get(x)
@@ -765,7 +794,16 @@ def _common_prefix(paths: list[str]) -> str:
 
 
 def _record(model: nn.Module, example: torch.Tensor) -> tuple[Recorder, list]:
-    rec = Recorder(model, example.shape[0] if example.dim() else 1)
+    """Record the forward; sizes read from tensors are tracked unless the forward cannot take a
+    tuple for a torch.Size (then it is recorded again without: such ties show up in the proof)."""
+    try:
+        return _record_once(model, example, track_shapes=True)
+    except SpikepruneError:
+        return _record_once(model, example, track_shapes=False)
+
+
+def _record_once(model: nn.Module, example: torch.Tensor, track_shapes: bool) -> tuple[Recorder, list]:
+    rec = Recorder(model, example.shape[0] if example.dim() else 1, track_shapes)
     restore = _track_ints(model)
     hooks = [nn.modules.module.register_module_forward_pre_hook(rec.pre_hook),
              nn.modules.module.register_module_forward_hook(rec.post_hook)]
@@ -832,7 +870,7 @@ def _candidates(rec: Recorder, model: nn.Module) -> tuple[list[Group], dict, dic
         if r["second"]:
             heads_leaf = member_leaves[r["second"][0]][0]
             members = [Member(m, d) for m, d in r["second"]]
-            kind = "qk" if "contracted" in leaf.flags else "v"
+            kind = "residual" if "residual" in leaf.flags else "qk" if "contracted" in leaf.flags else "v"
             groups.append(Group(name="", kind=kind, unit="channel", size=heads_leaf.size * leaf.size, members=members,
                                 heads=heads_leaf.size, head_group=str(heads_leaf.id)))
         elif r["first"]:
@@ -859,10 +897,11 @@ def _name_groups(groups: list[Group], group_leaf: dict) -> None:
     by_leaf = {}
     residuals = [g for g in groups if g.kind == "residual"]
     for g in groups:
+        prefix = _common_prefix([m.module for m in g.members])
         if g.kind == "residual":
             base = "residual" if len(residuals) == 1 else f"residual{residuals.index(g)}"
         elif g.kind in ("heads", "qk", "v") and (g.unit == "head" or g.heads > 1):
-            base = f"{_common_prefix([m.module for m in g.members]) or 'attn'}.{g.kind}"
+            base = f"{prefix}.{g.kind}" if prefix else g.kind
         else:
             outs = [m.module for m in g.members if m.dim == 0]
             base = outs[0] if outs else g.members[0].module
