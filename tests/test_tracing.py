@@ -272,6 +272,13 @@ def test_hierarchical_model_groups():
     assert ("stage1.attn.proj_conv", 1, 4) in _members(heads["stage1.attn.heads"])
     assert t.unprunable == [("head", "the model's output")]
     assert model.family == "traced" and sp.groups(model)[0].name == t.groups[0].name
+    assert model.spikeprune_trace.unprunable == t.unprunable  # kept on the model for inspection
+    # the spike-aware criterion reads each group at the neurons that carry exactly its channels
+    assert all(g.probes for g in t.groups)
+    assert [(p.module, p.channel_dim) for p in qk1.probes] == [("stage1.attn.q_lif", -2), ("stage1.attn.k_lif", -2)]
+    assert qk1.probe_reduce == "prod"
+    pruned = sp.prune(model, {"stage1.*": 0.5}, importance="firing", data=torch.rand(8, 1, 8, 8) * 3)
+    assert pruned.stage1.mlp.fc1.out_channels == 8
 
 
 def test_single_step_loop_model_groups():
@@ -454,3 +461,19 @@ def test_a_traced_model_runs_through_prune_run(tmp_path, policy, limits):
     assert summary["pruned"]["sops"] is not None
     reloaded = sp.load_model(tmp_path / "run" / "model")  # in the process that traced the dense model
     assert reloaded.family == "traced" and reloaded.pruning.pruned
+
+
+def test_a_traced_model_reloads_only_where_its_structure_is_known(tmp_path, monkeypatch):
+    from spikeprune import tracing_spec
+
+    torch.manual_seed(0)
+    model = LoopSNN()
+    sp.trace(model, torch.rand(2, 1, 16, 16))
+    pruned = sp.prune(model, {"fc1": 0.5})
+    sp.save_model(pruned, tmp_path / "m")
+    again = sp.load_model(tmp_path / "m")
+    assert type(again) is LoopSNN and again.fc1.out_features == 12
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), pruned.state_dict().values()))
+    monkeypatch.setattr(tracing_spec, "_TEMPLATES", {})  # as in a new process
+    with pytest.raises(SpikepruneError, match="trace the dense model again in this process"):
+        sp.load_model(tmp_path / "m")
