@@ -221,11 +221,10 @@ ELEMENTWISE = {
     "square", "erf", "dropout", "alpha_dropout", "hardsigmoid", "softplus", "isnan", "isinf", "nan_to_num",
     "float", "double", "half", "bfloat16", "int", "long", "bool", "to", "type", "type_as", "contiguous", "clone",
     "detach", "requires_grad_", "cpu", "cuda", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like",
-    "randn_like", "expand_as_if_same", "__and__", "__or__", "__xor__", "__invert__", "__neg__", "__abs__",
+    "randn_like", "__and__", "__or__", "__xor__", "__invert__", "__neg__", "__abs__",
     "__pos__", "data", "fill_", "zero_", "copy_", "detach_",
 }
-for _op in ("add", "sub", "mul", "div", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift",
-            "matmul_never"):
+for _op in ("add", "sub", "mul", "div", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift"):
     ELEMENTWISE |= {f"__{_op}__", f"__r{_op}__", f"__i{_op}__", f"{_op}_"}
 ELEMENTWISE |= {"__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "sigmoid_", "relu_", "clamp_",
                 "masked_fill_", "sub_", "mul_", "div_", "add_", "addcmul_", "lerp_"}
@@ -427,7 +426,7 @@ class Recorder(TorchFunctionMode):
         if name in REDUCE_SUM | REDUCE_OTHER:
             return self.reduce(name, x, args, kwargs, out)
         if name in ("zeros", "ones", "empty", "full", "arange", "tensor", "as_tensor", "rand", "randn", "new_zeros",
-                    "new_ones", "new_empty", "new_full", "new_tensor", "linspace", "eye", "zeros_like_fresh"):
+                    "new_ones", "new_empty", "new_full", "new_tensor", "linspace", "eye"):
             for t in _tensors(out):
                 self.fresh(t)
             return None
@@ -502,7 +501,7 @@ class Recorder(TorchFunctionMode):
             pos = dict(enumerate(sizes))
         inf = self.get(out)
         for k, s in pos.items():
-            if isinstance(s, TrackedInt) and k < out.dim():
+            if isinstance(s, TrackedInt) and k < out.dim() and int(s) == out.shape[k]:  # not a -1 to infer
                 self.bindings.append((s.origin, inf.dims[k]))
             if isinstance(s, ShapeInt) and k < out.dim() and name != "repeat" and int(s) == out.shape[k]:
                 # a size read from another tensor's dim: the forward keeps the two equal, so they

@@ -171,9 +171,10 @@ class LoopSNN(nn.Module):
     """Single-step neurons in a Python loop over T; Linear layers on channel-last tokens."""
 
     def __init__(self, T=2, dim=12, heads=3, hidden=24, classes=10, in_ch=1, patch=4, literal_heads=False,
-                 merge_to_input_width=False):
+                 merge_to_input_width=False, head_dim_attr=False):
         super().__init__()
         self.T, self.heads, self.literal_heads, self.merge_to_input_width = T, heads, literal_heads, merge_to_input_width
+        self.head_dim = dim // heads if head_dim_attr else -1  # one stored head dim for q, k and v
         self.patch, self.patch_lif = nn.Conv2d(in_ch, dim, patch, patch), SingleStepLIF()
         self.qkv = nn.ModuleDict({n: nn.Linear(dim, dim) for n in "qkv"})
         self.lifs = nn.ModuleDict({n: SingleStepLIF() for n in "qkv"})
@@ -186,7 +187,7 @@ class LoopSNN(nn.Module):
         x = self.patch_lif(self.patch(img)).flatten(2).transpose(1, 2)  # [B, N, D]
         B, N, D = x.shape
         heads = 3 if self.literal_heads else self.heads  # a literal: nothing tells the pruner
-        q, k, v = (self.lifs[n](self.qkv[n](x)).view(B, N, heads, -1).transpose(1, 2) for n in "qkv")
+        q, k, v = (self.lifs[n](self.qkv[n](x)).view(B, N, heads, self.head_dim).transpose(1, 2) for n in "qkv")
         y = (q @ k.transpose(-2, -1)) @ v * 0.25
         y = y.transpose(1, 2).reshape(B, N, D if self.merge_to_input_width else -1)  # D: the block input's width
         x = x + self.out_lif(self.out(y))
@@ -343,6 +344,20 @@ def test_a_width_read_from_another_tensor_ties_the_two_dims():
     assert "v" not in {g.kind for g in t.groups} and not t.unprunable[1:]
     pruned = sp.prune(model, {tied.name: 0.5})
     assert pruned.out.weight.shape == (6, 6) and pruned(x).shape == (3, 10)
+
+
+def test_a_stored_head_dim_follows_the_heads_but_ties_qk_to_v():
+    torch.manual_seed(0)
+    model = LoopSNN(head_dim_attr=True)
+    x = torch.rand(3, 1, 16, 16) * 3
+    t = sp.trace(model, x)
+    reasons = dict(t.unprunable)
+    # q, k and v are viewed with one stored head_dim: their head dims cannot be cut apart
+    assert "head_dim is read as two different widths" in reasons["qkv.q"]
+    assert "head_dim is read as two different widths" in reasons["qkv.v"]
+    assert {g.kind for g in t.groups} == {"residual", "heads", "hidden"}
+    pruned = sp.prune(model, {"heads": [1]})
+    assert (pruned.heads, pruned.head_dim) == (1, 4) and pruned(x).shape == (3, 10)
 
 
 def test_a_wrong_group_is_refused_by_the_proof_and_the_model_is_left_as_it_was():
