@@ -300,8 +300,11 @@ class Recorder(TorchFunctionMode):
         if a is None:
             a = self.member_atoms[key] = Atom(size)
             self.member_order[key] = len(self.member_order)
-        elif a.size != size:
-            mark([a], f"the tensors of {module} differ in size on dim {dim}")
+        elif a.size != size:  # the module's tensors do not share a layout: none of them is cut on it
+            reason = f"the tensors of {module} differ in size on dim {dim}"
+            mark([a], reason)
+            a = Atom(size)
+            mark([a], reason)
         return a
 
     def fresh(self, t: torch.Tensor, spike_from: str | None = None) -> TInfo:
