@@ -8,6 +8,7 @@ Public API:
     train, evaluate, finetune, measure        -- training, accuracy, size / MACs / SOPs / energy / latency
     TrainSettings                             -- how train() trains (the recipe), one checked object
     groups, prune, PruningRecord              -- coupled channel groups, physical surgery, what was pruned
+    trace                                     -- the groups of any spiking module, found by recording a forward
     prune_run, RunSettings, Constraints       -- a whole policy run into a run folder (`spikeprune prune`)
     export                                    -- ONNX (fp32 / fp16 / int8 weights), BatchNorm folded, checked
     Family, register_family                   -- add a model family (see ARCHITECTURE.md)
@@ -27,6 +28,7 @@ from .data import load_dataset
 from .training import TrainSettings, evaluate, finetune, train
 from .costs import measure
 from .coupling import groups
+from .tracing import trace
 from .record import PruningRecord
 from .surgery import prune
 from .importance import register_importance
@@ -35,7 +37,7 @@ from .validation import FinetuneSettings
 from .run import RunSettings, prune_run
 from .deploy import export
 
-__all__ = ["Constraints", "Family", "FinetuneSettings", "PruningRecord", "RunSettings", "SpikepruneError", "bundled_model",
-           "create_model", "evaluate", "export", "finetune", "groups", "list_models", "load_dataset", "load_model",
-           "measure", "prune", "prune_run", "register_family", "register_importance", "register_policy", "save_model",
-           "train", "TrainSettings"]
+__all__ = ["Constraints", "Family", "FinetuneSettings", "PruningRecord", "RunSettings", "SpikepruneError", "TrainSettings",
+           "bundled_model", "create_model", "evaluate", "export", "finetune", "groups", "list_models", "load_dataset",
+           "load_model", "measure", "prune", "prune_run", "register_family", "register_importance", "register_policy",
+           "save_model", "trace", "train"]

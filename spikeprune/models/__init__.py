@@ -35,6 +35,7 @@ from .registry import (Family, families, get_family, list_models, preset, recogn
                        register_family, register_model, unregister_family)
 from . import spikformer  # noqa: F401  (registers the Spikformer family and its presets)
 from . import sdt  # noqa: F401  (registers the Spike-driven Transformer family and its presets)
+from . import traced  # noqa: F401  (registers the family of models spikeprune.trace analysed)
 
 
 def create_model(name: str, checkpoint_path: str | None = None, **overrides):
