@@ -7,6 +7,7 @@ Public API:
     load_dataset                              -- mnist5k, digits, cifar10:DIR, ..., imagefolder:DIR
     train, evaluate, finetune, measure        -- training, accuracy, size / MACs / SOPs / energy / latency
     groups, prune, PruningRecord              -- coupled channel groups, physical surgery, what was pruned
+    trace                                     -- the groups of any spiking module, found by recording a forward
     prune_run, RunSettings, Constraints       -- a whole policy run into a run folder (`spikeprune prune`)
     export                                    -- ONNX (fp32 / fp16 / int8 weights), BatchNorm folded, checked
     Family, register_family                   -- add a model family (see ARCHITECTURE.md)
@@ -24,6 +25,7 @@ from .data import load_dataset
 from .training import evaluate, finetune, train
 from .costs import measure
 from .coupling import groups
+from .tracing import trace
 from .record import PruningRecord
 from .surgery import prune
 from .policy_api import Constraints
@@ -32,4 +34,4 @@ from .deploy import export
 
 __all__ = ["Constraints", "Family", "PruningRecord", "RunSettings", "SpikepruneError", "bundled_model", "create_model",
            "evaluate", "export", "finetune", "groups", "list_models", "load_dataset", "load_model", "measure", "prune",
-           "prune_run", "register_family", "save_model", "train"]
+           "prune_run", "register_family", "save_model", "trace", "train"]

@@ -283,9 +283,9 @@ def apply_plan(model: nn.Module, p: Plan) -> nn.Module:
     for key, t in model.state_dict().items():
         module = key.rpartition(".")[0]
         sliced = False
-        for dim in (0, 1):
+        for dim in range(t.dim()):  # num_batches_tracked (0-d), biases on dim 1: untouched
             idx = cut.get((module, dim))
-            if idx is not None and t.dim() > dim:  # num_batches_tracked (0-d), biases on dim 1: untouched
+            if idx is not None:
                 t = t.index_select(dim, idx.to(t.device))
                 sliced = True
         state[key] = t if sliced else t.clone()
@@ -297,6 +297,9 @@ def apply_plan(model: nn.Module, p: Plan) -> nn.Module:
     for dense_p, new_p in zip(model.parameters(), new.parameters()):
         new_p.requires_grad_(dense_p.requires_grad)
     new.train(model.training)
+    check = getattr(get_family(model), "check_pruned", None)
+    if check is not None:  # a family that proves every prune (traced models: against the masked dense model)
+        check(model, new, {g.name: p.kept[g.name] for g in p.groups})
     return new
 
 

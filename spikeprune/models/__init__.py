@@ -185,3 +185,4 @@ def build_from_config(config: dict):
 
 from . import spikformer  # noqa: E402,F401  (registers the Spikformer family and its presets)
 from . import sdt  # noqa: E402,F401  (registers the Spike-driven Transformer family and its presets)
+from . import traced  # noqa: E402,F401  (registers the family of models spikeprune.trace analysed)
