@@ -60,7 +60,8 @@ def our_model_names() -> list[str]:
     from spikeprune.models import families, list_models, preset_summary
 
     summaries = [preset_summary(n) for n in list_models()]
-    smallest = [min((s for s in summaries if s["family"] == f), key=lambda s: s["params"])["name"] for f in families()]
+    smallest = [min((s for s in summaries if s["family"] == f), key=lambda s: s["params"])["name"]
+                for f in families() if any(s["family"] == f for s in summaries)]  # traced models have no presets
     return ["bundled"] + smallest
 
 
@@ -207,10 +208,34 @@ def spikeprune_cuts(groups, record) -> list[tuple[str, int, list[int]]]:
     return cuts
 
 
+class AsUserModule(nn.Module):
+    """One of our family models seen as a user's module: spikeprune reads a family model's declared
+    groups, so the model is wrapped in a class of no family, which the tracer must work out alone."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def group_key(g, prefix: str = "") -> tuple:
+    """A group's structure without its name: kind, unit, size, heads, and its members (path, dim,
+    unit width)."""
+    return (g.kind, g.unit, g.size, g.heads,
+            tuple(sorted((m.module[len(prefix):], m.dim, m.unit_width) for m in g.members)))
+
+
 def run_spikeprune(name: str, timeout: float) -> None:
     import spikeprune
 
     model, x = build(name)
+    declared = None
+    if getattr(model, "family", None) is not None:
+        from spikeprune.coupling import groups
+
+        declared, model = groups(model), AsUserModule(model).eval()
     dense = copy.deepcopy(model)
     emit(phase="model", params=params(model), tool_version=getattr(spikeprune, "__version__", "") or "this tree")
     signal.alarm(int(timeout))
@@ -220,13 +245,9 @@ def run_spikeprune(name: str, timeout: float) -> None:
     row = dict(phase="trace", trace_s=trace_s, groups=len(traced.groups),
                group_layers=[g.layers for g in traced.groups],
                unprunable=[[n if isinstance(n, str) else type(n).__name__, r] for n, r in traced.unprunable])
-    if not name.startswith("zoo-"):  # a family model: the traced groups against the declared ones
-        from spikeprune.coupling import groups as declared
-
-        def key(g):
-            return (g.kind if g.unit == "head" else g.unit, g.size, frozenset(g.members))
-
-        row["matches_declared"] = sorted(map(repr, map(key, traced.groups))) == sorted(map(repr, map(key, declared(model))))
+    if declared is not None:  # a family model: the traced groups against the family's declaration
+        row["matches_declared"] = (sorted(group_key(g, "model.") for g in traced.groups)
+                                   == sorted(group_key(g) for g in declared))
     emit(**row)
     ratios = {g.name: RATIO for g in traced.groups if g.unit == "channel"}
     result = spikeprune.prune(model, ratios, "l2")

@@ -8,6 +8,7 @@ Public API:
     train, evaluate, finetune, measure        -- training, accuracy, size / MACs / SOPs / energy / latency
     groups, prune, PruningRecord              -- coupled channel groups, physical surgery, what was pruned
     trace                                     -- the groups of any spiking module, found by recording a forward
+    load_user_model                           -- a user's module from `my_model.py:build` (+ checkpoint), traced
     prune_run, RunSettings, Constraints       -- a whole policy run into a run folder (`spikeprune prune`)
     export                                    -- ONNX (fp32 / fp16 / int8 weights), BatchNorm folded, checked
     Family, register_family                   -- add a model family (see ARCHITECTURE.md)
@@ -26,6 +27,7 @@ from .training import evaluate, finetune, train
 from .costs import measure
 from .coupling import groups
 from .tracing import trace
+from .builders import load_user_model  # also registers how traced models save and load
 from .record import PruningRecord
 from .surgery import prune
 from .policy_api import Constraints
@@ -33,5 +35,6 @@ from .run import RunSettings, prune_run
 from .deploy import export
 
 __all__ = ["Constraints", "Family", "PruningRecord", "RunSettings", "SpikepruneError", "bundled_model", "create_model",
-           "evaluate", "export", "finetune", "groups", "list_models", "load_dataset", "load_model", "measure", "prune",
+           "evaluate", "export", "finetune", "groups", "list_models", "load_dataset", "load_model",
+           "load_user_model", "measure", "prune",
            "prune_run", "register_family", "save_model", "trace", "train"]

@@ -20,6 +20,7 @@ from typing import NoReturn
 
 import torch
 
+from .builders import is_builder_ref, load_user_model
 from .bundled import bundled_model
 from . import distributed
 from .errors import SpikepruneError
@@ -27,6 +28,7 @@ from .deploy import register_cli as register_export
 from .importance import CRITERIA
 from .inspect import format_report, inspect_model
 from .costs import format_report as format_measure_report, measure
+from .data import load_dataset
 from .models import create_model, list_models, preset_summary
 from .policy_api import DEFAULT_MAX_ACC_DROP, PRECISIONS, Constraints, get_policy, policies
 from .ratios import DEFAULT_SENSITIVITY_RATIOS, UNIFORM_GRID, parse_ratios
@@ -40,8 +42,11 @@ DATA_HELP = ("dataset as NAME[:PATH]: mnist5k (bundled), digits (bundled), fashi
              "original IDX files; `make data` brings Fashion-MNIST), cifar10:DIR, cifar100:DIR (python-batch "
              "format), imagefolder:DIR (with train/ and val/ class folders)")
 MODEL_HELP = ("a preset name (see `spikeprune models`), a folder saved by spikeprune, `bundled` (or "
-              "bundled:sdt-1-64-mnist), or a "
-              "checkpoint file from the reference training code (then also give --model PRESET)")
+              "bundled:sdt-1-64-mnist), a "
+              "checkpoint file from the reference training code (then also give --model PRESET), or your own "
+              "model as path/to/my_model.py:build or package.module:build, a function that returns the nn.Module "
+              "(--checkpoint loads its weights; it is traced on two images of --data). Reading a Python file or "
+              "module RUNS ITS CODE: give only code you trust")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -51,7 +56,7 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
     if positional:
         p.add_argument("model_spec", metavar="MODEL", nargs="?", default="bundled", help=MODEL_HELP + " (default: bundled)")
     p.add_argument("--model", dest="preset", metavar="PRESET", help="architecture preset for a checkpoint file")
-    p.add_argument("--checkpoint", metavar="FILE", help="weights to load into the preset (reference or ours)")
+    p.add_argument("--checkpoint", metavar="FILE", help="weights to load into the preset (reference or ours), or into the module a builder function returns")
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    help="override a config field of a preset, e.g. --set num_classes=100 --set img_size=64")
 
@@ -103,6 +108,10 @@ def resolve_model(args: argparse.Namespace):
         return bundled_model()
     if spec and spec.startswith("bundled:"):  # another shipped model, e.g. bundled:sdt-1-64-mnist
         return bundled_model(spec.split(":", 1)[1])
+    if is_builder_ref(spec):  # the user's own module: their function builds it (running their code)
+        if args.preset or overrides:
+            raise SpikepruneError(f"--model and --set apply to presets; {spec} builds its own model")
+        return load_user_model(spec, _example_input(args, spec), checkpoint=ckpt)
     path = Path(spec)
     if is_saved_model(path):
         if overrides:
@@ -121,6 +130,15 @@ def resolve_model(args: argparse.Namespace):
         return create_model(preset, checkpoint_path=path, **overrides)
     raise SpikepruneError(f"{spec!r} is neither a preset ({', '.join(list_models())}), a saved model folder, "
                           "nor an existing checkpoint file")
+
+
+def _example_input(args: argparse.Namespace, spec: str) -> torch.Tensor:
+    """Two images of the command's --data: what a builder's module is traced on."""
+    data = getattr(args, "data", None)
+    if not data:
+        raise SpikepruneError(f"{spec} is traced on an example input taken from the data: give --data")
+    images = load_dataset(data, split="calib")
+    return torch.stack([images[i][0] for i in range(min(2, len(images)))])
 
 
 def print_json(obj) -> None:
