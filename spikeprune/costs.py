@@ -126,7 +126,7 @@ def _check_model_matches_table(model, table: list[Layer]) -> None:
     """The table is computed from the config; make sure the model's layers really have those shapes."""
     modules = dict(model.named_modules())
     for r in table:
-        if not r.weight_shape:  # weightless products
+        if not r.weight_shape or r.type == "Parameter":  # weightless products; a traced model's loose tensors
             continue
         m = modules.get(r.name)
         if m is None or tuple(m.weight.shape) != r.weight_shape or (m.bias is not None) != r.bias:
@@ -194,7 +194,7 @@ def _input_rates(model, table: list[Layer], batches, device) -> tuple[dict, int]
     storage = {}
     modules = dict(model.named_modules())
     for r in table:
-        if r.weight_shape:
+        if r.weight_shape and r.type != "Parameter":
             storage[modules[r.name].weight.untyped_storage().data_ptr()] = r.name
     out_sums: dict[str, list] = {}  # module -> [sum, count] of its outputs (the rate_from modules)
     hooks = []

@@ -176,6 +176,23 @@ class TrackedInt(int):
         return int(self)
 
 
+class ShapeInt(int):
+    """A size read from a tensor during the recording; `atoms` = the dim it was read from."""
+
+    def __new__(cls, value: int, atoms: list):
+        obj = super().__new__(cls, value)
+        obj.atoms = atoms
+        return obj
+
+
+class TrackedSize(tuple):
+    """x.shape / x.size() during the recording: a tuple of ShapeInts (torch.Size's methods that
+    forward code uses are here; code that needs a real torch.Size is recorded again without)."""
+
+    def numel(self) -> int:
+        return math.prod(int(n) for n in self)
+
+
 def _track_ints(model: nn.Module) -> list[tuple[nn.Module, str, int]]:
     restore = []
     for path, mod in model.named_modules():
@@ -239,9 +256,10 @@ def _name(func) -> str:
 class Recorder(TorchFunctionMode):
     """Records one forward as atom equalities (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, batch: int):
+    def __init__(self, model: nn.Module, batch: int, track_shapes: bool = True):
         super().__init__()
         self.batch = batch
+        self.track_shapes = track_shapes
         self.info: dict[int, TInfo] = {}
         self.keep: list = []  # tensors alive for the recording, so their ids stay unique
         self.param_owner: dict[int, tuple[str, str]] = {}
@@ -319,6 +337,13 @@ class Recorder(TorchFunctionMode):
         if self.leaf_depth:
             return out
         name = _name(func)
+        if self.track_shapes and name in ("__get__shape", "size") and args and isinstance(args[0], torch.Tensor):
+            dims = self.get(args[0]).dims
+            if isinstance(out, int) and len(args) > 1:
+                return ShapeInt(out, dims[args[1] % len(dims)])
+            if isinstance(out, torch.Size):
+                return TrackedSize(ShapeInt(n, d) for n, d in zip(out, dims))
+            return out
         if name in NO_TENSOR or name.startswith("__get__") and name not in ("__get__T", "__get__mT", "__get__data"):
             return out
         try:
@@ -389,6 +414,8 @@ class Recorder(TorchFunctionMode):
             return self.getitem(x, args[1], out)
         if name in ("stack", "cat", "concat", "concatenate"):
             return self.cat(name, args, kwargs, out)
+        if name in ("chunk", "split", "tensor_split", "split_with_sizes"):
+            return self.chunk(name, x, args, kwargs, out)
         if name in ("unbind",):
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
             inf = self.get(x)
@@ -475,6 +502,10 @@ class Recorder(TorchFunctionMode):
         for k, s in pos.items():
             if isinstance(s, TrackedInt) and k < out.dim():
                 self.bindings.append((s.origin, inf.dims[k]))
+            if isinstance(s, ShapeInt) and k < out.dim() and name != "repeat" and int(s) == out.shape[k]:
+                # a size read from another tensor's dim: the forward keeps the two equal, so they
+                # must be cut together (e.g. a head merge that reshapes to the block input's width)
+                unify(s.atoms, inf.dims[k])
 
     def permute(self, name, x, args, kwargs, out) -> None:
         inf = self.get(x)
@@ -549,6 +580,45 @@ class Recorder(TorchFunctionMode):
             mark(dims[d], "tensors are concatenated along this dim")
         spikes = {inf.spike_from for inf in infs}
         self.put(out, TInfo(dims, spikes.pop() if len(spikes) == 1 else None))
+
+    def chunk(self, name, x, args, kwargs, out) -> None:
+        """Equal parts along a dim: the dim is [parts, part] (row-major) and every part reads the
+        inner factor; the parts' factor is tainted (a fused q/k/v projection cut into q, k, v:
+        each of its units would repeat once per part in one weight, which a Group cannot say)."""
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+        outs = _tensors(out)
+        inf = self.get(x)
+        d = dim % x.dim()
+        n, size = len(outs), x.shape[d]
+        if any(t.shape[d] != size // n for t in outs) or size % n:
+            mark(inf.dims[d], f"{name} cuts this dim into unequal parts")
+            for t in outs:
+                self.fresh(t)
+            return
+        queue, part = leaves(inf.dims[d]), size // n
+        inner = []
+        need = part
+        for leaf in reversed(queue):  # the inner factor: the last leaves, split where needed
+            if need == 1:
+                break
+            if need % leaf.size == 0:
+                inner.insert(0, leaf)
+                need //= leaf.size
+            elif leaf.size % need == 0:
+                p = split(leaf, [leaf.size // need, need])
+                inner.insert(0, p[1])
+                mark([p[0]], f"{name} cuts this dim into {n} parts (e.g. a fused q/k/v projection): a group "
+                              "cannot cut a unit that repeats once per part yet")
+                need = 1
+            else:
+                raise ValueError("parts cut across factors")
+        outer = [a for a in leaves(inf.dims[d]) if a not in inner]
+        mark(outer, f"{name} cuts this dim into {n} parts (e.g. a fused q/k/v projection): a group cannot cut "
+                    "a unit that repeats once per part yet")
+        for t in outs:
+            dims = list(inf.dims)
+            dims[d] = inner or [Atom(1)]
+            self.put(t, TInfo(dims, inf.spike_from))
 
     def reduce(self, name, x, args, kwargs, out) -> None:
         inf = self.get(x)
@@ -724,7 +794,16 @@ def _common_prefix(paths: list[str]) -> str:
 
 
 def _record(model: nn.Module, example: torch.Tensor) -> tuple[Recorder, list]:
-    rec = Recorder(model, example.shape[0] if example.dim() else 1)
+    """Record the forward; sizes read from tensors are tracked unless the forward cannot take a
+    tuple for a torch.Size (then it is recorded again without: such ties show up in the proof)."""
+    try:
+        return _record_once(model, example, track_shapes=True)
+    except SpikepruneError:
+        return _record_once(model, example, track_shapes=False)
+
+
+def _record_once(model: nn.Module, example: torch.Tensor, track_shapes: bool) -> tuple[Recorder, list]:
+    rec = Recorder(model, example.shape[0] if example.dim() else 1, track_shapes)
     restore = _track_ints(model)
     hooks = [nn.modules.module.register_module_forward_pre_hook(rec.pre_hook),
              nn.modules.module.register_module_forward_hook(rec.post_hook)]
@@ -791,7 +870,7 @@ def _candidates(rec: Recorder, model: nn.Module) -> tuple[list[Group], dict, dic
         if r["second"]:
             heads_leaf = member_leaves[r["second"][0]][0]
             members = [Member(m, d) for m, d in r["second"]]
-            kind = "qk" if "contracted" in leaf.flags else "v"
+            kind = "residual" if "residual" in leaf.flags else "qk" if "contracted" in leaf.flags else "v"
             groups.append(Group(name="", kind=kind, unit="channel", size=heads_leaf.size * leaf.size, members=members,
                                 heads=heads_leaf.size, head_group=str(heads_leaf.id)))
         elif r["first"]:
@@ -818,10 +897,11 @@ def _name_groups(groups: list[Group], group_leaf: dict) -> None:
     by_leaf = {}
     residuals = [g for g in groups if g.kind == "residual"]
     for g in groups:
+        prefix = _common_prefix([m.module for m in g.members])
         if g.kind == "residual":
             base = "residual" if len(residuals) == 1 else f"residual{residuals.index(g)}"
         elif g.kind in ("heads", "qk", "v") and (g.unit == "head" or g.heads > 1):
-            base = f"{_common_prefix([m.module for m in g.members]) or 'attn'}.{g.kind}"
+            base = f"{prefix}.{g.kind}" if prefix else g.kind
         else:
             outs = [m.module for m in g.members if m.dim == 0]
             base = outs[0] if outs else g.members[0].module

@@ -35,6 +35,7 @@ from .structure import Group, Layer, Member
 
 FAMILY = "traced"
 TRACE_ATTR = "spikeprune_trace"  # the TraceSpec on a traced model
+RESET_FLAG = "spikeprune_resets_state"  # the traced model resets its neurons before each forward
 # Absolute tolerance of the float64 proof: pruned and masked models sum the same non-zero terms in
 # another order (and the masked one adds exact zeros), so they agree to a few ulps, far below this.
 PROOF_ATOL = 1e-6
@@ -193,6 +194,11 @@ def attach(model: nn.Module, spec: TraceSpec, check: bool = True) -> nn.Module:
             raise SpikepruneError(f"{type(model).__name__} defines `{name}` itself, which spikeprune sets on a traced "
                                   "model; rename it in your class to prune the model by tracing")
     model.__dict__[TRACE_ATTR] = spec
+    if not model.__dict__.get(RESET_FLAG):
+        # one forward = one input sequence, as everywhere in spikeprune: stateful neurons start from
+        # rest (SpikingJelly's users call functional.reset_net after each batch for the same reason)
+        model.register_forward_pre_hook(reset_before_forward)
+        model.__dict__[RESET_FLAG] = True
     model.__dict__["family"] = FAMILY
     model.__dict__["cfg"] = spec.config
     model.__dict__["config_dict"] = _ConfigDict(spec.config)
@@ -237,6 +243,23 @@ def _new_layer(old: nn.Module, widths: dict[int, int]) -> nn.Module | None:
     return None
 
 
+def _set_widths(layer: nn.Module, widths: dict[int, int]) -> None:
+    """The width attributes of a subclass of a known layer (e.g. SpikingJelly's multi-step
+    layer.Conv2d) whose tensors were swapped in place."""
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        depthwise = layer.groups > 1 and layer.groups == layer.out_channels
+        layer.out_channels = widths.get(0, layer.out_channels)
+        layer.in_channels = widths.get(1, layer.in_channels)
+        if depthwise:
+            layer.groups = layer.in_channels = layer.out_channels
+    elif isinstance(layer, nn.Linear):
+        layer.out_features, layer.in_features = widths.get(0, layer.out_features), widths.get(1, layer.in_features)
+    elif isinstance(layer, nn.modules.batchnorm._NormBase):
+        layer.num_features = widths.get(0, layer.num_features)
+    elif isinstance(layer, nn.LayerNorm) and len(layer.normalized_shape) == 1:
+        layer.normalized_shape = (widths.get(0, layer.normalized_shape[0]),)
+
+
 def resize_with_spec(model: nn.Module, spec: TraceSpec, counts: dict[str, int]) -> nn.Module:
     """A copy of `model` with the group sizes `counts`: smaller layers, updated width attributes.
     Its tensors are empty (meta) when the default device is meta, else fresh (uninitialised) ones."""
@@ -267,6 +290,7 @@ def resize_with_spec(model: nn.Module, spec: TraceSpec, counts: dict[str, int]) 
                     shape = [w.get(d, s) for d, s in enumerate(t.shape)]
                     empty = torch.empty(shape, dtype=t.dtype)
                     store[name] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
+            _set_widths(old, w)
     values: dict[tuple[str, str], int] = {}
     for b in spec.bindings:
         v = math.prod(sizes[leaf] for leaf in b.leaves)
@@ -346,6 +370,10 @@ def reset_state(model: nn.Module) -> None:
             m.reset()
 
 
+def reset_before_forward(model: nn.Module, args) -> None:
+    reset_state(model)
+
+
 def _run64(model: nn.Module, x: torch.Tensor):
     reset_state(model)
     try:
@@ -365,10 +393,28 @@ def _as_tensors(out) -> list[torch.Tensor]:
     return []
 
 
+def _pass_through(module, args, out):
+    return args[0]
+
+
+def _outputs(model: nn.Module, example: torch.Tensor, neurons_fire: bool) -> list[torch.Tensor]:
+    """The model's output tensors on `example` in float64; with neurons_fire=False every spiking
+    neuron (channel-wise module) passes its input through, so no channel is silent."""
+    hooks = [] if neurons_fire else [m.register_forward_hook(_pass_through) for m in model.modules()
+                                     if m is not model and is_channelwise(m)]
+    try:
+        return _as_tensors(_run64(model, example))
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def prove(dense: nn.Module, pruned: nn.Module, cut: dict[tuple[str, int], torch.Tensor], example: torch.Tensor,
           what: str) -> None:
     """Raise unless `pruned` computes on `example` what `dense` computes with the removed slices
-    zeroed, in float64, eval mode, neuron state reset before and after."""
+    zeroed, in float64, eval mode, neuron state reset before and after. Checked twice: as the model
+    runs, and with every neuron passing its input through, so that channels which never fire on
+    the example cannot hide a wrong cut (a removed channel is zero either way, so both must hold)."""
     masked = structure_copy(dense, meta=False).double().eval()
     for key, t in masked.state_dict(keep_vars=True).items():
         module = key.rpartition(".")[0]
@@ -380,20 +426,23 @@ def prove(dense: nn.Module, pruned: nn.Module, cut: dict[tuple[str, int], torch.
                     drop[idx] = False
                     t.index_fill_(dim, drop.nonzero().flatten().to(t.device), 0.0)
     candidate = structure_copy(pruned, meta=False).double().eval()
-    try:
-        want = _as_tensors(_run64(masked, example))
-        got = _as_tensors(_run64(candidate, example))
-    except Exception as e:  # noqa: BLE001 -- any failure of the user's forward is the verdict
-        raise SpikepruneError(f"pruning {what} breaks the model's forward: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got)):
-        raise SpikepruneError(f"pruning {what} changes the shape of the model's output "
-                              f"({[list(t.shape) for t in want]} -> {[list(t.shape) for t in got]})")
-    for a, b in zip(want, got):
-        diff = (a - b).abs().max().item() if a.numel() else 0.0
-        if not diff <= PROOF_ATOL:
-            raise SpikepruneError(f"pruning {what} is not equivalent to masking it: on the example input the pruned "
-                                  f"model's output differs from the masked dense model's by up to {diff:.3g}")
+    for fire in (True, False):
+        try:
+            want, got = _outputs(masked, example, fire), _outputs(candidate, example, fire)
+        except Exception as e:  # noqa: BLE001 -- any failure of the user's forward is the verdict
+            raise SpikepruneError(f"pruning {what} breaks the model's forward: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got)):
+            raise SpikepruneError(f"pruning {what} changes the shape of the model's output "
+                                  f"({[list(t.shape) for t in want]} -> {[list(t.shape) for t in got]})")
+        for a, b in zip(want, got):
+            if not a.numel():
+                continue
+            diff = (a - b).abs().max().item()
+            if not diff <= PROOF_ATOL * max(1.0, a.abs().max().item()):
+                how = "" if fire else " with its neurons passing their input through (no channel silent)"
+                raise SpikepruneError(f"pruning {what} is not equivalent to masking it: on the example input{how} the "
+                                      f"pruned model's output differs from the masked dense model's by up to {diff:.3g}")
 
 
 def check_pruned(dense: nn.Module, pruned: nn.Module, kept: dict[str, list[int]]) -> None:
