@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tests/zoo_models.py: the zoo models at tiny widths
 
 from spikeprune.serialization import write_json  # noqa: E402
+from zoo_models import masked_dense, record_cuts  # noqa: E402
 
 TOOLS = ("spikeprune", "torch-pruning")
 RATIO = 0.3
@@ -118,28 +119,6 @@ def params(model: nn.Module) -> int:
 
 # -- the masked dense model ------------------------------------------------------------------------
 
-def masked_dense(dense: nn.Module, cuts: list[tuple[str, int, list[int]]]) -> nn.Module:
-    """A float64 copy of `dense` with the listed slices zeroed: (module path, 0 = the output
-    channels it writes (weight rows, bias, BatchNorm affine) or 1 = the input channels it reads
-    (weight columns), channel indices against the dense model)."""
-    m = copy.deepcopy(dense).double()
-    with torch.no_grad():
-        for path, dim, idxs in cuts:
-            if not idxs:
-                continue
-            layer = m.get_submodule(path)
-            index = torch.tensor(sorted(set(idxs)), dtype=torch.long)
-            weight = getattr(layer, "weight", None)
-            if dim == 0:
-                if weight is not None:
-                    weight[index] = 0
-                if getattr(layer, "bias", None) is not None:
-                    layer.bias[index] = 0
-            elif weight is not None and getattr(layer, "groups", 1) == 1:
-                weight[:, index] = 0  # a depthwise conv's inputs are its outputs: cut with dim 0
-    return m
-
-
 def equivalence(dense: nn.Module, pruned: nn.Module, cuts, x: torch.Tensor) -> dict:
     masked = masked_dense(dense, cuts)
     p = copy.deepcopy(pruned).double()
@@ -196,18 +175,6 @@ def run_torch_pruning(name: str, timeout: float) -> None:
     emit(phase="equivalent", **equivalence(dense, model, cuts, x))
 
 
-def spikeprune_cuts(groups, record) -> list[tuple[str, int, list[int]]]:
-    """The slices a spikeprune record removed, from the dense model's groups: unit u of a member
-    with unit width w is its channels u*w .. u*w + w - 1."""
-    cuts = []
-    for g in groups:
-        gone = sorted(set(range(g.size)) - set(record.kept_units(g.name)))
-        for m in g.members:
-            offset = getattr(m, "offset", 0)
-            cuts.append((m.module, m.dim, [offset + u * m.unit_width + j for u in gone for j in range(m.unit_width)]))
-    return cuts
-
-
 class AsUserModule(nn.Module):
     """One of our family models seen as a user's module: spikeprune reads a family model's declared
     groups, so the model is wrapped in a class of no family, which the tracer must work out alone."""
@@ -256,7 +223,7 @@ def run_spikeprune(name: str, timeout: float) -> None:
     signal.alarm(0)
     forward(pruned, x)
     emit(phase="runs", runs=True)
-    emit(phase="equivalent", **equivalence(dense, pruned, spikeprune_cuts(traced.groups, pruned.pruning), x))
+    emit(phase="equivalent", **equivalence(dense, pruned, record_cuts(traced.groups, pruned.pruning), x))
 
 
 def worker(tool: str, name: str, timeout: float) -> None:

@@ -1,5 +1,6 @@
 """SpikingJelly 2.0's model zoo at tiny widths: third-party spiking transformers for the tracer's tests
-and for bench/trace_compare.py. Each builder returns the zoo's own module, unchanged, sized for the
+and for bench/trace_compare.py. Each builder returns the zoo's own module (its code unchanged; its
+weights drawn so that every layer spikes: `make_lively`), sized for the
 bundled 16x16 grey `digits` (1 channel, 10 classes) and a handful of images, so a forward takes
 milliseconds. docs/tracing-zoo.md describes each model's forward patterns.
 
@@ -28,6 +29,33 @@ def zoo_unavailable() -> str | None:
     return None
 
 
+def make_lively(model: nn.Module, seed: int) -> nn.Module:
+    """The zoo's initial weights (std 0.02) leave every neuron silent on random images, so the logits
+    are all zero and a wrong cut would go unseen. Random weights of unit gain, BatchNorm statistics
+    measured on random images, and random BatchNorm scales and shifts make every layer spike,
+    depending on the input (what a trained model does)."""
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight[0].numel() ** 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the one pass below
+        model.train()
+        reset_states(model)
+        model(torch.randn(8, IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=g))
+        reset_states(model)
+        for m in bns:
+            m.momentum = 0.1
+            m.weight.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+            m.bias.copy_(torch.rand(m.num_features, generator=g) * 1.5)
+    return model.eval()
+
+
 class MeanOverTime(nn.Module):
     """The zoo's Spikformer returns one logit row per time step, [T, N, classes]; the others average
     over T themselves. A user evaluating it wraps it like this."""
@@ -48,7 +76,7 @@ def zoo_spikformer(T: int = 2, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = Spikformer(T=T, in_channels=IN_CHANNELS, img_size_h=IMAGE_SIZE, img_size_w=IMAGE_SIZE, patch_size=4,
                        num_classes=NUM_CLASSES, embed_dims=32, num_heads=2, mlp_ratio=2.0, depths=1)
-    return MeanOverTime(model)
+    return make_lively(MeanOverTime(model), seed)
 
 
 def zoo_qkformer(T: int = 2, seed: int = 0) -> nn.Module:
@@ -58,8 +86,8 @@ def zoo_qkformer(T: int = 2, seed: int = 0) -> nn.Module:
     from spikingjelly.activation_based.model.qkformer import QKFormer
 
     torch.manual_seed(seed)
-    return QKFormer(T=T, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, embed_dims=32, num_heads=(1, 2, 2),
-                    depths=(1, 1, 1), mlp_ratio=2.0)
+    return make_lively(QKFormer(T=T, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, embed_dims=32,
+                                num_heads=(1, 2, 2), depths=(1, 1, 1), mlp_ratio=2.0), seed)
 
 
 def zoo_sdt(T: int = 2, seed: int = 0) -> nn.Module:
@@ -68,8 +96,8 @@ def zoo_sdt(T: int = 2, seed: int = 0) -> nn.Module:
     from spikingjelly.activation_based.model.spike_driven_transformer import SpikeDrivenTransformer
 
     torch.manual_seed(seed)
-    return SpikeDrivenTransformer(T=T, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, embed_dims=32,
-                                  num_heads=2, depths=1, mlp_ratio=2.0, pooling_stat="0011")
+    return make_lively(SpikeDrivenTransformer(T=T, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, embed_dims=32,
+                                              num_heads=2, depths=1, mlp_ratio=2.0, pooling_stat="0011"), seed)
 
 
 def zoo_maxformer(T: int = 2, seed: int = 0) -> nn.Module:
@@ -79,8 +107,8 @@ def zoo_maxformer(T: int = 2, seed: int = 0) -> nn.Module:
     from spikingjelly.activation_based.model.maxformer import MaxFormer
 
     torch.manual_seed(seed)
-    return MaxFormer(T=T, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, embed_dims=128, depths=(1, 1, 1),
-                     mlp_ratio=2.0)
+    return make_lively(MaxFormer(T=T, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, embed_dims=128,
+                                 depths=(1, 1, 1), mlp_ratio=2.0), seed)
 
 
 # name -> builder; the order the tests and the benchmark report them in.
@@ -103,3 +131,41 @@ def reset_states(model: nn.Module) -> None:
     from spikingjelly.activation_based import functional
 
     functional.reset_net(model)
+
+
+# -- the masked dense model, written here independently of spikeprune's own proof -------------------
+
+def masked_dense(dense: nn.Module, cuts: list[tuple[str, int, list[int]]]) -> nn.Module:
+    """A float64 copy of `dense` with the listed slices zeroed: (module path, 0 = the output
+    channels it writes (weight rows, bias, BatchNorm affine) or 1 = the input channels it reads
+    (weight columns), channel indices against the dense model). A correctly pruned model computes
+    what this one computes."""
+    import copy
+
+    m = copy.deepcopy(dense).double()
+    with torch.no_grad():
+        for path, dim, idxs in cuts:
+            if not idxs:
+                continue
+            layer = m.get_submodule(path)
+            index = torch.tensor(sorted(set(idxs)), dtype=torch.long)
+            weight = getattr(layer, "weight", None)
+            if dim == 0:
+                if weight is not None:
+                    weight[index] = 0
+                if getattr(layer, "bias", None) is not None:
+                    layer.bias[index] = 0
+            elif weight is not None and getattr(layer, "groups", 1) == 1:
+                weight[:, index] = 0  # a depthwise conv's inputs are its outputs: cut with dim 0
+    return m
+
+
+def record_cuts(groups, record) -> list[tuple[str, int, list[int]]]:
+    """The slices a pruning record removed, from the dense model's groups: unit u of a member with
+    unit width w is its channels u*w .. u*w + w - 1."""
+    cuts = []
+    for g in groups:
+        gone = sorted(set(range(g.size)) - set(record.kept_units(g.name)))
+        for m in g.members:
+            cuts.append((m.module, m.dim, [u * m.unit_width + j for u in gone for j in range(m.unit_width)]))
+    return cuts
