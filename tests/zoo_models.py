@@ -1,8 +1,7 @@
 """SpikingJelly 2.0's model zoo at tiny widths: third-party spiking transformers for the tracer's tests
-and for bench/trace_compare.py. Each builder returns the zoo's own module (its code unchanged; its
-weights drawn so that every layer spikes: `make_lively`), sized for the
-bundled 16x16 grey `digits` (1 channel, 10 classes) and a handful of images, so a forward takes
-milliseconds. docs/tracing-zoo.md describes each model's forward patterns.
+and for bench/trace_compare.py. Each builder returns the zoo's own module (its code unchanged, its
+weights drawn so that every layer spikes: `make_lively`), sized for the bundled 16x16 grey `digits`
+(1 channel, 10 classes) and a handful of images, so a forward takes milliseconds. docs/tracing-zoo.md describes each model's forward patterns.
 
 SpikingJelly is optional (the Makefile installs it with --no-deps; see ZOO_PACKAGES there):
 `zoo_unavailable()` says why it cannot be imported, or None.
@@ -29,7 +28,8 @@ def zoo_unavailable() -> str | None:
     return None
 
 
-def make_lively(model: nn.Module, seed: int) -> nn.Module:
+def make_lively(model: nn.Module, seed: int, image_shape: tuple[int, int, int] = (IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE)
+                ) -> nn.Module:
     """The zoo's initial weights (std 0.02) leave every neuron silent on random images, so the logits
     are all zero and a wrong cut would go unseen. Random weights of unit gain, BatchNorm statistics
     measured on random images, and random BatchNorm scales and shifts make every layer spike,
@@ -47,7 +47,7 @@ def make_lively(model: nn.Module, seed: int) -> nn.Module:
             m.momentum = None  # a cumulative average over the one pass below
         model.train()
         reset_states(model)
-        model(torch.randn(8, IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=g))
+        model(torch.randn(8, *image_shape, generator=g))
         reset_states(model)
         for m in bns:
             m.momentum = 0.1
@@ -127,10 +127,10 @@ def example_input(batch: int = 2, seed: int = 0) -> torch.Tensor:
 
 def reset_states(model: nn.Module) -> None:
     """SpikingJelly neurons keep their membrane potential between calls; every forward on a fresh
-    input starts from reset ones."""
-    from spikingjelly.activation_based import functional
-
-    functional.reset_net(model)
+    input starts from reset ones (the walk SpikingJelly's functional.reset_net does)."""
+    for m in model.modules():
+        if type(m).__module__.startswith("spikingjelly") and callable(getattr(m, "reset", None)):
+            m.reset()
 
 
 # -- the masked dense model, written here independently of spikeprune's own proof -------------------
