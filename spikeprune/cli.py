@@ -136,7 +136,7 @@ def _example_input(args: argparse.Namespace, spec: str) -> torch.Tensor:
     """Two images of the command's --data: what a builder's module is traced on."""
     data = getattr(args, "data", None)
     if not data:
-        raise SpikepruneError(f"{spec} is traced on an example input taken from the data: give --data")
+        raise SpikepruneError(f"{spec} is traced on two images of the data set it is meant for: give --data NAME[:PATH]")
     images = load_dataset(data, split="calib")
     return torch.stack([images[i][0] for i in range(min(2, len(images)))])
 
@@ -171,6 +171,8 @@ def register_inspect(sub) -> None:
                                    "their current and dense widths, and its parameters, memory and MACs against the "
                                    "dense model's.")
     add_model_args(q)
+    q.add_argument("--data", metavar="NAME[:PATH]", help="with MODEL a builder reference (my_model.py:build): the "
+                   "data set whose images it is traced on")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.set_defaults(func=cmd_inspect)
 

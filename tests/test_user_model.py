@@ -201,3 +201,12 @@ def test_cli_prunes_a_builder_with_its_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["prune", "--help"])
     assert "Reading a Python file or module RUNS ITS CODE" in " ".join(capsys.readouterr().out.split())
+
+
+def test_cli_inspect_traces_a_builder_on_its_data(tmp_path, capsys):
+    path = write_model(tmp_path)
+    assert cli_main(["inspect", f"{path}:build"]) != 0  # no --data: nothing to trace it on
+    assert "give --data" in capsys.readouterr().err
+    assert cli_main(["inspect", f"{path}:build", "--data", "digits", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report and "traced" in json.dumps(report)
