@@ -170,9 +170,10 @@ class HierarchicalSNN(nn.Module):
 class LoopSNN(nn.Module):
     """Single-step neurons in a Python loop over T; Linear layers on channel-last tokens."""
 
-    def __init__(self, T=2, dim=12, heads=3, hidden=24, classes=10, in_ch=1, patch=4, literal_heads=False):
+    def __init__(self, T=2, dim=12, heads=3, hidden=24, classes=10, in_ch=1, patch=4, literal_heads=False,
+                 merge_to_input_width=False):
         super().__init__()
-        self.T, self.heads, self.literal_heads = T, heads, literal_heads
+        self.T, self.heads, self.literal_heads, self.merge_to_input_width = T, heads, literal_heads, merge_to_input_width
         self.patch, self.patch_lif = nn.Conv2d(in_ch, dim, patch, patch), SingleStepLIF()
         self.qkv = nn.ModuleDict({n: nn.Linear(dim, dim) for n in "qkv"})
         self.lifs = nn.ModuleDict({n: SingleStepLIF() for n in "qkv"})
@@ -187,7 +188,8 @@ class LoopSNN(nn.Module):
         heads = 3 if self.literal_heads else self.heads  # a literal: nothing tells the pruner
         q, k, v = (self.lifs[n](self.qkv[n](x)).view(B, N, heads, -1).transpose(1, 2) for n in "qkv")
         y = (q @ k.transpose(-2, -1)) @ v * 0.25
-        x = x + self.out_lif(self.out(y.transpose(1, 2).reshape(B, N, -1)))
+        y = y.transpose(1, 2).reshape(B, N, D if self.merge_to_input_width else -1)  # D: the block input's width
+        x = x + self.out_lif(self.out(y))
         x = x + self.fc2_lif(self.fc2(self.fc1_lif(self.fc1(x))))
         return self.head(x.mean(1))
 
@@ -321,6 +323,19 @@ def test_single_step_model_prunes_heads_and_channels():
     pruned = sp.prune(model, {heads: [0, 2], "fc1": 0.5})
     assert pruned.heads == 2 and pruned.qkv["q"].out_features == 8 and pruned.fc1.out_features == 12
     assert pruned(x).shape == (3, 10)
+
+
+def test_a_width_read_from_another_tensor_ties_the_two_dims():
+    torch.manual_seed(0)
+    model = LoopSNN(merge_to_input_width=True)
+    x = torch.rand(3, 1, 16, 16) * 3
+    t = sp.trace(model, x)
+    # the head merge reshapes v's heads to the residual's width D: v and the stream are cut together
+    tied = next(g for g in t.groups if ("qkv.v", 0, 1) in _members(g))
+    assert ("out", 0, 1) in _members(tied) and ("patch", 0, 1) in _members(tied) and tied.heads == 3
+    assert "v" not in {g.kind for g in t.groups} and not t.unprunable[1:]
+    pruned = sp.prune(model, {tied.name: 0.5})
+    assert pruned.out.weight.shape == (6, 6) and pruned(x).shape == (3, 10)
 
 
 def test_a_wrong_group_is_refused_by_the_proof_and_the_model_is_left_as_it_was():
