@@ -303,10 +303,13 @@ def table(rows: list[dict], command: str, meta: dict) -> str:
                      if isinstance(r.get("params"), int) else
                      f"| {r['model']} | - | {r['tool']} | {c['groups']} | {c['trace_s']} | {c['removed']} | "
                      f"{c['runs']} | {c['equivalent']} | {c['error'].replace('|', '/')} |")
-    unprunable = [(r["model"], n, why) for r in rows if r["tool"] == "spikeprune" for n, why in r.get("unprunable", [])]
-    if unprunable:
-        lines += ["", "Layers spikeprune's tracer reports unprunable, with its reasons:", ""]
-        lines += [f"- {m}: `{n}`: {why}" for m, n, why in unprunable]
+    refused: dict[tuple[str, str], list[str]] = {}  # (model, reason) -> layers
+    for r in rows:
+        for layer, why in r.get("unprunable", []) if r["tool"] == "spikeprune" else []:
+            refused.setdefault((r["model"], why), []).append(layer)
+    if refused:
+        lines += ["", "Layers spikeprune's tracer reports unprunable, by reason:", ""]
+        lines += [f"- {m}: {why}: " + ", ".join(f"`{n}`" for n in layers) for (m, why), layers in refused.items()]
     return "\n".join(lines) + "\n"
 
 
