@@ -130,7 +130,8 @@ def _save(model: nn.Module, meta: dict, folder: Path, builder: str | None) -> No
         raise SpikepruneError(f"a traced {type(model).__name__} is saved with the function that builds it: "
                               "save_model(model, path, builder='my_model.py:build') (or 'package.module:build')")
     if not is_builder_ref(ref):
-        resolve_builder(ref)  # the one-line error
+        raise SpikepruneError(f"builder={ref!r} is not a builder reference: write path/to/file.py:function or "
+                              "package.module:function")
     where, _, name = ref.rpartition(":")
     meta["builder"] = f"{Path(where).expanduser().resolve()}:{name}" if where.endswith(".py") else ref
     save_file({"example_input": spec_of(model).example_input.detach().contiguous().cpu()}, str(folder / EXAMPLE_NAME))

@@ -174,6 +174,8 @@ def test_save_needs_a_builder_and_load_refuses_a_changed_one(tmp_path):
     with pytest.raises(SpikepruneError, match="builder="):
         spikeprune.save_model(inline, tmp_path / "a")
     assert not (tmp_path / "a").exists()  # nothing half-written
+    with pytest.raises(SpikepruneError, match="not a builder reference"):
+        spikeprune.save_model(inline, tmp_path / "a", builder="my_model.build")
     folder = spikeprune.save_model(inline, tmp_path / "a", builder=f"{path}:build")
     assert isinstance(spikeprune.load_model(folder), torch.nn.Module)
     # the builder now builds another model: the saved one cannot be rebuilt from it
