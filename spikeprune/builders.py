@@ -14,7 +14,8 @@ A traced model is the user's class, so config.json cannot rebuild it alone. save
 to the weights and the pruning record, the builder reference and the example input the model was
 traced on (example_input.safetensors); load_model calls the builder, traces the module it returns
 on that input, replays the pruning record and loads the saved weights: the same model, bit for bit.
-No module is pickled.
+No module is pickled. A traced model saved without a builder (one built by the user's own code and
+not given `builder=`) loads only in the process that traced it.
 """
 from __future__ import annotations
 
@@ -125,23 +126,23 @@ def load_user_model(ref: str, example_input: torch.Tensor, checkpoint=None) -> n
 
 
 def _save(model: nn.Module, meta: dict, folder: Path, builder: str | None) -> None:
+    save_file({"example_input": spec_of(model).example_input.detach().contiguous().cpu()}, str(folder / EXAMPLE_NAME))
     ref = builder or model.__dict__.get(BUILDER_ATTR)
-    if not ref:
-        raise SpikepruneError(f"a traced {type(model).__name__} is saved with the function that builds it: "
-                              "save_model(model, path, builder='my_model.py:build') (or 'package.module:build')")
+    if not ref:  # loadable only in the process that traced it (tracing_spec keeps the dense structure)
+        return
     if not is_builder_ref(ref):
         raise SpikepruneError(f"builder={ref!r} is not a builder reference: write path/to/file.py:function or "
                               "package.module:function")
     where, _, name = ref.rpartition(":")
     meta["builder"] = f"{Path(where).expanduser().resolve()}:{name}" if where.endswith(".py") else ref
-    save_file({"example_input": spec_of(model).example_input.detach().contiguous().cpu()}, str(folder / EXAMPLE_NAME))
 
 
-def _load(meta: dict, folder: Path, map_location: str) -> nn.Module:
+def _load(meta: dict, folder: Path, map_location: str) -> nn.Module | None:
     ref = meta.get("builder")
+    if ref is None:  # saved without a builder: only the process that traced it can rebuild it (None: as usual)
+        return None
     if not isinstance(ref, str):
-        raise SpikepruneError(f"{folder} holds a traced model saved without its builder reference; it cannot be "
-                              "rebuilt: save it again with save_model(model, path, builder='my_model.py:build')")
+        raise SpikepruneError(f"{folder / 'config.json'} has a damaged builder reference ({ref!r})")
     example = read_safetensors(folder / EXAMPLE_NAME).get("example_input")
     if example is None:
         raise SpikepruneError(f"{folder / EXAMPLE_NAME} holds no example_input; the model folder is damaged")

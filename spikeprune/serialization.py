@@ -186,7 +186,8 @@ _FOLDER_IO: dict[str, tuple] = {}
 
 def register_folder_io(family: str, save, load, files: tuple[str, ...] = ()) -> None:
     """save(model, meta, folder, builder) adds to config.json's `meta` and writes `files` into the
-    folder being written; load(meta, folder, map_location) returns the model."""
+    folder being written; load(meta, folder, map_location) returns the model, or None to have it
+    built from config.json as usual."""
     _FOLDER_IO[family] = (save, load, tuple(files))
 
 
@@ -291,8 +292,9 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu") -> torch.nn.M
     """Load a model saved by `save_model`: the architecture comes from config.json alone."""
     meta = read_config(path)
     folder_io = _FOLDER_IO.get(meta.get("family"))
-    if folder_io is not None:
-        return folder_io[1](meta, Path(path), map_location)
+    model = folder_io[1](meta, Path(path), map_location) if folder_io is not None else None
+    if model is not None:
+        return model
     model = build_from_config(meta)
     state = read_safetensors(Path(path) / WEIGHTS_NAME, map_location)
     _load_exact(model, state, source=str(path))

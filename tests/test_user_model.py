@@ -165,18 +165,21 @@ def test_pruned_user_model_saves_and_reloads_bit_for_bit_in_a_fresh_process(tmp_
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
-def test_save_needs_a_builder_and_load_refuses_a_changed_one(tmp_path):
+def test_builder_given_at_save_and_load_refuses_a_changed_one(tmp_path):
     path = write_model(tmp_path)
     namespace: dict = {}
     exec(compile(MODEL_SOURCE.format(width=16), "inline", "exec"), namespace)
     inline = namespace["build"]()  # built by the user's own code, not through a reference
     spikeprune.trace(inline, example())
-    with pytest.raises(SpikepruneError, match="builder="):
-        spikeprune.save_model(inline, tmp_path / "a")
-    assert not (tmp_path / "a").exists()  # nothing half-written
     with pytest.raises(SpikepruneError, match="not a builder reference"):
         spikeprune.save_model(inline, tmp_path / "a", builder="my_model.build")
+    assert not (tmp_path / "a").exists()  # nothing half-written
+    # without a builder it saves, and loads in this process only (from the trace kept in memory)
+    folder = spikeprune.save_model(inline, tmp_path / "a")
+    assert "builder" not in json.loads((folder / "config.json").read_text())
+    assert torch.equal(run(spikeprune.load_model(folder), example(1)), run(inline, example(1)))
     folder = spikeprune.save_model(inline, tmp_path / "a", builder=f"{path}:build")
+    assert json.loads((folder / "config.json").read_text())["builder"] == f"{path.resolve()}:build"
     assert isinstance(spikeprune.load_model(folder), torch.nn.Module)
     # the builder now builds another model: the saved one cannot be rebuilt from it
     model = load_user_model(f"{path}:build", example())
