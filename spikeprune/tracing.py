@@ -55,7 +55,7 @@ from .errors import SpikepruneError
 from .models import get_family
 from .tracing_spec import (FAMILY, Binding, CostRow, TracedConfig, TraceSpec, attach, cost_table, is_channelwise,
                             prune_units, register_channelwise, remember, reset_state)
-from .structure import Group, Member
+from .structure import Group, Member, Probe
 
 __all__ = ["Trace", "register_channelwise", "trace"]
 
@@ -221,11 +221,10 @@ ELEMENTWISE = {
     "square", "erf", "dropout", "alpha_dropout", "hardsigmoid", "softplus", "isnan", "isinf", "nan_to_num",
     "float", "double", "half", "bfloat16", "int", "long", "bool", "to", "type", "type_as", "contiguous", "clone",
     "detach", "requires_grad_", "cpu", "cuda", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like",
-    "randn_like", "expand_as_if_same", "__and__", "__or__", "__xor__", "__invert__", "__neg__", "__abs__",
+    "randn_like", "__and__", "__or__", "__xor__", "__invert__", "__neg__", "__abs__",
     "__pos__", "data", "fill_", "zero_", "copy_", "detach_",
 }
-for _op in ("add", "sub", "mul", "div", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift",
-            "matmul_never"):
+for _op in ("add", "sub", "mul", "div", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift"):
     ELEMENTWISE |= {f"__{_op}__", f"__r{_op}__", f"__i{_op}__", f"{_op}_"}
 ELEMENTWISE |= {"__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "sigmoid_", "relu_", "clamp_",
                 "masked_fill_", "sub_", "mul_", "div_", "add_", "addcmul_", "lerp_"}
@@ -269,6 +268,7 @@ class Recorder(TorchFunctionMode):
         self.calls: dict[str, list] = {}  # weight module -> [(macs, factor atoms, input spike source)]
         self.products: list[tuple[str, float, list[Atom], tuple[str, ...]]] = []
         self.neuron_calls: dict[str, int] = {}
+        self.neuron_outputs: list[tuple[str, list]] = []  # (neuron, its output's dims) per call
         self.module_stack: list[str] = []
         self.leaf_depth = 0
         self.module_names = {id(m): n for n, m in model.named_modules()}
@@ -300,8 +300,11 @@ class Recorder(TorchFunctionMode):
         if a is None:
             a = self.member_atoms[key] = Atom(size)
             self.member_order[key] = len(self.member_order)
-        elif a.size != size:
-            mark([a], f"the tensors of {module} differ in size on dim {dim}")
+        elif a.size != size:  # the module's tensors do not share a layout: none of them is cut on it
+            reason = f"the tensors of {module} differ in size on dim {dim}"
+            mark([a], reason)
+            a = Atom(size)
+            mark([a], reason)
         return a
 
     def fresh(self, t: torch.Tensor, spike_from: str | None = None) -> TInfo:
@@ -326,6 +329,7 @@ class Recorder(TorchFunctionMode):
         x = args[0] if args else None
         if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.shape == out.shape:
             self.put(out, TInfo(list(self.get(x).dims), spike_from=name))
+            self.neuron_outputs.append((name, list(self.get(x).dims)))
         else:
             for t in _tensors(args) + _tensors(out):
                 mark(_all_atoms(self.get(t)), f"channel-wise module {name} changes its input's shape")
@@ -425,7 +429,7 @@ class Recorder(TorchFunctionMode):
         if name in REDUCE_SUM | REDUCE_OTHER:
             return self.reduce(name, x, args, kwargs, out)
         if name in ("zeros", "ones", "empty", "full", "arange", "tensor", "as_tensor", "rand", "randn", "new_zeros",
-                    "new_ones", "new_empty", "new_full", "new_tensor", "linspace", "eye", "zeros_like_fresh"):
+                    "new_ones", "new_empty", "new_full", "new_tensor", "linspace", "eye"):
             for t in _tensors(out):
                 self.fresh(t)
             return None
@@ -500,7 +504,7 @@ class Recorder(TorchFunctionMode):
             pos = dict(enumerate(sizes))
         inf = self.get(out)
         for k, s in pos.items():
-            if isinstance(s, TrackedInt) and k < out.dim():
+            if isinstance(s, TrackedInt) and k < out.dim() and int(s) == out.shape[k]:  # not a -1 to infer
                 self.bindings.append((s.origin, inf.dims[k]))
             if isinstance(s, ShapeInt) and k < out.dim() and name != "repeat" and int(s) == out.shape[k]:
                 # a size read from another tensor's dim: the forward keeps the two equal, so they
@@ -892,6 +896,39 @@ def _candidates(rec: Recorder, model: nn.Module) -> tuple[list[Group], dict, dic
     return groups, group_leaf, member_leaves, list(unprunable)
 
 
+def _add_probes(groups: list[Group], group_leaf: dict, rec: Recorder, member_leaves: dict, model: nn.Module) -> None:
+    """Where the spike-aware criterion (importance "firing") reads each group: the outputs of the
+    neurons whose channel dim is exactly the group's channels, weighted by the layers reading them."""
+    modules = dict(model.named_modules())
+    sites: dict[tuple[str, int], list[Atom]] = {}
+    for name, dims in rec.neuron_outputs:
+        for k, d in enumerate(dims):
+            ls = leaves(d)
+            if ls:
+                sites.setdefault((name, k - len(dims)), ls)  # negative: the same dim at any batch rank
+    for g in groups:
+        leaf = group_leaf[id(g)]
+        probes = []
+        for (name, k), ls in sites.items():
+            ids = tuple(x.id for x in ls)
+            if g.unit == "head":
+                ok = ids[0] == leaf
+            elif g.heads > 1:
+                ok = len(ids) == 2 and ids[1] == leaf
+            else:
+                ok = ids == (leaf,)
+            if not ok:
+                continue
+            readers = tuple(dict.fromkeys(
+                m.module for m in g.members if m.dim == 1 and getattr(modules[m.module], "weight", None) is not None
+                and modules[m.module].weight.dim() >= 2
+                and tuple(x.id for x in member_leaves[(m.module, 1)]) == ids))
+            width = math.prod(x.size for x in ls[1:]) if g.unit == "head" else 1
+            probes.append(Probe(name, "output", k, readers, width))
+        g.probes = probes
+        g.probe_reduce = "prod" if g.kind == "qk" and len(probes) > 1 else "sum"
+
+
 def _name_groups(groups: list[Group], group_leaf: dict) -> None:
     taken: set[str] = set()
     by_leaf = {}
@@ -1021,6 +1058,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, verify: bool = True) ->
     rec, outs = _record(model, example)
     groups, group_leaf, member_leaves, unprunable = _candidates(rec, model)
     _name_groups(groups, group_leaf)
+    _add_probes(groups, group_leaf, rec, member_leaves, model)
     rows = _cost_rows(rec, model)
     key = uuid.uuid4().hex
     cfg = _config(model, example, outs, rec, key, {})
@@ -1045,6 +1083,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, verify: bool = True) ->
                     g.head_group = None
             spec = _spec(key, kept_groups, group_leaf, member_leaves, rec, rows, example.clone(), cfg)
     unprunable = list(dict.fromkeys(unprunable))
+    spec.unprunable = list(unprunable)
     if not own_family:
         attach(model, spec)
         remember(model, spec)

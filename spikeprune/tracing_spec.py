@@ -129,6 +129,7 @@ class TraceSpec:
     example_input: torch.Tensor
     config: TracedConfig
     dense_sizes: dict[str, int]
+    unprunable: list = field(default_factory=list)  # (layer, reason): what no group may cut, and why
 
 
 def _leaf_sizes(spec: TraceSpec, counts: dict[str, int]) -> dict[int, int]:
@@ -322,7 +323,8 @@ def _resized_spec(spec: TraceSpec, counts: dict[str, int], sizes: dict[int, int]
     cfg.sizes = dict(counts)
     cfg.layers = cost_table(spec, sizes)
     return TraceSpec(spec.key, groups, dict(sizes), dict(spec.group_leaf), dict(spec.member_leaves),
-                     list(spec.bindings), list(spec.rows), spec.example_input, cfg, dict(spec.dense_sizes))
+                     list(spec.bindings), list(spec.rows), spec.example_input, cfg, dict(spec.dense_sizes),
+                     list(spec.unprunable))
 
 
 def traced_resize(model: nn.Module, counts: dict[str, int]) -> nn.Module:

@@ -171,9 +171,10 @@ class LoopSNN(nn.Module):
     """Single-step neurons in a Python loop over T; Linear layers on channel-last tokens."""
 
     def __init__(self, T=2, dim=12, heads=3, hidden=24, classes=10, in_ch=1, patch=4, literal_heads=False,
-                 merge_to_input_width=False):
+                 merge_to_input_width=False, head_dim_attr=False):
         super().__init__()
         self.T, self.heads, self.literal_heads, self.merge_to_input_width = T, heads, literal_heads, merge_to_input_width
+        self.head_dim = dim // heads if head_dim_attr else -1  # one stored head dim for q, k and v
         self.patch, self.patch_lif = nn.Conv2d(in_ch, dim, patch, patch), SingleStepLIF()
         self.qkv = nn.ModuleDict({n: nn.Linear(dim, dim) for n in "qkv"})
         self.lifs = nn.ModuleDict({n: SingleStepLIF() for n in "qkv"})
@@ -186,7 +187,7 @@ class LoopSNN(nn.Module):
         x = self.patch_lif(self.patch(img)).flatten(2).transpose(1, 2)  # [B, N, D]
         B, N, D = x.shape
         heads = 3 if self.literal_heads else self.heads  # a literal: nothing tells the pruner
-        q, k, v = (self.lifs[n](self.qkv[n](x)).view(B, N, heads, -1).transpose(1, 2) for n in "qkv")
+        q, k, v = (self.lifs[n](self.qkv[n](x)).view(B, N, heads, self.head_dim).transpose(1, 2) for n in "qkv")
         y = (q @ k.transpose(-2, -1)) @ v * 0.25
         y = y.transpose(1, 2).reshape(B, N, D if self.merge_to_input_width else -1)  # D: the block input's width
         x = x + self.out_lif(self.out(y))
@@ -272,6 +273,13 @@ def test_hierarchical_model_groups():
     assert ("stage1.attn.proj_conv", 1, 4) in _members(heads["stage1.attn.heads"])
     assert t.unprunable == [("head", "the model's output")]
     assert model.family == "traced" and sp.groups(model)[0].name == t.groups[0].name
+    assert model.spikeprune_trace.unprunable == t.unprunable  # kept on the model for inspection
+    # the spike-aware criterion reads each group at the neurons that carry exactly its channels
+    assert all(g.probes for g in t.groups)
+    assert [(p.module, p.channel_dim) for p in qk1.probes] == [("stage1.attn.q_lif", -2), ("stage1.attn.k_lif", -2)]
+    assert qk1.probe_reduce == "prod"
+    pruned = sp.prune(model, {"stage1.*": 0.5}, importance="firing", data=torch.rand(8, 1, 8, 8) * 3)
+    assert pruned.stage1.mlp.fc1.out_channels == 8
 
 
 def test_single_step_loop_model_groups():
@@ -336,6 +344,20 @@ def test_a_width_read_from_another_tensor_ties_the_two_dims():
     assert "v" not in {g.kind for g in t.groups} and not t.unprunable[1:]
     pruned = sp.prune(model, {tied.name: 0.5})
     assert pruned.out.weight.shape == (6, 6) and pruned(x).shape == (3, 10)
+
+
+def test_a_stored_head_dim_follows_the_heads_but_ties_qk_to_v():
+    torch.manual_seed(0)
+    model = LoopSNN(head_dim_attr=True)
+    x = torch.rand(3, 1, 16, 16) * 3
+    t = sp.trace(model, x)
+    reasons = dict(t.unprunable)
+    # q, k and v are viewed with one stored head_dim: their head dims cannot be cut apart
+    assert "head_dim is read as two different widths" in reasons["qkv.q"]
+    assert "head_dim is read as two different widths" in reasons["qkv.v"]
+    assert {g.kind for g in t.groups} == {"residual", "heads", "hidden"}
+    pruned = sp.prune(model, {"heads": [1]})
+    assert (pruned.heads, pruned.head_dim) == (1, 4) and pruned(x).shape == (3, 10)
 
 
 def test_a_wrong_group_is_refused_by_the_proof_and_the_model_is_left_as_it_was():
@@ -454,3 +476,19 @@ def test_a_traced_model_runs_through_prune_run(tmp_path, policy, limits):
     assert summary["pruned"]["sops"] is not None
     reloaded = sp.load_model(tmp_path / "run" / "model")  # in the process that traced the dense model
     assert reloaded.family == "traced" and reloaded.pruning.pruned
+
+
+def test_a_traced_model_reloads_only_where_its_structure_is_known(tmp_path, monkeypatch):
+    from spikeprune import tracing_spec
+
+    torch.manual_seed(0)
+    model = LoopSNN()
+    sp.trace(model, torch.rand(2, 1, 16, 16))
+    pruned = sp.prune(model, {"fc1": 0.5})
+    sp.save_model(pruned, tmp_path / "m")
+    again = sp.load_model(tmp_path / "m")
+    assert type(again) is LoopSNN and again.fc1.out_features == 12
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), pruned.state_dict().values()))
+    monkeypatch.setattr(tracing_spec, "_TEMPLATES", {})  # as in a new process
+    with pytest.raises(SpikepruneError, match="trace the dense model again in this process"):
+        sp.load_model(tmp_path / "m")
