@@ -13,10 +13,20 @@ FASHION_MNIST_SYSTEM ?= /usr/share/datasets/fashion-mnist
 FASHION_MNIST_LOCAL := data/fashion-mnist
 FASHION_MNIST_FILE := t10k-labels-idx1-ubyte.gz
 
-$(STAMP): pyproject.toml constraints.txt
+# SpikingJelly 2.0's model zoo (spikformer, qkformer, spike_driven_transformer, maxformer) is the test
+# bed for tracing third-party models (tests/test_zoo.py). Its declared dependencies would pull a CUDA
+# torch, torchvision, torchaudio and tensorboard, none of which its zoo needs on the torch backend, so
+# it is installed without them, with the two its zoo imports at load time (loguru, h5py), pinned
+# (scipy, numpy, matplotlib, tqdm come with spikeprune).
+ZOO_PACKAGES := spikingjelly==2.0.0 loguru==0.7.3 h5py==3.16.0
+
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	if $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then \
+	  $(BIN)/python -m pip install -q --no-deps -c constraints.txt $(ZOO_PACKAGES); \
+	else echo "SpikingJelly 2.0 needs Python 3.11+: tests/test_zoo.py will be skipped"; fi
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -9,6 +9,7 @@ Public API:
     TrainSettings                             -- how train() trains (the recipe), one checked object
     groups, prune, PruningRecord              -- coupled channel groups, physical surgery, what was pruned
     trace                                     -- the groups of any spiking module, found by recording a forward
+    load_user_model                           -- a user's module from `my_model.py:build` (+ checkpoint), traced
     prune_run, RunSettings, Constraints       -- a whole policy run into a run folder (`spikeprune prune`)
     export                                    -- ONNX (fp32 / fp16 / int8 weights), BatchNorm folded, checked
     Family, register_family                   -- add a model family (see ARCHITECTURE.md)
@@ -29,6 +30,7 @@ from .training import TrainSettings, evaluate, finetune, train
 from .costs import measure
 from .coupling import groups
 from .tracing import trace
+from .builders import load_user_model  # also registers how traced models save and load
 from .record import PruningRecord
 from .surgery import prune
 from .importance import register_importance
@@ -39,5 +41,5 @@ from .deploy import export
 
 __all__ = ["Constraints", "Family", "FinetuneSettings", "PruningRecord", "RunSettings", "SpikepruneError", "TrainSettings",
            "bundled_model", "create_model", "evaluate", "export", "finetune", "groups", "list_models", "load_dataset",
-           "load_model", "measure", "prune", "prune_run", "register_family", "register_importance", "register_policy",
+           "load_model", "load_user_model", "measure", "prune", "prune_run", "register_family", "register_importance", "register_policy",
            "save_model", "trace", "train"]

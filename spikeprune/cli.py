@@ -36,9 +36,10 @@ from typing import NoReturn
 import torch
 
 from . import __version__, distributed
+from .builders import is_builder_ref, load_user_model
 from .bundled import ASSETS, BUNDLED_NAME, bundled_model, bundled_names
 from .costs import format_report as format_measure_report, measure
-from .data import DEFAULT_SIZE, dataset_for_model, parse_spec
+from .data import DEFAULT_SIZE, dataset_for_model, load_dataset, parse_spec
 from .deploy import (CHECK_IMAGES, DEFAULT_OPSET, FORMATS, INT8_MAX_DROP, MAX_OPSET, MIN_OPSET, export,
                      format_export_report)
 from .errors import SpikepruneError
@@ -64,8 +65,11 @@ DATA_HELP = ("dataset as NAME[:PATH]: mnist5k (bundled), digits (bundled), fashi
              "original IDX files; `spikeprune data fashion-mnist` installs Fashion-MNIST), cifar10:DIR, cifar100:DIR "
              "(python-batch format), imagefolder:DIR (with train/ and val/ class folders)")
 MODEL_HELP = ("a preset name (see `spikeprune models`), a folder saved by spikeprune, `bundled` (or "
-              "bundled:sdt-1-64-mnist), or a "
-              "checkpoint file from the reference training code (then also give --model PRESET)")
+              "bundled:sdt-1-64-mnist), a "
+              "checkpoint file from the reference training code (then also give --model PRESET), or your own "
+              "model as path/to/my_model.py:build or package.module:build, a function that returns the nn.Module "
+              "(--checkpoint loads its weights; it is traced on two images of --data). Reading a Python file or "
+              "module RUNS ITS CODE: give only code you trust")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,7 +101,8 @@ GRAMMAR = {
                         _TRAINING + ("--teacher", "--kd-weight", "--kd-temperature")),
     "measure": Grammar(frozenset({"any", "runs", "model", "data", "prints"}),
                        ("--split", "--latency-batch", "--latency-repeats", "--latency-warmup", "--no-latency")),
-    "inspect": Grammar(frozenset({"any", "runs", "model", "prints"})),
+    # inspect reads no data, but a builder reference (my_model.py:build) is traced on --data's images
+    "inspect": Grammar(frozenset({"any", "runs", "model", "prints"}), ("--data",)),
     "sensitivity": Grammar(frozenset({"any", "runs", "model", "trained", "data", "writes", "prints"}),
                            ("--ratios", "--groups", "--importance", "--round-to", "--calib-batches", "--seed")),
     # prune also takes the options each registered policy declares (PolicySpec.add_args), checked
@@ -206,8 +211,8 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = True, trained:
         p.add_argument("model_spec", metavar="MODEL", nargs="?", default="bundled", help=MODEL_HELP + " (default: bundled)")
     p.add_argument("--model", dest="preset", metavar="PRESET", help="architecture preset for a checkpoint file "
                    "(default: none)")
-    p.add_argument("--checkpoint", metavar="FILE", help="weights to load into the preset, reference or ours "
-                   "(default: none: a preset has random weights)")
+    p.add_argument("--checkpoint", metavar="FILE", help="weights to load into the preset, reference or ours, or "
+                   "into the module a builder function returns (default: none: a preset has random weights)")
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    help="override a config field of a preset, e.g. --set num_classes=100 --set img_size=64 "
                         "(default: none)")
@@ -307,6 +312,10 @@ def resolve_model(args: argparse.Namespace, trained: bool | None = None):
         return bundled_model()
     if spec and spec.startswith("bundled:"):  # another shipped model, e.g. bundled:sdt-1-64-mnist
         return bundled_model(spec.split(":", 1)[1])
+    if is_builder_ref(spec):  # the user's own module: their function builds it (running their code)
+        if args.preset or overrides:
+            raise SpikepruneError(f"--model and --set apply to presets; {spec} builds its own model")
+        return load_user_model(spec, _example_input(args, spec), checkpoint=ckpt)
     path = Path(spec)
     if is_saved_model(path):
         if overrides:
@@ -372,6 +381,15 @@ def _describe_model(model, spec: str, weights: str = "trained") -> str:
             f"{n:,} parameters)")
 
 
+def _example_input(args: argparse.Namespace, spec: str) -> torch.Tensor:
+    """Two images of the command's --data: what a builder's module is traced on."""
+    data = getattr(args, "data", None)
+    if not data:
+        raise SpikepruneError(f"{spec} is traced on two images of the data set it is meant for: give --data NAME[:PATH]")
+    images = load_dataset(data, split="calib")
+    return torch.stack([images[i][0] for i in range(min(2, len(images)))])
+
+
 def print_json(obj) -> None:
     print(json.dumps(obj, indent=2))
 
@@ -432,6 +450,8 @@ def register_inspect(sub) -> None:
     add_model_args(q)
     add_common_args(q)
     add_json_arg(q, "the report")
+    q.add_argument("--data", metavar="NAME[:PATH]", help="with MODEL a builder reference (my_model.py:build): the "
+                   "data set whose images it is traced on")
     q.set_defaults(func=cmd_inspect)
 
 

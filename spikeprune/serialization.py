@@ -160,15 +160,36 @@ def write_json(path: str | os.PathLike, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+# Families whose models config.json alone cannot rebuild (a traced model is the user's own class)
+# register how they save what else they need and load back: family -> (save, load, file names).
+# spikeprune/builders.py registers the traced family's.
+_FOLDER_IO: dict[str, tuple] = {}
+
+
+def register_folder_io(family: str, save, load, files: tuple[str, ...] = ()) -> None:
+    """save(model, meta, folder, builder) adds to config.json's `meta` and writes `files` into the
+    folder being written; load(meta, folder, map_location) returns the model, or None to have it
+    built from config.json as usual."""
+    _FOLDER_IO[family] = (save, load, tuple(files))
+
+
+def _folder_files() -> set[str]:
+    return {CONFIG_NAME, WEIGHTS_NAME} | {f for _, _, files in _FOLDER_IO.values() for f in files}
+
+
 def _contiguous_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
-def save_model(model: torch.nn.Module, path: str | os.PathLike, extra: dict | None = None) -> Path:
+def save_model(model: torch.nn.Module, path: str | os.PathLike, extra: dict | None = None,
+               builder: str | None = None) -> Path:
     """Save `model` to folder `path` (config.json + model.safetensors), atomically.
 
     `path` may be new, an empty folder, or a model folder written by save_model (it is replaced);
-    anything else -- a file, a folder holding other files -- is refused, so no user file is lost."""
+    anything else -- a file, a folder holding other files -- is refused, so no user file is lost.
+    A traced model also stores `builder`, the function that builds the dense module
+    ("my_model.py:build" or "package.module:build"; default: the one it was built from), and its
+    example input: load_model calls the builder and replays the pruning record (spikeprune.builders)."""
     path = Path(path)
     if not callable(getattr(model, "config_dict", None)):
         raise SpikepruneError(f"save_model saves spikeprune models (from create_model, load_model or prune); a "
@@ -182,7 +203,10 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, extra: dict | No
         meta["pruning"] = model.pruning.to_dict()  # what was kept of the dense model: inspect and replay read it
     if extra:
         meta["extra"] = extra
+    folder_io = _FOLDER_IO.get(meta.get("family"))
     with atomic_path(path, is_dir=True) as tmp:
+        if folder_io is not None:
+            folder_io[0](model, meta, tmp, builder)
         write_safetensors(_contiguous_state(model), tmp / WEIGHTS_NAME,
                           metadata={"format": "pt", CONFIG_FINGERPRINT_KEY: config_fingerprint(meta)})
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
@@ -223,7 +247,7 @@ def _check_model_target(path: Path) -> None:
     if not path.is_dir():
         return
     entries = sorted(p.name for p in path.iterdir())
-    others = [n for n in entries if n not in (CONFIG_NAME, WEIGHTS_NAME)]
+    others = [n for n in entries if n not in _folder_files()]
     ours = not others and (not entries or _is_our_config(path / CONFIG_NAME))
     if not ours:
         shown = ", ".join(others[:4] or entries[:4]) + (", ..." if len(others or entries) > 4 else "")
@@ -280,6 +304,10 @@ def read_config(path: str | os.PathLike) -> dict:
 def load_model(path: str | os.PathLike, map_location: str = "cpu") -> torch.nn.Module:
     """Load a model saved by `save_model`: the architecture comes from config.json alone."""
     meta = read_config(path)
+    folder_io = _FOLDER_IO.get(meta.get("family"))
+    model = folder_io[1](meta, Path(path), map_location) if folder_io is not None else None
+    if model is not None:
+        return model
     model = build_from_config(meta)
     weights = Path(path) / WEIGHTS_NAME
     state = read_safetensors(weights, map_location)
