@@ -1,7 +1,7 @@
 """spikeprune's tracer against Torch-Pruning's DependencyGraph, on the same models (not a test).
 
 Models: ours (the bundled model and the smallest preset of every registered family) and
-SpikingJelly 2.0's zoo at tiny widths (tests/zoo_models.py: Spikformer, QKFormer, Spike-driven
+SpikingJelly 2.0's zoo at tiny widths (bench/zoo_models.py: Spikformer, QKFormer, Spike-driven
 Transformer, MaxFormer). For each model and tool, in a child process with a time limit per model
 and tool (default 120 s; a tool that gives no answer in time is reported as such):
 
@@ -42,7 +42,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # tests/zoo_models.py: the zoo models at tiny widths
+sys.path.insert(0, str(ROOT / "bench"))  # bench/zoo_models.py: the zoo models at tiny widths
 
 from spikeprune.serialization import write_json  # noqa: E402
 from zoo_models import make_lively, masked_dense, record_cuts, reset_states  # noqa: E402

@@ -158,7 +158,9 @@ def _load(meta: dict, folder: Path, map_location: str) -> nn.Module | None:
                                   f"from: its traced groups differ in {', '.join(changed[:5])}")
         # the record names the trace it was made on; this process traced the builder's module anew
         record.dense_config = dense.config_dict()
-        model = prune(dense, record) if record.pruned else dense
+        # the replay gives the pruned shapes; the saved weights are loaded into them below, so the
+        # builder's fresh weights need not be the dense model's the record was made from
+        model = prune(dense, record, allow_other_weights=True) if record.pruned else dense
     saved, now = meta["config"].get("sizes"), model.config_dict()["config"]["sizes"]
     if saved != now:
         changed = [g for g in sorted(set(saved or {}) | set(now)) if (saved or {}).get(g) != now.get(g)]

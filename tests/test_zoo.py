@@ -1,5 +1,5 @@
 """Proof on code we did not write: SpikingJelly 2.0's zoo Spikformer, QKFormer, Spike-driven
-Transformer and MaxFormer (tests/zoo_models.py, tiny widths) are traced, pruned by at least 30% of
+Transformer and MaxFormer (bench/zoo_models.py, tiny widths) are traced, pruned by at least 30% of
 their parameters with uniform ratios, checked against the masked dense model (spikeprune's own proof
 runs inside prune; the check here is written independently), saved and loaded back bit for bit.
 Where a zoo layer cannot be pruned, the reason the tracer reports is asserted.
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
 import spikeprune  # noqa: E402
 from spikeprune.ratios import uniform_ratio_map  # noqa: E402
 
-ZOO_FILE = Path(__file__).resolve().parent / "zoo_models.py"
+ZOO_FILE = Path(__file__).resolve().parents[1] / "bench" / "zoo_models.py"
 RATIO = 0.5  # of every channel group: each model then loses at least 30% of its parameters
 
 # Layers of the zoo that the tracer refuses, with (a word of) its reason. These are the
