@@ -33,7 +33,7 @@ from .costs import format_report as format_measure_report, measure
 from .models import create_model, list_models, preset_summary
 from .policy_api import DEFAULT_MAX_ACC_DROP, PRECISIONS, Constraints, get_policy, policies
 from .ratios import DEFAULT_SENSITIVITY_RATIOS, UNIFORM_GRID, parse_ratios
-from .report import format_summary_table
+from .report import format_summary_table, plural
 from .run import LATENCY_REPEATS, MEASURE_IMAGES, RunSettings, check_writable, run
 from .sensitivity import analyze
 from .serialization import is_saved_model, load_model
@@ -411,7 +411,7 @@ def cmd_train(args) -> int:
     _warn_few_images("the test top-1", test)
     last = history[-1] if history else {}
     calib = f"calib top-1 {last['calib_top1']:.2%}, " if last.get("calib_top1") is not None else ""
-    print(f"trained {_describe_model(model, args.model_spec)} for {len(history)} epochs on {args.data}: "
+    print(f"trained {_describe_model(model, args.model_spec)} for {plural(len(history), 'epoch')} on {args.data}: "
           f"{calib}test top-1 {test['top1']:.2%}, test top-5 {test['top5']:.2%}")
     print(f"saved to {args.out}  (try: spikeprune evaluate {args.out} --data {args.data})")
     _print_best(args.out, history)
@@ -476,7 +476,7 @@ def cmd_finetune(args) -> int:
         print_json({"model": args.model_spec, "data": args.data, "teacher": args.teacher, "out": args.out,
                     "before": before, "after": after, "history": history})
         return 0
-    print(f"fine-tuned {_describe_model(model, args.model_spec)} for {args.epochs} epochs on {args.data}"
+    print(f"fine-tuned {_describe_model(model, args.model_spec)} for {plural(args.epochs, 'epoch')} on {args.data}"
           + (f" with distillation from {args.teacher} (weight {args.kd_weight:g}, T {args.kd_temperature:g})"
              if teacher is not None else ""))
     print(f"{'':8s} {'calib top-1':>12s} {'test top-1':>11s}")

@@ -63,7 +63,7 @@ def label_points(ax, xs, ys, labels: list[str], key_title: str | None = None, fo
     fig.canvas.draw()  # the renderer measures the numbers' boxes
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
-    from matplotlib.transforms import Bbox
+    from matplotlib.transforms import Bbox  # matplotlib is heavy: imported only when a figure is drawn
 
     points = ax.transData.transform(list(zip(xs, ys))) if len(xs) else []
     taken = [Bbox.from_bounds(px - 4, py - 4, 8, 8) for px, py in points]  # no number covers a marker

@@ -44,7 +44,8 @@ def plot_uniform_sweep(path, rows: list[dict], dense_top1: float, max_acc_drop: 
     ax2.set_ylim(0, max(100.0, *saved) if saved else 100.0)  # a share: from zero
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc="lower left", fontsize=8)
+    ax.legend(h1 + h2, l1 + l2, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, fontsize=8,
+              frameon=False)  # below the axes: two curves cross the whole plot, so no corner is free
     ax.set_title("Uniform channel pruning sweep")
     save_figure(fig, path)
 

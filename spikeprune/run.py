@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fcntl
 import fnmatch
 import json
 import math
@@ -351,8 +352,6 @@ class _RunLock:
         self.fd = None
 
     def acquire(self) -> "_RunLock":
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)

@@ -317,8 +317,8 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu") -> torch.nn.M
     model = build_from_config(meta)
     weights = Path(path) / WEIGHTS_NAME
     state = read_safetensors(weights, map_location)
+    _load_exact(model, state, source=str(path))  # shapes first: the more concrete message
     _check_fingerprint(weights, meta, path)
-    _load_exact(model, state, source=str(path))
     check_finite(state, f"the model in {path}")
     model.preset = meta.get("preset")
     if meta.get("pruning") is not None:
