@@ -302,7 +302,9 @@ def report_error(message: str, error: BaseException | None = None) -> None:
     if path and not os.path.exists(path):
         try:
             with open(path, "w") as f:
-                json.dump({"message": message, "timestamp": int(time.time())}, f)
+                # the layout torch's own @record writes; the summary shows py_callstack as the traceback
+                json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                          "timestamp": str(int(time.time()))}}}, f)
             written = True
         except OSError:
             pass  # the summary then shows torchrun's default text; the line below is printed

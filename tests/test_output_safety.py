@@ -56,7 +56,7 @@ def test_an_error_is_printed_by_process_0_only_and_named_in_torchruns_summary(mo
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
     failure = ProcessFailure(local_rank=1, pid=1, exitcode=2, error_file=str(error_file))
-    assert failure.message == "spikeprune: error: only here"
+    assert failure.message["extraInfo"]["py_callstack"] == "spikeprune: error: only here"  # the summary's line
     error_file.unlink()
     monkeypatch.setenv("RANK", "0")
     distributed.report_error("spikeprune: error: the data is bad", shared)
@@ -90,3 +90,21 @@ def test_every_saved_file_has_one_mode(tiny, tmp_path):
     modes = {str(p.relative_to(p.parents[1])): oct(_mode(p)) for p in files}
     assert len(set(modes.values())) == 1, modes
     assert any(p.name == "optimizer.safetensors" for p in files)
+
+
+def test_under_torchrun_an_error_is_printed_once_and_named_in_the_summary(tiny, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), "-m", "spikeprune", "prune", str(tiny), "--data",
+                           "digits", "--ratio", "nosuch=0.5", "--quiet", "-o", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    line = "spikeprune: error: 'nosuch' matches no group"
+    printed = [ln for ln in done.stderr.splitlines() if ln.startswith(line)]
+    assert len(printed) == 1, done.stderr[-3000:]  # once, by process 0, not run together with process 1's
+    summary = done.stderr.split("Root Cause")[-1]
+    assert f"traceback : {line}" in summary and "To enable traceback" not in done.stderr
