@@ -747,6 +747,9 @@ CASES: list[Case] = [
     Case("full disk while finetune writes its history", "cli", lambda w, tmp: _finetune(w, tmp),
          r"no space left on device",
          around=lambda w, tmp: _full_disk("spikeprune.training", "write_json", _enospc), may_leave=r"/case/ft(/|$)"),
+    Case("full disk while export writes the ONNX file", "cli",
+         lambda w, tmp: ["export", str(w.model), "-o", str(tmp / "m.onnx"), "--no-check"], r"no space left on device",
+         around=lambda w, tmp: _full_disk("onnx", "save", _enospc)),
     # --- silent wrong -----------------------------------------------------------------------------
     Case("config.json whose pruning record disagrees with the weights (fingerprinted)", "api",
          lambda w, tmp: (lambda d=_pruned_folder(w, tmp, _edit_kept):
