@@ -714,6 +714,9 @@ CASES: list[Case] = [
     Case("finetune -o a folder holding the user's files under training names", "cli",
          lambda w, tmp: _finetune(w, tmp, out=_training_leftovers(tmp)), r"training run did not write",
          before_work=True),
+    Case("train --force -o a folder holding the user's model.safetensors alone", "cli",
+         lambda w, tmp: _train(w, tmp, "--force", out=_user_folder(tmp, files={"model.safetensors": "weights"})),
+         r"did not write \(model.safetensors\)", before_work=True),
     Case("train -o a folder holding one user file", "cli",
          lambda w, tmp: _train(w, tmp, out=_user_folder(tmp)), r"did not write \(notes.txt\)", before_work=True),
     # --- tracebacks -------------------------------------------------------------------------------
