@@ -305,9 +305,9 @@ def read_config(path: str | os.PathLike) -> dict:
         raise SpikepruneError(f"{p} has no 'config' object (the model's architecture); the model folder is damaged "
                               "or was not written by spikeprune.save_model: save the model again")
     if not isinstance(meta.get("family"), str) or not meta["family"]:
-        raise SpikepruneError(f"{p} names no model family (its 'family' entry is {'missing' if 'family' not in meta else repr(meta['family'])}; "
-                              f"known families: {', '.join(families())}); the model folder is damaged: save the "
-                              "model again")
+        entry = "missing" if "family" not in meta else repr(meta["family"])
+        raise SpikepruneError(f"{p} names no model family (its 'family' entry is {entry}; known families: "
+                              f"{', '.join(families())}); the model folder is damaged: save the model again")
     return meta
 
 
