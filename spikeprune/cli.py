@@ -49,7 +49,7 @@ from .inspect import format_report, inspect_model
 from .models import create_model, list_models, preset_summary
 from .policy_api import DEFAULT_MAX_ACC_DROP, Constraints, get_policy, policies
 from .ratios import DEFAULT_SENSITIVITY_RATIOS, UNIFORM_GRID, parse_ratios
-from .report import format_summary_table
+from .report import format_summary_table, plural
 from .run import LATENCY_REPEATS, MEASURE_IMAGES, RunSettings, run
 from .sensitivity import analyze
 from .serialization import CONFIG_NAME, is_saved_model, load_model
@@ -737,7 +737,7 @@ def cmd_train(args) -> int:
                     "test_top5_pct": pct(test["top5"]), "test_images": test["n"], "history": history})
         return EXIT_OK
     calib = f"calib top-1 {last['calib_top1']:.2%}, " if last.get("calib_top1") is not None else ""
-    print(f"trained {_describe_model(model, args.model_spec)} for {len(history)} epochs on {data}: "
+    print(f"trained {_describe_model(model, args.model_spec)} for {plural(len(history), 'epoch')} on {data}: "
           f"{calib}test top-1 {test['top1']:.2%} of {test['n']} images, test top-5 {test['top5']:.2%}")
     print(f"saved to {args.output}  (try: spikeprune evaluate {args.output})")
     _print_best(args.output, history)
@@ -815,7 +815,7 @@ def cmd_finetune(args) -> int:
                     "before_top1_pct": {s: pct(v) for s, v in before.items()},
                     "after_top1_pct": {s: pct(v) for s, v in after.items()}, "history": history})
         return EXIT_OK
-    print(f"fine-tuned {_describe_model(model, args.model_spec)} for {args.epochs} epochs on {data}"
+    print(f"fine-tuned {_describe_model(model, args.model_spec)} for {plural(args.epochs, 'epoch')} on {data}"
           + (f" with distillation from {args.teacher} (weight {args.kd_weight:g}, T {args.kd_temperature:g})"
              if teacher is not None else ""))
     print(f"{'':8s} {'calib top-1':>12s} {'test top-1':>11s}")

@@ -192,10 +192,10 @@ def _silence_progress_bars():
         kw["disable"] = True
         original(self, *a, **kw)
 
-    std.tqdm.__init__ = silent_init
+    tqdm_std.tqdm.__init__ = silent_init
 
     def restore():
-        std.tqdm.__init__ = original
+        tqdm_std.tqdm.__init__ = original
     return restore
 
 
@@ -292,22 +292,26 @@ def from_main(fn: Callable, what: str):
 
 
 def report_error(message: str, error: BaseException | None = None) -> None:
-    """Print a command's one-line error, once across the processes of a torchrun group: a process
-    other than 0 stays silent about an error process 0 raised too (from_main). Under torchrun the
-    line is also left in the error file torchrun reads (TORCHELASTIC_ERROR_FILE), so its failure
-    summary names it rather than pointing to a traceback."""
-    other = joined_a_group() and os.environ.get("RANK", "0") != "0"
-    if not (other and getattr(error, "reported_by_main", False)):
-        sys.stderr.write(message + "\n")  # one write: the processes' lines do not run together
-        sys.stderr.flush()
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path and launched_by_torchrun() and not os.path.exists(path):
+    """Print a command's one-line error once across the processes of a group. Under torchrun each
+    process also leaves the line in the error file torchrun reads (TORCHELASTIC_ERROR_FILE), so the
+    launcher's failure summary names it instead of pointing to a traceback; a process other than 0
+    then stays silent (process 0 prints the errors they share; one only it met is in that summary).
+    Without an error file, another process stays silent only about an error process 0 raised too."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE") if launched_by_torchrun() else None
+    written = False
+    if path and not os.path.exists(path):
         try:
             with open(path, "w") as f:
+                # the layout torch's own @record writes; the summary shows py_callstack as the traceback
                 json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
-                                                                         "timestamp": str(int(time.time()))}}}, f)
+                                                                          "timestamp": str(int(time.time()))}}}, f)
+            written = True
         except OSError:
-            pass  # the summary then shows torchrun's default text; the line above was printed
+            pass  # the summary then shows torchrun's default text; the line below is printed
+    other = joined_a_group() and os.environ.get("RANK", "0") != "0"
+    if not (other and (written or getattr(error, "reported_by_main", False))):
+        sys.stderr.write(message + "\n")  # one write: the processes' lines do not run together
+        sys.stderr.flush()
 
 
 def gather_objects(obj, what: str) -> list:

@@ -44,7 +44,8 @@ def plot_uniform_sweep(path, rows: list[dict], dense_top1: float, max_acc_drop: 
     ax2.set_ylim(0, max(100.0, *saved) if saved else 100.0)  # a share: from zero
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc="lower left", fontsize=8)
+    ax.legend(h1 + h2, l1 + l2, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, fontsize=8,
+              frameon=False)  # below the axes: two curves cross the whole plot, so no corner is free
     ax.set_title("Uniform channel pruning sweep")
     save_figure(fig, path)
 
@@ -215,6 +216,15 @@ def _fixed(x, decimals: int) -> str:
     return MISSING if x is None else f"{x:.{decimals}f}"
 
 
+def _column_decimals(values, significant: int = 3, least: int = 2) -> int:
+    """Decimals that give the column's smallest non-zero figure `significant` significant digits
+    (at least `least`): one fixed format for the whole column, never an exponent."""
+    small = min((abs(v) for v in values if v), default=None)
+    if small is None:
+        return least
+    return max(least, significant - 1 - math.floor(math.log10(small)))
+
+
 def _whole(x) -> str:
     return MISSING if x is None else f"{round(x):,}"
 
@@ -224,6 +234,8 @@ def _results_section(s: dict) -> list[str]:
     lines = ["## Results (test split)", "",
              "| model | top-1 | top-5 | params | memory fp32 | memory fp16 | memory int8 | MACs | SOPs | energy (mJ) | "
              "latency (ms) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    shown = [s[name] for name in ("dense", "pruned", "finetuned") if s.get(name)]
+    energy_dp = _column_decimals([m.get("energy_mj") for m in shown])
     for name in ("dense", "pruned", "finetuned"):
         m = s.get(name)
         if not m:
@@ -231,7 +243,7 @@ def _results_section(s: dict) -> list[str]:
         mb, n = m["memory_bytes"], _test_images(s, name)
         lines.append(f"| {name} | {with_error(m['top1'], n)} | {with_error(m.get('top5'), n)} | {m['params']:,} | "
                      f"{format_bytes(mb.get('fp32'))} | {format_bytes(mb.get('fp16'))} | {format_bytes(mb.get('int8'))} | "
-                     f"{m['macs']:,} | {_whole(m.get('sops'))} | {_fixed(m.get('energy_mj'), 4)} | "
+                     f"{m['macs']:,} | {_whole(m.get('sops'))} | {_fixed(m.get('energy_mj'), energy_dp)} | "
                      f"{_latency_cell(m)} |")
     cal = s["calib"]
     measured = s.get("settings", {}).get("measure_images")
@@ -283,8 +295,8 @@ def _cost_section(s: dict) -> list[str]:
     split = ""
     if policy is not None and not s.get("resumed"):
         split = (f": {policy:,} while the policy ran (its search, and the dense model's figure), "
-                 f"{max(total - policy, 0):,} after it (the run's check of the model it returned"
-                 + (" and of the fine-tuned one" if s.get("finetuned") else "") + ")")
+                 f"{max(total - policy, 0):,} after it (the run's own checks of the pruned"
+                 + (" and fine-tuned models" if s.get("finetuned") else " model") + ")")
     lines = ["## Cost", "", f"- wall time: {s['wall_time_s']:.1f} s" + (" (over several sessions: resumed)" if s.get("resumed") else ""),
              f"- calibration passes (one evaluation of a model on the calibration split) in this session: "
              f"{total:,} ({fc.get('calib_images_this_run', 0):,} images){split}"]
@@ -325,14 +337,18 @@ def write_report(run_dir, summary: dict, sections=(), table=None) -> Path:
         body += ["## Plots", ""]
         for p in plots:
             body += [f"![{p.get('caption', '')}]({p['file']})", f"*{p.get('caption', '')}*", ""]
+    cal = s["calib"]
+    calib_note = (f"*Calibration top-1 figures in this section rest on the {plural(cal['n'], 'calibration image')}: "
+                  f"at the dense model's {format_percent(cal['dense_top1'])} one of them has a standard error of "
+                  f"{100 * top1_standard_error(cal['dense_top1'], cal['n']):.2f} points.*")
     for title, md in sections:
-        body += [f"## {title}", "", md.rstrip(), ""]
+        body += [f"## {title}", "", md.rstrip(), "", calib_note, ""]
     body += _cost_section(s)
     if s.get("warnings"):
         body += ["## Warnings", ""] + [f"- {w}" for w in s["warnings"]] + [""]
     body += ["## Files", "", "- `model/`: the final model (`spikeprune.load_model`, or MODEL in any command)",
              "- `summary.json`: every figure above", "- `sensitivity.csv`: the per-group sensitivity table"
-             if table is not None else "", "- `steps/`: finished steps, reused when the same command is run again",
+             if table is not None else None, "- `steps/`: finished steps, reused when the same command is run again",
              "- `run.json`: every setting of the run (a rerun with other settings is refused; --force replaces it)",
              "- `log.txt`: the run's log", ""]
     path = Path(run_dir) / "report.md"

@@ -295,9 +295,9 @@ def read_config(path: str | os.PathLike) -> dict:
         raise SpikepruneError(f"{p} has no 'config' object (the model's architecture); the model folder is damaged "
                               "or was not written by spikeprune.save_model: save the model again")
     if not isinstance(meta.get("family"), str) or not meta["family"]:
-        raise SpikepruneError(f"{p} names no model family (its 'family' entry is {'missing' if 'family' not in meta else repr(meta['family'])}; "
-                              f"known families: {', '.join(families())}); the model folder is damaged: save the "
-                              "model again")
+        entry = "missing" if "family" not in meta else repr(meta["family"])
+        raise SpikepruneError(f"{p} names no model family (its 'family' entry is {entry}; known families: "
+                              f"{', '.join(families())}); the model folder is damaged: save the model again")
     return meta
 
 
@@ -311,8 +311,8 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu") -> torch.nn.M
     model = build_from_config(meta)
     weights = Path(path) / WEIGHTS_NAME
     state = read_safetensors(weights, map_location)
+    _load_exact(model, state, source=str(path))  # shapes first: the more concrete message
     _check_fingerprint(weights, meta, path)
-    _load_exact(model, state, source=str(path))
     check_finite(state, f"the model in {path}")
     model.preset = meta.get("preset")
     if meta.get("pruning") is not None:

@@ -402,6 +402,8 @@ def _foreign_entries(out: Path) -> list[str]:
                 foreign.append(name)
         elif p.is_symlink() or not p.is_file():
             foreign.append(name)
+        elif name == WEIGHTS_NAME and not (out / CHECKPOINT).is_dir() and not _is_our_model_config(out / CONFIG_NAME):
+            foreign.append(name)  # weights with neither our config nor a checkpoint: not a run's model
     return foreign
 
 

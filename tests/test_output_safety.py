@@ -36,24 +36,32 @@ def test_a_warning_is_one_line_without_python_source(tiny):
     assert "rests on 2 images" in lines[0] and ".py:" not in done.stderr
 
 
-def test_a_shared_error_is_printed_by_process_0_only(monkeypatch, capsys, tmp_path):
+def test_an_error_is_printed_by_process_0_only_and_named_in_torchruns_summary(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(distributed, "_joined", True)
-    monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    error_file = tmp_path / "error.json"
-    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
     shared = SpikepruneError("the data is bad")
     shared.reported_by_main = True  # as from_main raises it on the other processes
     distributed.report_error("spikeprune: error: the data is bad", shared)
     assert capsys.readouterr().err == ""
-    # torchrun's failure summary reads the error file: it names our line, not a traceback hint
-    assert json.loads(error_file.read_text())["message"]["message"] == "spikeprune: error: the data is bad"
-    error_file.unlink()
+    # no error file: an error only this process met is printed, in one line
     distributed.report_error("spikeprune: error: only here", SpikepruneError("only here"))
     assert capsys.readouterr().err == "spikeprune: error: only here\n"
+    # under torchrun the line goes to the error file its failure summary reads, and is not printed again
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    distributed.report_error("spikeprune: error: only here", SpikepruneError("only here"))
+    assert capsys.readouterr().err == ""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    failure = ProcessFailure(local_rank=1, pid=1, exitcode=2, error_file=str(error_file))
+    assert failure.message["extraInfo"]["py_callstack"] == "spikeprune: error: only here"  # the summary's line
+    error_file.unlink()
     monkeypatch.setenv("RANK", "0")
     distributed.report_error("spikeprune: error: the data is bad", shared)
     assert capsys.readouterr().err == "spikeprune: error: the data is bad\n"
+    assert error_file.is_file()
 
 
 def test_progress_bars_of_other_processes_are_silent_even_when_asked_for():
@@ -82,3 +90,21 @@ def test_every_saved_file_has_one_mode(tiny, tmp_path):
     modes = {str(p.relative_to(p.parents[1])): oct(_mode(p)) for p in files}
     assert len(set(modes.values())) == 1, modes
     assert any(p.name == "optimizer.safetensors" for p in files)
+
+
+def test_under_torchrun_an_error_is_printed_once_and_named_in_the_summary(tiny, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), "-m", "spikeprune", "prune", str(tiny), "--data",
+                           "digits", "--ratio", "nosuch=0.5", "--quiet", "-o", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    line = "spikeprune: error: 'nosuch' matches no group"
+    printed = [ln for ln in done.stderr.splitlines() if ln.startswith(line)]
+    assert len(printed) == 1, done.stderr[-3000:]  # once, by process 0, not run together with process 1's
+    summary = done.stderr.split("Root Cause")[-1]
+    assert f"traceback : {line}" in summary and "To enable traceback" not in done.stderr

@@ -45,6 +45,12 @@ def test_every_accuracy_states_its_images_and_standard_error(run):
     assert len(re.findall(r"\d+\.\d\d ± \d+\.\d\d points", constraints)) == 3
 
 
+def test_a_policy_section_says_what_its_calibration_figures_rest_on(run):
+    out, s, md = run
+    section = md.split("## Uniform sweep")[1].split("\n## ")[0]
+    assert "rest on the 50 calibration images" in section and "standard error of" in section
+
+
 def test_one_format_per_column_and_no_1_epochs(run):
     out, s, md = run
     assert "1 epochs" not in md and "Fine-tuning: 1 epoch," in md
@@ -52,8 +58,10 @@ def test_one_format_per_column_and_no_1_epochs(run):
     rows = [ln.split("|") for ln in results.splitlines() if ln.startswith(("| dense", "| pruned", "| finetuned"))]
     sops, energy, latency = ([r[i].strip() for r in rows] for i in (9, 10, 11))
     assert all(re.fullmatch(r"[\d,]+", x) for x in sops), sops          # whole numbers, never 4.84e+06
-    assert all(re.fullmatch(r"\d+\.\d{4}", x) for x in energy), energy  # mJ to 4 decimals
-    assert all(re.fullmatch(r"\d+\.\d{2}", x) for x in latency), latency
+    for column in (energy, latency):  # fixed decimals, the same in every row, enough for the smallest
+        decimals = {len(x.split(".")[1]) for x in column}
+        assert all(re.fullmatch(r"\d+\.\d+", x) for x in column) and len(decimals) == 1, column
+        assert any(len(x.replace(".", "").lstrip("0")) >= 3 for x in column), column
 
 
 def test_the_cost_section_splits_its_passes(run):
@@ -63,7 +71,7 @@ def test_the_cost_section_splits_its_passes(run):
     policy = s["cost"]["policy_calib_passes"]
     assert f"in this session: {total:,} (" in cost
     assert f": {policy:,} while the policy ran" in cost and f"{total - policy:,} after it" in cost
-    assert "fine-tuned one" in cost
+    assert "pruned and fine-tuned models" in cost
     assert "Before is the dense model's width" in md
 
 

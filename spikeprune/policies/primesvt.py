@@ -497,8 +497,9 @@ def _report_section(cons: Constraints, divisor: float, max_ratio: float, refine:
                      "--max-acc-drop, count memory at a lower --precision, or fine-tune and prune again.")
     else:
         lines.append(f"No memory target: {1 - out.memory_bytes / cons.dense_bytes:.2%} saved within the limit.")
-    lines.append(f"Search cost: {out.evaluations} calibration passes (the steps' passes above) and {out.surgeries} "
-                 "surgeries in this session.")
+    lines.append(f"Search cost in this session: {out.evaluations} calibration passes and {out.surgeries} surgeries "
+                 "(the passes column counts each accepted step's search, whichever session ran it; the groups tried "
+                 "and not compressed cost passes too).")
     return "\n".join(lines)
 
 

@@ -496,7 +496,8 @@ def _check(options: dict, model) -> None:
     if not options.get("limit_after_finetune"):  # set by the run (policy_api: after_finetune policies)
         given = [f"--{k.replace('_', '-')}" for k in ("walk_drop", "probe_steps") if options.get(k) is not None]
         if given:
-            raise SpikepruneError(f"{' and '.join(given)} only apply with --limit-after-finetune (the walk past the "
+            raise SpikepruneError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} with "
+                                  "--limit-after-finetune (the walk past the "
                                   "limit and the probes that fine-tune it); add it, or drop them")
 
 
