@@ -126,9 +126,10 @@ def plot_tradeoff(path, summary: dict, series: dict, max_acc_drop: float | None 
 # ------------------------------------------------------------------------------------------------
 # Text
 # ------------------------------------------------------------------------------------------------
-def _latency_cell(m: dict) -> str:
-    """A latency figure with its interquartile spread, marked '?' when the run judged it unreliable."""
-    text = format_number(m.get("latency_ms"))
+def _latency_cell(m: dict, decimals: int | None = None) -> str:
+    """A latency figure (with `decimals`, as the rest of its column) with its interquartile spread,
+    marked '?' when the run judged it unreliable."""
+    text = format_number(m.get("latency_ms")) if decimals is None else _fixed(m.get("latency_ms"), decimals)
     if m.get("latency_spread") is not None:
         text += f" ±{100 * m['latency_spread'] / 2:.0f}%"
     return text + (" ?" if m.get("latency_reliable") is False else "")
@@ -236,6 +237,7 @@ def _results_section(s: dict) -> list[str]:
              "latency (ms) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     shown = [s[name] for name in ("dense", "pruned", "finetuned") if s.get(name)]
     energy_dp = _column_decimals([m.get("energy_mj") for m in shown])
+    latency_dp = _column_decimals([m.get("latency_ms") for m in shown])
     for name in ("dense", "pruned", "finetuned"):
         m = s.get(name)
         if not m:
@@ -244,7 +246,7 @@ def _results_section(s: dict) -> list[str]:
         lines.append(f"| {name} | {with_error(m['top1'], n)} | {with_error(m.get('top5'), n)} | {m['params']:,} | "
                      f"{format_bytes(mb.get('fp32'))} | {format_bytes(mb.get('fp16'))} | {format_bytes(mb.get('int8'))} | "
                      f"{m['macs']:,} | {_whole(m.get('sops'))} | {_fixed(m.get('energy_mj'), energy_dp)} | "
-                     f"{_latency_cell(m)} |")
+                     f"{_latency_cell(m, latency_dp)} |")
     cal = s["calib"]
     measured = s.get("settings", {}).get("measure_images")
     lines += ["", (f"Top-1 and top-5 on {plural(n_test, 'test image')}; " if n_test else "Top-1 and top-5 on the test "
