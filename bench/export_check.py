@@ -65,7 +65,7 @@ def main() -> None:
         for name, model in models:
             for precision in precisions:
                 path = Path(tmp) / f"m-{precision}.onnx"
-                rep = export(model, path, precision=precision, check=False, overwrite=True, verbose=False)
+                rep = export(model, path, precision=precision, check=False, overwrite=True, verbose=False, input="normalised")
                 chk = check_export(path, model, args.data, split="test", n_images=args.images)
                 row = {"model": name, "precision": precision, "bytes": rep["bytes"], "memory": rep["memory"],
                        "check": chk}

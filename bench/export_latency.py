@@ -123,7 +123,7 @@ def bench_pair(name, dense, pruned, how, threads: int, repeats: int, warmup: int
     runners = {}
     for tag, model in (("dense", dense), ("pruned", pruned)):
         path = tmp / f"{tag}.onnx"
-        export(model, path, check=False, overwrite=True, verbose=False)
+        export(model, path, check=False, overwrite=True, verbose=False, input="normalised")
         runners[tag] = (model, _ort_session(str(path), threads))
     c = dense.cfg
     res = {"model": name, "pruned_how": how, "macs": {}, "params": {}, "batches": {}}

@@ -23,7 +23,7 @@ import torch
 from .bundled import bundled_model
 from . import distributed
 from .errors import SpikepruneError
-from .deploy import register_cli as register_export
+from . import deploy
 from .importance import CRITERIA
 from .inspect import format_report, inspect_model
 from .costs import format_report as format_measure_report, measure
@@ -549,6 +549,75 @@ def register_measure(subparsers) -> None:
     p.set_defaults(func=cmd_measure)
 
 
+# ------------------------------------------------------------------------------------------------
+# export (spikeprune.deploy)
+# ------------------------------------------------------------------------------------------------
+def _points(text: str) -> float:
+    """An argparse type: a finite, non-negative number of top-1 points (NaN is refused here, not at the gate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of top-1 points, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")) or value < 0:
+        raise argparse.ArgumentTypeError(f"a finite, non-negative number of top-1 points, got {text!r}")
+    return value
+
+
+def register_export(sub) -> None:
+    """`spikeprune export MODEL -o FILE ...`."""
+    p = sub.add_parser(
+        "export", help="write the model as an ONNX file (BatchNorm folded, LIF unrolled, fp32 / fp16 / int8 / int4 "
+                       "weights, raw-pixel input) and check it",
+        description="Export a model (dense or pruned, any family) to ONNX: BatchNorm folded into the layer before "
+                    "it, the LIF unrolled over T as plain ops, T fixed, batch size dynamic, the input normalisation "
+                    "in the graph (the file takes raw pixels in [0, 1]). Unless --no-check, ONNX Runtime is compared "
+                    "with PyTorch (the fake-quantised model for reduced precision) on the calibration split of --data "
+                    "(predicted classes, spike decisions, a float64 comparison) before the file is moved into place; "
+                    "a reduced-precision file that loses more than --max-drop points of top-1 is refused.")
+    add_model_args(p)
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the file to write, e.g. model.onnx")
+    p.add_argument("--format", default="onnx", choices=deploy.FORMATS, help="file format (default onnx)")
+    p.add_argument("--precision", default=None, choices=deploy.PRECISIONS,
+                   help="weights: fp32, fp16 (Cast), int8 or int4 per output channel (DequantizeLinear; int4 packed, "
+                        "opset 21) (default: the plan a quantised model carries, else fp32)")
+    p.add_argument("--ends", default=None, choices=deploy.PRECISIONS,
+                   help="precision of the first conv and the head (default: int8 under --precision int4, else as "
+                        "--precision)")
+    p.add_argument("--opset", type=int, default=None,
+                   help=f"ONNX opset ({deploy.MIN_OPSET['fp32']}-{deploy.MAX_OPSET}, int8 from "
+                        f"{deploy.MIN_OPSET['int8']}, int4 from {deploy.MIN_OPSET['int4']}; default "
+                        f"{deploy.DEFAULT_OPSET}, {deploy.INT4_OPSET} with int4 weights)")
+    p.add_argument("--input", default="raw", choices=deploy.INPUTS,
+                   help="what the file takes: raw pixels in [0, 1] (the normalisation in the graph) or images "
+                        "normalised by the caller, as before (default raw)")
+    p.add_argument("--normalisation", default=None, metavar="DATASET",
+                   help="the dataset whose mean / std the model was trained with (default: that of --data)")
+    p.add_argument("--data", default=None, metavar="NAME[:PATH]",
+                   help="dataset whose calibration split the check runs on (default: random images, no accuracy)")
+    p.add_argument("--check-images", type=_count(1), default=deploy.CHECK_IMAGES,
+                   help=f"images checked (default {deploy.CHECK_IMAGES})")
+    p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime check")
+    p.add_argument("--max-drop", type=_points, default=deploy.INT8_MAX_DROP,
+                   help=f"top-1 points a reduced-precision file may lose against fp32, counted in images "
+                        f"(default {deploy.INT8_MAX_DROP:g})")
+    p.add_argument("--keep-inaccurate", action="store_true",
+                   help="keep a reduced-precision file whose top-1 falls more than --max-drop below fp32 (with a warning)")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    model = resolve_model(args)
+    report = deploy.export(model, args.output, format=args.format, precision=args.precision, opset=args.opset,
+                           check=not args.no_check, data=args.data, overwrite=args.force, max_drop=args.max_drop,
+                           keep_inaccurate=args.keep_inaccurate, check_images=args.check_images,
+                           verbose=not args.json, input=args.input, normalisation=args.normalisation, ends=args.ends)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spikeprune",
@@ -567,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
 # The commands, in the order `spikeprune --help` lists them. train / measure keep their parsers
 # beside their code; the others are defined above.
 _REGISTRARS = [register_train, register_measure, register_inspect, register_sensitivity, register_prune,
-               lambda sub: register_export(sub, add_model_args, resolve_model)]  # deploy.py sits below cli.py
+               register_export]
 
 
 def main(argv: list[str] | None = None) -> int:

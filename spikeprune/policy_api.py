@@ -50,7 +50,7 @@ from .data import dataset_for_model
 from .errors import SpikepruneError
 from .coupling import groups as model_groups
 from .importance import needs_data, scores
-from .costs import memory_bytes
+from .precision import FILE_PRECISIONS, budget_bytes
 from .models import get_family
 from .sensitivity import SensitivityTable, analyze
 from .serialization import atomic_path, is_saved_model, load_model, save_model, write_json
@@ -59,7 +59,7 @@ from .training import evaluate
 from .units import format_bytes, parse_bytes
 
 DEFAULT_MAX_ACC_DROP = 3.0  # points: the seed papers' "within 3%"
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", *FILE_PRECISIONS)  # file-*: the exported file's bytes (spikeprune.precision)
 CONSISTENCY_TOLERANCE = 0.005  # of the dense size: --target-saving and --memory-budget may differ by rounding
 
 
@@ -73,7 +73,8 @@ class Constraints:
     max_acc_drop   points of top-1 the pruned model may lose against the dense model
     target_saving  fraction of the dense memory to save, in (0, 1), or None
     memory_budget  bytes (an int, or a string such as "8MB" / "2MiB"), or None
-    precision      fp32 | fp16 | int8: what the memory is counted at
+    precision      fp32 | fp16 | int8 (parameters) or file-fp32 ... file-int4 (the exported file's
+                   weight bytes, spikeprune.precision): what the memory is counted at
     Set by resolve (None before): dense_bytes, min_bytes (every group at its minimum width),
     budget_bytes (the one budget the targets amount to, or None without a memory target).
     """
@@ -188,7 +189,7 @@ def minimum_memory(model: nn.Module, precision: str, round_to: int = 1) -> int:
     counts = {name: len(idx) for name, idx in minimum_kept(model_groups(model), round_to).items()}
     with torch.device("meta"):
         tiny = get_family(model).resize(model, counts)
-    return int(memory_bytes(tiny)[precision])
+    return budget_bytes(tiny, precision)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -356,7 +357,7 @@ class PruneContext:
 
     def memory(self, model: nn.Module, precision: str | None = None) -> int:
         """Weight memory of `model` in bytes at `precision` (default: the constraints')."""
-        return int(memory_bytes(model)[precision or self.constraints.precision])
+        return budget_bytes(model, precision or self.constraints.precision)
 
     @property
     def dense_memory(self) -> int:
