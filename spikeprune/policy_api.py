@@ -50,7 +50,8 @@ from .data import dataset_for_model
 from .errors import SpikepruneError
 from .coupling import groups as model_groups
 from .importance import needs_data, scores
-from .precision import FILE_PRECISIONS, budget_bytes
+from .costs import budget_bytes
+from .precision import FILE_PRECISIONS
 from .models import get_family
 from .sensitivity import SensitivityTable, analyze
 from .serialization import atomic_path, is_saved_model, load_model, save_model, write_json

@@ -22,14 +22,13 @@ A plan is built from a precision name (every layer alike), or a dict {layer name
 the first weight layer (the image conv) and the last (the head), which may stay wider. int4 keeps
 its ends at int8 unless told otherwise (DEFAULT_ENDS).
 
-`file_weight_bytes` counts a plan per layer; `budget_bytes` is what `--precision file-...` budgets
-count (a model that carries its own plan, `model.weight_precision`, is counted at that plan).
+`file_weight_bytes` counts a plan per layer; costs.budget_bytes is what `--precision file-...`
+budgets count (a model that carries its own plan, `model.weight_precision`, is counted at that plan).
 """
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
-from .costs import memory_bytes
 from .errors import SpikepruneError
 from .models import get_family
 from .structure import Layer
@@ -147,16 +146,6 @@ def file_weight_bytes(model_or_config, precision=None, ends: str | None = None) 
     return {"plan": plan, "layers": rows, "total": total, "parts": parts, "by_precision": by_p,
             "share_of_weights": {p: v / n_weights for p, v in values_p.items()},
             "bits_per_weight": 8 * total / n_weights}
-
-
-def budget_bytes(model_or_config, precision: str) -> int:
-    """The bytes a memory budget counts at `precision`: fp32 / fp16 / int8 as costs.memory_bytes
-    (parameter counting); file-<p> the deployed file's weight bytes (this module), at the model's
-    own plan when it carries one, else every layer at <p> (int4: ends at int8)."""
-    if precision.startswith(FILE_PREFIX):
-        plan = model_plan(model_or_config)
-        return int(file_weight_bytes(model_or_config, plan or precision[len(FILE_PREFIX):])["total"])
-    return int(memory_bytes(model_or_config)[precision])
 
 
 def format_plan_bytes(fb: dict) -> str:

@@ -523,7 +523,7 @@ def _measure_model(ctx: PruneContext, model: nn.Module, name: str) -> dict:
     out = {"top1": acc["top1"], "top5": acc["top5"], "params": int(t["params"]),
            "memory_bytes": {k: int(v) for k, v in t["memory_bytes"].items()},
            "deployed_bytes": {k: int(v) for k, v in deployed_memory_bytes(model).items() if k != "params"},
-           "macs": int(t["macs"]), "sops": t.get("sops"), "energy_mj": t.get("energy_mj"),
+           "file_bytes": t["file_bytes"], "macs": int(t["macs"]), "sops": t.get("sops"), "energy_mj": t.get("energy_mj"),
            "latency_ms": t.get("latency_ms")}
     ctx.checkpoint(f"measure_{name}", out)
     return out

@@ -15,6 +15,7 @@ from spiking_helpers import randomise
 
 from spikeprune import precision as P
 from spikeprune import quantise as Q
+from spikeprune.costs import budget_bytes
 from spikeprune.errors import SpikepruneError
 from spikeprune.models import create_model
 from spikeprune.policy_api import Constraints
@@ -61,15 +62,15 @@ def test_file_bytes_count_packed_int4_scales_and_zero_points():
     assert P.file_weight_bytes(model, "int8")["total"] == deployed_memory_bytes(model)["int8"]
     assert P.file_weight_bytes(model, "fp32")["total"] == deployed_memory_bytes(model)["fp32"]
     # a model that carries a plan is counted at it
-    assert P.budget_bytes(model, "file-int8") == deployed_memory_bytes(model)["int8"]
+    assert budget_bytes(model, "file-int8") == deployed_memory_bytes(model)["int8"]
     Q.apply_plan(model, "int4")
-    assert P.budget_bytes(model, "file-int8") == P.file_weight_bytes(model, "int4")["total"]
-    assert P.budget_bytes(model, "fp32") == 4 * sum(p.numel() for p in model.parameters())
+    assert budget_bytes(model, "file-int8") == P.file_weight_bytes(model, "int4")["total"]
+    assert budget_bytes(model, "fp32") == 4 * sum(p.numel() for p in model.parameters())
 
 
 def test_a_memory_budget_can_count_file_bytes():
     model = _tiny()
-    dense = P.budget_bytes(model, "file-int4")
+    dense = budget_bytes(model, "file-int4")
     c = Constraints(max_acc_drop=1, target_saving=0.5, precision="file-int4").resolve(dense, dense // 10)
     assert c.budget_bytes == dense // 2 and c.precision == "file-int4"
     with pytest.raises(SpikepruneError, match="--precision"):
@@ -228,3 +229,26 @@ def test_a_precision_the_runtime_cannot_run_is_an_error_not_a_silent_file(tmp_pa
         ex.export(_tiny(), tmp_path / "m4.onnx", precision="int4", normalisation="digits", check_images=4,
                   verbose=False)
     assert os.listdir(tmp_path) == []
+
+
+def test_sizes_by_precision_in_measure_inspect_and_a_saved_model(tmp_path):
+    from spikeprune.costs import format_report, measure
+    from spikeprune.inspect import format_report as format_inspect, inspect_model
+    from spikeprune.serialization import load_model, save_model
+
+    model = Q.apply_plan(_tiny(), "int4")
+    save_model(model, tmp_path / "q")
+    loaded = load_model(tmp_path / "q")
+    assert P.model_plan(loaded) == P.model_plan(model)
+    fb = P.file_weight_bytes(loaded)
+    m = measure(loaded, latency=False)
+    plan = m["total"]["file_bytes"]["plan"]
+    assert plan["quantised"] and plan["total"] == fb["total"] and plan["by_precision"]["int4"] > 0
+    assert 0 < plan["share_of_weights"]["int4"] < 1 and plan["share_of_weights"]["int8"] > 0
+    rows = [r for r in m["layers"] if r["file_bytes"]]
+    assert [r["file_bytes"]["precision"] for r in rows] == [row["precision"] for row in fb["layers"]]
+    assert all(r["file_bytes"]["int4"] < r["file_bytes"]["int8"] < r["file_bytes"]["fp32"] for r in rows)
+    assert "this model's weights" in format_report(m) and "int4" in format_report(m)
+    ins = inspect_model(loaded)
+    assert {ly["precision"] for ly in ins["layers"]} == {"int4", "int8"}
+    assert ins["total"]["file_bytes"]["plan"]["total"] == fb["total"] and "bits per weight" in format_inspect(ins)
