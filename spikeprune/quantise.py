@@ -18,7 +18,6 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .errors import SpikepruneError
 from .precision import PLAN_ATTRIBUTE, QMAX, resolve_plan, weight_layers
@@ -69,32 +68,54 @@ def _is_full_plan(model, precision, ends) -> bool:
     return set(precision) == {r.name for r in weight_layers(model)}
 
 
-class _StraightThrough(nn.Module):
-    """A weight parametrisation: forward quantised, backward identity (straight-through estimator)."""
+class _StraightThrough:
+    """Quantisation-aware training through hooks, so the state dict, the optimiser and checkpoints
+    keep the plain fp32 weights: before each forward of the model the fp32 weights are set aside
+    and the weights put on their grid (however the forward then reads them: a module call or a
+    GEMM on a view); forward and backward run at the quantised weights; once a weight's gradient
+    has accumulated (or right after a forward without gradients) its fp32 value is put back, and
+    the optimiser applies the gradient to it (the straight-through estimator)."""
 
-    def __init__(self, precision: str):
-        super().__init__()
-        self.precision = precision
+    def __init__(self, model: nn.Module, layers: list[tuple[nn.Module, str]]):
+        self.layers = layers
+        self.master: dict[int, torch.Tensor] = {}
+        self.hooks = [model.register_forward_pre_hook(self.before), model.register_forward_hook(self.after)]
+        for i, (module, _) in enumerate(layers):
+            self.hooks.append(module.weight.register_post_accumulate_grad_hook(lambda _p, i=i: self.restore(i)))
 
-    def forward(self, w):
-        return w + (quantise_weights(w, self.precision) - w).detach()
+    def before(self, model, args):
+        for i, (module, p) in enumerate(self.layers):
+            if i not in self.master:  # a weight whose gradient never came stays set aside, not re-rounded
+                self.master[i] = module.weight.data.clone()
+                module.weight.data.copy_(quantise_weights(self.master[i], p))
+
+    def after(self, model, args, out):
+        if not (torch.is_grad_enabled() and model.training):
+            for i in list(self.master):
+                self.restore(i)  # no backward will follow
+
+    def restore(self, i: int):
+        w = self.master.pop(i, None)
+        if w is not None:
+            self.layers[i][0].weight.data.copy_(w)
+
+    def remove(self):
+        for i in list(self.master):
+            self.restore(i)
+        for h in self.hooks:
+            h.remove()
 
 
 @contextmanager
 def quantisation_aware(model: nn.Module, precision="int8", ends: str | None = None):
     """Within the block the model's weight layers compute with quantised weights and train their
-    fp32 weights through a straight-through estimator. On leaving, the weights are put on the grid
-    (apply_plan), so the model is the fake-quantised model the export writes; on an error they are
-    restored as parametrisation-free fp32 weights, unchanged by the rounding."""
+    fp32 weights through a straight-through estimator (the LIF surrogate gradients are unchanged).
+    On leaving normally, the weights are put on the grid (apply_plan), so the model is the
+    fake-quantised model the export writes; on an error they are left as fp32 weights."""
     plan = dict(precision) if _is_full_plan(model, precision, ends) else resolve_plan(model, precision, ends)
-    touched = []
+    ste = _StraightThrough(model, [(module, p) for module, p in _modules_of(model, plan) if p != "fp32"])
     try:
-        for module, p in _modules_of(model, plan):
-            if p != "fp32":
-                parametrize.register_parametrization(module, "weight", _StraightThrough(p))
-                touched.append(module)
         yield plan
     finally:
-        for module in touched:
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        ste.remove()
     apply_plan(model, plan)

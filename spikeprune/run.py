@@ -28,6 +28,7 @@ checkpoint and log line (at most every few seconds).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import fnmatch
@@ -50,7 +51,7 @@ from .errors import SpikepruneError
 from .coupling import groups as model_groups
 from .hashing import fingerprint, model_hash
 from .importance import get as get_importance
-from .costs import deployed_memory_bytes, measure
+from .costs import budget_bytes, deployed_memory_bytes, measure
 from .policy_api import Constraints, PolicyResult, PolicySpec, PruneContext, get_policy, policies
 from .ratios import DEFAULT_SENSITIVITY_RATIOS, UNIFORM_GRID, parse_ratios
 from .record import PruningRecord
@@ -59,6 +60,8 @@ from .serialization import is_saved_model, load_model, save_model, write_json
 from .stats import resolution_warning
 from .surgery import record_of
 from .training import evaluate, finetune
+from .precision import FILE_PRECISIONS, model_plan
+from .quantise import apply_plan, quantisation_aware
 
 RUN_FORMAT = "spikeprune-run"
 RUN_VERSION = 2  # 2: typed pruning record, one settings object (version 1 folders are refused)
@@ -491,11 +494,16 @@ def _finetune(ctx: PruneContext, pruned: nn.Module) -> nn.Module:
     # Without caps the spec goes to train() as it always did; with caps the capped splits do.
     data, val = ((ctx.dataset("train", augment=True), ctx.calib) if caps.get("train") or caps.get("calib")
                  else (ctx.data, None))
-    model, history = finetune(
-        copy.deepcopy(pruned), data, s.finetune_epochs, teacher=ctx.model if s.kd else None,
-        kd_weight=s.kd_weight, kd_temperature=s.kd_temperature, lr=s.finetune_lr, val_data=val,
-        batch_size=s.finetune_batch_size, device=ctx.device, seed=ctx.seed, workers=ctx.workers,
-        out_dir=ctx.run_dir / "steps" / "finetune", resume=True, progress=ctx.progress)
+    student = copy.deepcopy(pruned)
+    plan = model_plan(pruned)  # a model with quantised weights is fine-tuned quantisation-aware, kept on its grid
+    with quantisation_aware(student, plan) if plan else contextlib.nullcontext():
+        model, history = finetune(
+            student, data, s.finetune_epochs, teacher=ctx.model if s.kd else None,
+            kd_weight=s.kd_weight, kd_temperature=s.kd_temperature, lr=s.finetune_lr, val_data=val,
+            batch_size=s.finetune_batch_size, device=ctx.device, seed=ctx.seed, workers=ctx.workers,
+            out_dir=ctx.run_dir / "steps" / "finetune", resume=True, progress=ctx.progress)
+    if plan:
+        model = apply_plan(model, plan)  # the same object as student unless train() returned another
     model.eval()
     model.pruning = pruned.pruning  # fine-tuning changes weights, not what was pruned
     ctx.checkpoint("finetune_history", {"history": _jsonable(history), "wall_s": time.perf_counter() - t0})
@@ -521,7 +529,8 @@ def _measure_model(ctx: PruneContext, model: nn.Module, name: str) -> dict:
         latency=True, latency_batch=1, repeats=s.latency_repeats, warmup=2), f"measuring the {name} model")
     t = m["total"]
     out = {"top1": acc["top1"], "top5": acc["top5"], "params": int(t["params"]),
-           "memory_bytes": {k: int(v) for k, v in t["memory_bytes"].items()},
+           "memory_bytes": {**{k: int(v) for k, v in t["memory_bytes"].items()},
+                            **{p: budget_bytes(model, p) for p in FILE_PRECISIONS}},  # what file-* budgets count
            "deployed_bytes": {k: int(v) for k, v in deployed_memory_bytes(model).items() if k != "params"},
            "file_bytes": t["file_bytes"], "macs": int(t["macs"]), "sops": t.get("sops"), "energy_mj": t.get("energy_mj"),
            "latency_ms": t.get("latency_ms")}

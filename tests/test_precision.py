@@ -99,11 +99,21 @@ def test_quantisation_aware_training_passes_gradients_straight_through():
         assert all(p in ("int4", "int8") for p in plan.values())
         model.train()
         model(images).sum().backward()
-        w = model.get_submodule(next(iter(plan))).parametrizations.weight.original
+        name = next(n for n, p in plan.items() if p == "int4")
+        w = model.get_submodule(name).weight
         assert w.grad is not None and w.grad.abs().sum() > 0  # the fp32 weights get the gradient
+        assert not torch.allclose(Q.quantise_weights(w, "int4"), w)  # ... and stay fp32 between steps
+        assert set(model.state_dict()) == set(_tiny().state_dict())  # checkpoints keep their keys
+        # the gradient is the one at the quantised weights (straight through the rounding)
+        ref = _tiny()
+        ref.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            for n, p in plan.items():
+                ref.get_submodule(n).weight.copy_(Q.quantise_weights(ref.get_submodule(n).weight, p))
+        ref.train()
+        ref(images).sum().backward()
+        assert torch.allclose(ref.get_submodule(name).weight.grad, w.grad, atol=1e-6)
     # leaving the block leaves plain weights on the grid, and the plan on the model
-    name = next(iter(plan))
-    assert not hasattr(model.get_submodule(name), "parametrizations")
     wq = model.get_submodule(name).weight
     assert torch.allclose(Q.quantise_weights(wq, plan[name]), wq, atol=1e-7)
     assert P.model_plan(model) == plan
