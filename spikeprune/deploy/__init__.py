@@ -60,8 +60,8 @@ from ..serialization import atomic_path
 from .accounting import int8_reconciliation, reconcile
 from .check import CHECK_IMAGES, FLOAT64_IMAGES, check_batches, check_export, file_metadata
 from .fold import INPUTS, RawInput, float64_check, fold_batchnorm, resolve_normalisation
-from .graph import (MAX_TRACE_OPSET, compact_names, file_breakdown, graph_census, need_onnx, quantize_per_channel,
-                    reduce_precision, trace_to_onnx)
+from .graph import (MAX_TRACE_OPSET, compact_names, dedupe_constants, file_breakdown, graph_census, need_onnx,
+                    quantize_per_channel, reduce_precision, trace_to_onnx)
 from .text import format_export_report
 
 FORMATS = ("onnx",)
@@ -176,6 +176,7 @@ def _export_to(tmp: Path, model, fam, path: Path, format: str, plan: dict, opset
     traced = RawInput(folded, pre["mean"], pre["std"]).eval() if pre["input"] == "raw" else folded
     proto = trace_to_onnx(traced, fam.name, opset)
     converted = reduce_precision(proto, folded, plan) if set(plan.values()) != {"fp32"} else {}
+    dedupe_constants(proto)
     compact_names(proto)
     cfg = model.cfg
     precision = _plan_name(plan)
