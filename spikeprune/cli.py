@@ -596,6 +596,8 @@ def register_export(sub) -> None:
                    help="dataset whose calibration split the check runs on (default: random images, no accuracy)")
     p.add_argument("--check-images", type=_count(1), default=deploy.CHECK_IMAGES,
                    help=f"images checked (default {deploy.CHECK_IMAGES})")
+    p.add_argument("--check-split", default="calib", choices=("calib", "test"),
+                   help="the split of --data the check runs on (default calib)")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime check")
     p.add_argument("--max-drop", type=_points, default=deploy.INT8_MAX_DROP,
                    help=f"top-1 points a reduced-precision file may lose against fp32, counted in images "
@@ -612,7 +614,8 @@ def cmd_export(args) -> int:
     report = deploy.export(model, args.output, format=args.format, precision=args.precision, opset=args.opset,
                            check=not args.no_check, data=args.data, overwrite=args.force, max_drop=args.max_drop,
                            keep_inaccurate=args.keep_inaccurate, check_images=args.check_images,
-                           verbose=not args.json, input=args.input, normalisation=args.normalisation, ends=args.ends)
+                           verbose=not args.json, input=args.input, normalisation=args.normalisation, ends=args.ends,
+                           check_split=args.check_split)
     if args.json:
         print(json.dumps(report, indent=2))
     return 0

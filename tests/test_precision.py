@@ -166,7 +166,8 @@ def test_the_file_takes_raw_pixels_and_says_so(tmp_path, trained_tiny):
     from spikeprune.data import dataset_for_model
 
     path = tmp_path / "raw.onnx"
-    report = ex.export(trained_tiny, path, data="digits", check_images=40, verbose=False)
+    report = ex.export(trained_tiny, path, data="digits", check_images=40, check_split="test", verbose=False)
+    assert "digits:test" in report["check"]["source"]
     pre = json.loads(ex.file_metadata(path)["preprocessing"])
     assert pre["input"] == "raw" and pre["mean"] == [0.3053] and pre["std"] == [0.3189]
     assert report["check"]["input"] == "raw pixels in [0, 1]"
@@ -207,6 +208,8 @@ def test_bad_export_options_are_refused_up_front(tmp_path, capsys):
     for bad in (float("nan"), float("inf"), -1, "x"):
         with pytest.raises(SpikepruneError, match="max_drop"):
             ex.export(model, tmp_path / "x.onnx", max_drop=bad, normalisation="digits", verbose=False)
+    with pytest.raises(SpikepruneError, match="check_split"):
+        ex.export(model, tmp_path / "x.onnx", check_split="train", normalisation="digits", verbose=False)
     with pytest.raises(SystemExit) as stop:
         main(["export", "spikformer-1-32-digits", "-o", str(tmp_path / "x.onnx"), "--max-drop", "nan"])
     assert stop.value.code == 2
@@ -262,3 +265,20 @@ def test_sizes_by_precision_in_measure_inspect_and_a_saved_model(tmp_path):
     ins = inspect_model(loaded)
     assert {ly["precision"] for ly in ins["layers"]} == {"int4", "int8"}
     assert ins["total"]["file_bytes"]["plan"]["total"] == fb["total"] and "bits per weight" in format_inspect(ins)
+
+
+def test_the_graph_keeps_one_constant_per_value(tmp_path):
+    from spikeprune.deploy.fold import fold_batchnorm
+    from spikeprune.deploy.graph import dedupe_constants, trace_to_onnx
+
+    model = _tiny()
+    proto = trace_to_onnx(fold_batchnorm(model)[0], "spikformer", 17)
+    before = [n for n in proto.graph.node if n.op_type == "Constant"]
+    removed = dedupe_constants(proto)
+    after = [n for n in proto.graph.node if n.op_type == "Constant"]
+    values = [n.attribute[0].SerializeToString() for n in after]
+    assert removed > 0 and len(after) == len(before) - removed and len(set(values)) == len(values)
+    onnx.checker.check_model(proto)
+    # the same function: the exported file (which merges them) against the model, spike by spike
+    report = ex.export(model, tmp_path / "m.onnx", input="normalised", check_images=8, verbose=False)
+    assert report["check"]["spikes"]["images_differing_without_flips"] == 0 and report["check"]["class_agreement"] == 1

@@ -159,7 +159,7 @@ def _preprocessing(input: str, norm, cfg) -> dict:
 # export()
 # ------------------------------------------------------------------------------------------------
 def _export_to(tmp: Path, model, fam, path: Path, format: str, plan: dict, opset: int, check: bool, data,
-               check_images: int, pre: dict) -> dict:
+               check_images: int, pre: dict, check_split: str = "calib") -> dict:
     """Fold, verify the fold in float64, trace, convert the precision, write `tmp`, check it."""
     onnx = need_onnx(check)
     source = copy.deepcopy(model).float().cpu().eval()
@@ -210,14 +210,14 @@ def _export_to(tmp: Path, model, fam, path: Path, format: str, plan: dict, opset
     if set(plan.values()) == {"int8"}:
         report["memory"]["int8_reconciliation"] = int8_reconciliation(model, size)
     if check:
-        report["check"] = check_export(tmp, source, data, "calib", check_images, float64=False)
+        report["check"] = check_export(tmp, source, data, check_split, check_images, float64=False)
     return report
 
 
 def export(model: nn.Module, path, format: str = "onnx", precision=None, opset: int | None = None,
            check: bool = True, data=None, overwrite: bool = False, max_drop: float = INT8_MAX_DROP,
            keep_inaccurate: bool = False, check_images: int = CHECK_IMAGES, verbose: bool = True,
-           input: str = "raw", normalisation=None, ends: str | None = None) -> dict:
+           input: str = "raw", normalisation=None, ends: str | None = None, check_split: str = "calib") -> dict:
     """Write `model` (any registered family, dense or pruned) to `path` as ONNX; see the module
     docstring for what the file holds and what the check verifies.
 
@@ -227,8 +227,9 @@ def export(model: nn.Module, path, format: str = "onnx", precision=None, opset: 
     opset: None picks 17, or 21 when a layer is int4.
     input: "raw" (the file takes pixels in [0, 1]; the normalisation comes from `normalisation`, a
       dataset name or (mean, std), or from `data`) or "normalised" (the caller normalises).
-    data: images for the check (a dataset spec such as "mnist5k", whose calibration split is used, a
-      Dataset, or a tensor of the file's input images); None checks on random images (no accuracy).
+    data: images for the check (a dataset spec such as "mnist5k", whose `check_split` is used --
+      calib by default, or test --, a Dataset, or a tensor of the file's input images); None checks
+      on random images (no accuracy).
     max_drop / keep_inaccurate: a reduced-precision file whose top-1 falls more than `max_drop`
       points below the fp32 model's (counted in images) is removed (an error) unless
       keep_inaccurate=True (kept, with a warning).
@@ -256,11 +257,13 @@ def export(model: nn.Module, path, format: str = "onnx", precision=None, opset: 
     need_onnx(check)
     if isinstance(check_images, bool) or not isinstance(check_images, int) or check_images < 1:
         raise SpikepruneError(f"check_images must be a whole number of at least 1, got {check_images!r}")
+    if check_split not in ("calib", "test"):
+        raise SpikepruneError(f"check_split is calib or test, got {check_split!r}")
     pre = _preprocessing(input, norm, model.cfg)
     _remove_stale_partials(path)
     try:
         with atomic_path(path) as tmp:  # a failed check or gate deletes the temporary: no file
-            report = _export_to(tmp, model, fam, path, format, plan, opset, check, data, check_images, pre)
+            report = _export_to(tmp, model, fam, path, format, plan, opset, check, data, check_images, pre, check_split)
             if check:
                 _accuracy_gate(report, max_drop, keep_inaccurate)
             if path.exists() and not overwrite:  # appeared while we worked
