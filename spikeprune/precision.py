@@ -150,6 +150,6 @@ def file_weight_bytes(model_or_config, precision=None, ends: str | None = None) 
 
 def format_plan_bytes(fb: dict) -> str:
     """One line: total, bytes and weight share per precision, mean bits per weight."""
-    parts = [f"{p} {fb['by_precision'][p]:,} B ({fb['share_of_weights'][p]:.0%} of weights)"
+    parts = [f"{p} {fb['by_precision'][p]:,} B ({fb['share_of_weights'][p]:.1%} of weights)"
              for p in WEIGHT_PRECISIONS if fb["by_precision"][p]]
     return f"{fb['total']:,} B ({'; '.join(parts)}; {fb['bits_per_weight']:.2f} bits per weight)"

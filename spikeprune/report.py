@@ -160,7 +160,7 @@ def _results_section(s: dict) -> list[str]:
                         if final.get("file_bytes") else "") + ".")
         plan = (final.get("file_bytes") or {}).get("plan")
         if plan and plan["quantised"]:  # a model whose weights are on a per-layer precision grid
-            held = ", ".join(f"{p} {format_bytes(b)} ({plan['share_of_weights'][p]:.0%} of the weights)"
+            held = ", ".join(f"{p} {format_bytes(b)} ({plan['share_of_weights'][p]:.1%} of the weights)"
                              for p, b in plan["by_precision"].items() if b)
             lines.append(f"This model's weights as its file holds them: {format_bytes(plan['total'])} ({held}; "
                          f"{plan['bits_per_weight']:.2f} bits per weight).")

@@ -68,7 +68,7 @@ FORMATS = ("onnx",)
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 EXPORTER = "torch.onnx TorchScript exporter (dynamo=False)"
 DEFAULT_OPSET = 17  # read by ONNX Runtime >= 1.14, TensorRT >= 8.6, OpenVINO >= 2022.3
-INT4_OPSET = 21  # DequantizeLinear takes int4 from opset 21 (ONNX Runtime >= 1.20)
+INT4_OPSET = 21  # DequantizeLinear takes int4 from opset 21 (verified on ONNX Runtime 1.32)
 MAX_OPSET = 21
 # GreaterOrEqual (the LIF's fire decision) exists from opset 12; DequantizeLinear takes a per-channel
 # `axis` from opset 13, int4 from 21.

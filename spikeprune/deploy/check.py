@@ -90,8 +90,8 @@ def _probe_session(path: str, with_spikes: bool, precision: str = "fp32"):
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise SpikepruneError(f"ONNX Runtime {ort.__version__} cannot run this {precision} file (opset "
                               f"{max(o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx'))}): {first}. "
-                              "Choose a precision this runtime takes (int8 runs on ONNX Runtime >= 1.14, int4 "
-                              "needs >= 1.20), or a newer runtime") from None
+                              "Choose a precision this runtime takes (int8 needs opset 13's per-channel "
+                              "DequantizeLinear, int4 opset 21's int4 one), or a newer runtime") from None
 
 
 def _membranes(x: torch.Tensor, spikes: torch.Tensor, tau: float) -> torch.Tensor:

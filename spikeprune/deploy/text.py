@@ -13,7 +13,7 @@ def _bytes_lines(m: dict) -> list[str]:
     lines = [f"file bytes: {', '.join(f'{k.replace(chr(95), chr(32))} {v:,} B' for k, v in f.items() if v)}"]
     rec = m.get("reconciliation")
     if rec:
-        shares = ", ".join(f"{p} {rec['share_of_weights'][p]:.0%}" for p in WEIGHT_PRECISIONS
+        shares = ", ".join(f"{p} {rec['share_of_weights'][p]:.1%}" for p in WEIGHT_PRECISIONS
                            if rec["share_of_weights"][p])
         terms = " + ".join(f"{t['term']} {t['counted']:,}" for t in rec["terms"] if t["counted"] or t["in_file"])
         out = rec["outside_count"]

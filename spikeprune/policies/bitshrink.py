@@ -197,7 +197,7 @@ def bitshrink(ctx: PruneContext) -> PolicyResult:
                      f"{row['bits_per_weight']:.2f} | {100 * row['calib_top1']:.2f}% | {row['acc_drop']:.2f} |")
     lines += ["", f"Chosen: ratio {chosen['ratio']:g}, {fb['total']:,} B "
                   f"({'within' if fb['total'] <= budget else 'over'} the budget); bytes by precision: "
-              + ", ".join(f"{p} {b:,} B ({fb['share_of_weights'][p]:.0%} of the weights)"
+              + ", ".join(f"{p} {b:,} B ({fb['share_of_weights'][p]:.1%} of the weights)"
                           for p, b in sorted(fb["by_precision"].items(), key=lambda kv: -BITS[kv[0]]) if b) + "."]
     info = {"calib_top1": top1, "report_sections": [("bitshrink", "\n".join(lines))],
             "bitshrink": {"budget_bytes": budget, "candidates": rows, "chosen": chosen,
