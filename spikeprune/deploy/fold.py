@@ -141,4 +141,9 @@ def export_reference(model: nn.Module, plan: dict[str, str]) -> nn.Module:
     ints = {name: (p if p in ("int8", "int4") else "fp32") for name, p in plan.items()}
     on_grid = apply_plan(copy.deepcopy(model).eval(), ints)
     folded, _, _ = fold_batchnorm(on_grid)
-    return apply_plan(folded, plan).eval()
+    folded = apply_plan(folded, plan)
+    if set(plan.values()) == {"fp16"}:  # the file then stores every parameter as float16 (graph.reduce_precision)
+        with torch.no_grad():
+            for p in folded.parameters():
+                p.copy_(p.to(torch.float16).to(p.dtype))
+    return folded.eval()
