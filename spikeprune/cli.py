@@ -587,6 +587,9 @@ def register_export(sub) -> None:
                    help=f"ONNX opset ({deploy.MIN_OPSET['fp32']}-{deploy.MAX_OPSET}, int8 from "
                         f"{deploy.MIN_OPSET['int8']}, int4 from {deploy.MIN_OPSET['int4']}; default "
                         f"{deploy.DEFAULT_OPSET}, {deploy.INT4_OPSET} with int4 weights)")
+    p.add_argument("--batch", type=_count(1), default=None, metavar="N",
+                   help="a fixed batch size: a graph about half as large (no shape arithmetic), that runs at N "
+                        "images only (default: dynamic)")
     p.add_argument("--input", default="raw", choices=deploy.INPUTS,
                    help="what the file takes: raw pixels in [0, 1] (the normalisation in the graph) or images "
                         "normalised by the caller, as before (default raw)")
@@ -615,7 +618,7 @@ def cmd_export(args) -> int:
                            check=not args.no_check, data=args.data, overwrite=args.force, max_drop=args.max_drop,
                            keep_inaccurate=args.keep_inaccurate, check_images=args.check_images,
                            verbose=not args.json, input=args.input, normalisation=args.normalisation, ends=args.ends,
-                           check_split=args.check_split)
+                           check_split=args.check_split, batch=args.batch)
     if args.json:
         print(json.dumps(report, indent=2))
     return 0

@@ -282,3 +282,18 @@ def test_the_graph_keeps_one_constant_per_value(tmp_path):
     # the same function: the exported file (which merges them) against the model, spike by spike
     report = ex.export(model, tmp_path / "m.onnx", input="normalised", check_images=8, verbose=False)
     assert report["check"]["spikes"]["images_differing_without_flips"] == 0 and report["check"]["class_agreement"] == 1
+
+
+def test_a_fixed_batch_makes_the_graph_smaller(tmp_path):
+    model = _tiny()
+    dyn = ex.export(model, tmp_path / "d.onnx", normalisation="digits", check_images=8, verbose=False)
+    fixed = ex.export(model, tmp_path / "f.onnx", normalisation="digits", check_images=9, batch=4, verbose=False)
+    assert fixed["memory"]["file"]["graph"] < 0.8 * dyn["memory"]["file"]["graph"]
+    assert fixed["check"]["batch_sizes"] == [4] and fixed["check"]["images"] == 8  # whole batches only
+    assert fixed["check"]["spikes"]["images_differing_without_flips"] == 0
+    assert ex.file_metadata(tmp_path / "f.onnx")["batch"] == "4"
+    sess = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception):  # the file runs at its batch size only
+        sess.run(None, {"images": np.zeros((3, 1, 16, 16), np.float32)})
+    with pytest.raises(SpikepruneError, match="batch"):
+        ex.export(model, tmp_path / "x.onnx", normalisation="digits", batch=0, verbose=False)

@@ -159,7 +159,7 @@ def _preprocessing(input: str, norm, cfg) -> dict:
 # export()
 # ------------------------------------------------------------------------------------------------
 def _export_to(tmp: Path, model, fam, path: Path, format: str, plan: dict, opset: int, check: bool, data,
-               check_images: int, pre: dict, check_split: str = "calib") -> dict:
+               check_images: int, pre: dict, check_split: str = "calib", batch: int | None = None) -> dict:
     """Fold, verify the fold in float64, trace, convert the precision, write `tmp`, check it."""
     onnx = need_onnx(check)
     source = copy.deepcopy(model).float().cpu().eval()
@@ -174,7 +174,7 @@ def _export_to(tmp: Path, model, fam, path: Path, format: str, plan: dict, opset
             f"folding the {fam.name} model's BatchNorms changes its function (float64 logits differ by "
             f"{f64['max_abs_logit_diff']:.3g}): its cost table pairs a BatchNorm with a layer it does not directly follow")
     traced = RawInput(folded, pre["mean"], pre["std"]).eval() if pre["input"] == "raw" else folded
-    proto = trace_to_onnx(traced, fam.name, opset)
+    proto = trace_to_onnx(traced, fam.name, opset, batch)
     converted = reduce_precision(proto, folded, plan) if set(plan.values()) != {"fp32"} else {}
     dedupe_constants(proto)
     compact_names(proto)
@@ -183,6 +183,7 @@ def _export_to(tmp: Path, model, fam, path: Path, format: str, plan: dict, opset
     meta = {"spikeprune.family": fam.name, "spikeprune.config": json.dumps(model.config_dict()["config"]),
             "spikeprune.T": str(cfg.T), "spikeprune.precision": precision,
             "spikeprune.weight_precision": json.dumps(plan), "spikeprune.opset": str(opset),
+            "spikeprune.batch": str(batch) if batch else "dynamic",
             "spikeprune.batchnorm_folded": json.dumps([f"{a} <- {b}" for a, b in pairs]),
             "spikeprune.preprocessing": json.dumps({k: v for k, v in pre.items()}),
             "spikeprune.input": pre["description"],
@@ -191,7 +192,7 @@ def _export_to(tmp: Path, model, fam, path: Path, format: str, plan: dict, opset
         proto.metadata_props.add(key=key, value=value)
     proto.producer_name, proto.doc_string = "spikeprune", (
         f"{fam.name} model, BatchNorm folded, LIF unrolled over T={cfg.T} steps as plain ops, {precision} weights, "
-        f"opset {opset}; dynamic batch; input: {pre['description']}")
+        f"opset {opset}; {f'batch of {batch}' if batch else 'dynamic batch'}; input: {pre['description']}")
     onnx.checker.check_model(proto)
     onnx.save(proto, str(tmp))
     size = tmp.stat().st_size
@@ -202,6 +203,7 @@ def _export_to(tmp: Path, model, fam, path: Path, format: str, plan: dict, opset
         raise SpikepruneError(f"the file holds {rec['unaccounted']:,} B of weights more than the byte count says "
                               "(an internal error: please report it)")
     report = {"path": str(path), "format": format, "precision": precision, "weight_precision": plan, "opset": opset,
+              "batch": batch,
               "exporter": EXPORTER, "family": fam.name, "T": cfg.T, "bytes": size, "batchnorm_folded": len(pairs),
               "batchnorm_unfolded": leftover, "converted": len(converted), "preprocessing": pre,
               "memory": {"measure": memory_bytes(model), "deployed": deployed_memory_bytes(model),
@@ -217,7 +219,8 @@ def _export_to(tmp: Path, model, fam, path: Path, format: str, plan: dict, opset
 def export(model: nn.Module, path, format: str = "onnx", precision=None, opset: int | None = None,
            check: bool = True, data=None, overwrite: bool = False, max_drop: float = INT8_MAX_DROP,
            keep_inaccurate: bool = False, check_images: int = CHECK_IMAGES, verbose: bool = True,
-           input: str = "raw", normalisation=None, ends: str | None = None, check_split: str = "calib") -> dict:
+           input: str = "raw", normalisation=None, ends: str | None = None, check_split: str = "calib",
+           batch: int | None = None) -> dict:
     """Write `model` (any registered family, dense or pruned) to `path` as ONNX; see the module
     docstring for what the file holds and what the check verifies.
 
@@ -225,6 +228,8 @@ def export(model: nn.Module, path, format: str = "onnx", precision=None, opset: 
       model carries (a model quantised by spikeprune.quantise or the `bitshrink` policy), else fp32.
       ends: the precision of the first conv and the head (int4 keeps them at int8 unless told).
     opset: None picks 17, or 21 when a layer is int4.
+    batch: None (the batch size is dynamic) or a fixed batch size: the graph loses the shape
+      arithmetic a dynamic batch needs (about half its bytes), and the file runs at that size only.
     input: "raw" (the file takes pixels in [0, 1]; the normalisation comes from `normalisation`, a
       dataset name or (mean, std), or from `data`) or "normalised" (the caller normalises).
     data: images for the check (a dataset spec such as "mnist5k", whose `check_split` is used --
@@ -257,13 +262,16 @@ def export(model: nn.Module, path, format: str = "onnx", precision=None, opset: 
     need_onnx(check)
     if isinstance(check_images, bool) or not isinstance(check_images, int) or check_images < 1:
         raise SpikepruneError(f"check_images must be a whole number of at least 1, got {check_images!r}")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise SpikepruneError(f"batch is None (dynamic) or a whole number of at least 1, got {batch!r}")
     if check_split not in ("calib", "test"):
         raise SpikepruneError(f"check_split is calib or test, got {check_split!r}")
     pre = _preprocessing(input, norm, model.cfg)
     _remove_stale_partials(path)
     try:
         with atomic_path(path) as tmp:  # a failed check or gate deletes the temporary: no file
-            report = _export_to(tmp, model, fam, path, format, plan, opset, check, data, check_images, pre, check_split)
+            report = _export_to(tmp, model, fam, path, format, plan, opset, check, data, check_images, pre, check_split,
+                                batch)
             if check:
                 _accuracy_gate(report, max_drop, keep_inaccurate)
             if path.exists() and not overwrite:  # appeared while we worked

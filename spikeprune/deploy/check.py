@@ -24,7 +24,17 @@ SPIKE_BUDGET = 100_000_000  # fire decisions compared per batch (bool, held by b
 LOGIT_TOLERANCE = 1e-3  # |logit difference| / (1 + max |logit|) allowed between runtimes with no spike flip
 
 
-def _batch_starts(n: int, batch_size: int) -> list[tuple[int, int]]:
+def _static_starts(n: int, batch: int) -> list[tuple[int, int]]:
+    """Whole batches of a file traced at a fixed batch size (the images beyond the last are left out)."""
+    if n < batch:
+        raise SpikepruneError(f"the file takes batches of exactly {batch} images but the check has only {n}: give "
+                              f"more check images, or a smaller batch")
+    return [(a, a + batch) for a in range(0, n - n % batch, batch)]
+
+
+def _batch_starts(n: int, batch_size: int, static: int | None = None) -> list[tuple[int, int]]:
+    if static:
+        return _static_starts(n, static)
     """A batch of one image first, then batch_size ones: the check runs two batch sizes, neither the
     traced one, so the dynamic batch dimension is exercised."""
     bounds = [0, 1] if n > 1 else [0]
@@ -33,7 +43,8 @@ def _batch_starts(n: int, batch_size: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def check_batches(data, model, split: str, n_images: int, batch_size: int, raw: bool = False):
+def check_batches(data, model, split: str, n_images: int, batch_size: int, raw: bool = False,
+                  static: int | None = None):
     """(images, labels or None) batches: a dataset spec / Dataset, a tensor of images, or None
     (random images in [0, 1] with a fixed seed). raw: a dataset's images are given back as pixels
     ((x * std + mean), what a file taking raw pixels reads); a tensor is taken as the file's input."""
@@ -42,10 +53,13 @@ def check_batches(data, model, split: str, n_images: int, batch_size: int, raw: 
         g = torch.Generator().manual_seed(0)
         n = min(n_images, RANDOM_CHECK_IMAGES)
         images = torch.rand(n, cfg.in_channels, cfg.img_size, cfg.img_size, generator=g)
-        return [(images[a:b], None) for a, b in _batch_starts(n, batch_size)], f"{n} random images"
+        n = max(n, static or 0)
+        images = torch.rand(n, cfg.in_channels, cfg.img_size, cfg.img_size, generator=g)
+        return [(images[a:b], None) for a, b in _batch_starts(n, batch_size, static)], f"{n} random images"
     if isinstance(data, torch.Tensor):
         images = data[:n_images].float()
-        return [(images[a:b], None) for a, b in _batch_starts(len(images), batch_size)], f"{len(images)} given images"
+        return ([(images[a:b], None) for a, b in _batch_starts(len(images), batch_size, static)],
+                f"{len(images)} given images")
     ds = dataset_for_model(data, model, split=split) if isinstance(data, str) else data
     n = min(len(ds), n_images)
     if n == 0:
@@ -55,7 +69,7 @@ def check_batches(data, model, split: str, n_images: int, batch_size: int, raw: 
         raise SpikepruneError("the check data does not say its normalisation (mean / std), so its raw pixels are "
                               "unknown: give a dataset spec, or a tensor of raw images")
     batches = []
-    for a, b in _batch_starts(n, batch_size):
+    for a, b in _batch_starts(n, batch_size, static):
         idx = list(range(a, b))
         if hasattr(ds, "batch"):
             images, labels = ds.batch(idx)
@@ -194,12 +208,13 @@ def check_export(path, model: nn.Module, data=None, split: str = "calib", n_imag
     precision = meta.get("precision", "fp32")
     reference, fp32 = reference_models(model, meta)
     raw = json.loads(meta.get("preprocessing") or "{}").get("input") == "raw"
-    batches, source = check_batches(data, model, split, n_images, batch_size, raw=raw)
+    static = int(meta["batch"]) if meta.get("batch", "dynamic") != "dynamic" else None
+    batches, source = check_batches(data, model, split, n_images, batch_size, raw=raw, static=static)
     sess, n_decisions = _probe_session(str(path), with_spikes=True, precision=precision)
     spikes = _SpikeComparison(reference)
     n = agree = hit_ref = hit_fp32 = hit_ort = labelled = unexplained = wrong_class_clean = 0
     max_diff_clean = 0.0
-    limit = {"images": batch_size}  # lowered after the first (one-image) batch if its spikes are many
+    limit = {"images": static or batch_size}  # lowered after the first (one-image) batch if its spikes are many
 
     def chunks():
         for images, labels in batches:
@@ -215,7 +230,7 @@ def check_export(path, model: nn.Module, data=None, split: str = "calib", n_imag
         logits, flipped = spikes.run(reference, images, outs[1:])
         if n == 0:  # every fire decision of a batch is held in memory twice: keep that near SPIKE_BUDGET
             per_image = max(1, sum(o.size for o in outs[1:]) // len(images))
-            limit["images"] = max(1, min(batch_size, SPIKE_BUDGET // per_image))
+            limit["images"] = static or max(1, min(batch_size, SPIKE_BUDGET // per_image))
         if tuple(ort_logits.shape) != tuple(logits.shape):
             raise SpikepruneError(f"the exported graph gives logits {list(ort_logits.shape)} for a batch of "
                                   f"{len(images)}, the model {list(logits.shape)}")

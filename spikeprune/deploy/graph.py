@@ -29,12 +29,12 @@ def need_onnx(check: bool):
     return onnx
 
 
-def trace_to_onnx(module: nn.Module, fam_name: str, opset: int):
+def trace_to_onnx(module: nn.Module, fam_name: str, opset: int, batch: int | None = None):
     """The module traced to ONNX at `opset` (the TorchScript exporter up to MAX_TRACE_OPSET, then
     onnx's version converter: it rewrites only ops whose signature changed)."""
     onnx = need_onnx(check=False)
     cfg = module.cfg
-    x = torch.rand(TRACE_BATCH, cfg.in_channels, cfg.img_size, cfg.img_size,
+    x = torch.rand(batch or TRACE_BATCH, cfg.in_channels, cfg.img_size, cfg.img_size,
                    generator=torch.Generator().manual_seed(0))
     buf = io.BytesIO()
     traced = min(opset, MAX_TRACE_OPSET)
@@ -42,7 +42,8 @@ def trace_to_onnx(module: nn.Module, fam_name: str, opset: int):
         with plain_ops(), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
             torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=traced, input_names=["images"],
-                              output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                              output_names=["logits"],
+                              dynamic_axes=None if batch else {"images": {0: "batch"}, "logits": {0: "batch"}},
                               do_constant_folding=True)
     except SpikepruneError:
         raise

@@ -36,8 +36,9 @@ def _bytes_lines(m: dict) -> list[str]:
 
 def format_export_report(r: dict) -> str:
     m = r["memory"]
+    batch = f"batch of {r['batch']} fixed" if r.get("batch") else "dynamic batch"
     lines = [f"wrote {r['path']}: {r['format']} opset {r['opset']}, {r['precision']} weights, {_kb(r['bytes'])} "
-             f"({r['family']}, T={r['T']} unrolled, dynamic batch; {r['exporter']})",
+             f"({r['family']}, T={r['T']} unrolled, {batch}; {r['exporter']})",
              f"input: {r['preprocessing']['description']}",
              f"BatchNorm folded into {r['batchnorm_folded']} layers"
              + (f"; not folded (no layer before them in the cost table): {', '.join(r['batchnorm_unfolded'])}"
