@@ -10,8 +10,10 @@ values, per-channel scales, zero points, BatchNorm folded. The policy, on the ca
  2. For each uniform width ratio r of the grid (--bit-ratios; every channel group loses r of its
     channels, as the `uniform` policy does), starting from every interior layer at int4: if that
     file fits the budget, the spare bytes go to int8 for the layers that lose most at int4 per byte
-    int8 costs them (from step 1), while the file still fits. The candidates are the smallest
-    ratios that fit (--bit-candidates of them): more width at 4 bits against fewer channels at 8.
+    int8 costs them (from step 1), then to the others, while the file still fits. The candidates are
+    the smallest ratios that fit (--bit-candidates of them): more width at 4 bits against fewer
+    channels at 8. Each has its BatchNorm statistics re-estimated on --bit-recal-images training
+    images (a uniform cut leaves them describing the wider model).
  3. Each candidate is scored by its calibration top-1 as the fake-quantised model (weights on their
     grid, spikeprune.quantise); with --limit-after-finetune after a short quantisation-aware
     distillation probe from the dense fp32 model (--bit-probe-steps steps: the straight-through
@@ -35,13 +37,15 @@ from ..policy_api import PolicyResult, PruneContext, register_policy
 from ..precision import BITS, FILE_PREFIX, file_weight_bytes, layer_bytes, weight_layers
 from ..quantise import apply_plan, quantisation_aware
 from ..ratios import parse_ratios, uniform_ratio_map
-from ..training import evaluate, finetune
+from ..data import make_loader
+from ..training import evaluate, finetune, recalibrate_batchnorm
 from ..units import format_bytes
 
 RATIOS = tuple(round(0.05 * i, 2) for i in range(19))  # 0 .. 0.9
 CANDIDATES = 3
 BIT_IMAGES = 200
 PROBE_STEPS = 30
+RECAL_IMAGES = 512  # training images for re-estimating BatchNorm after a uniform cut
 
 
 def _options(options: dict) -> dict:
@@ -50,8 +54,10 @@ def _options(options: dict) -> dict:
         return default if v is None else v
     s = {"ratios": list(parse_ratios(get("bit_ratios", ",".join(f"{r:g}" for r in RATIOS)), "--bit-ratios")),
          "candidates": int(get("bit_candidates", CANDIDATES)), "bit_images": int(get("bit_images", BIT_IMAGES)),
-         "probe_steps": int(get("bit_probe_steps", PROBE_STEPS))}
-    for k, flag in (("candidates", "--bit-candidates"), ("bit_images", "--bit-images"), ("probe_steps", "--bit-probe-steps")):
+         "probe_steps": int(get("bit_probe_steps", PROBE_STEPS)),
+         "recal_images": int(get("bit_recal_images", RECAL_IMAGES))}
+    for k, flag in (("candidates", "--bit-candidates"), ("bit_images", "--bit-images"), ("probe_steps", "--bit-probe-steps"),
+                    ("recal_images", "--bit-recal-images")):
         if s[k] < 1:
             raise SpikepruneError(f"{flag} must be a whole number >= 1, got {s[k]}")
     return s
@@ -64,6 +70,8 @@ def _add_args(g) -> None:
                    help=f"bitshrink: the N smallest fitting ratios are scored (default {CANDIDATES})")
     g.add_argument("--bit-images", type=int, default=None, metavar="N",
                    help=f"bitshrink: calibration images of the per-layer int4 sensitivity (default {BIT_IMAGES})")
+    g.add_argument("--bit-recal-images", type=int, default=None, metavar="N",
+                   help=f"bitshrink: training images for re-estimating BatchNorm after a cut (default {RECAL_IMAGES})")
     g.add_argument("--bit-probe-steps", type=int, default=None, metavar="N",
                    help=f"bitshrink with --limit-after-finetune: quantisation-aware distillation steps per candidate "
                         f"(default {PROBE_STEPS})")
@@ -113,13 +121,21 @@ def _plan_within(model, budget: int, drop: dict[str, float]) -> dict[str, str] |
     if total > budget:
         return None
     extra = {r.name: layer_bytes(r, "int8")["bytes"] - layer_bytes(r, "int4")["bytes"] for r in rows[1:-1]}
-    for name in sorted(extra, key=lambda n: (-max(drop.get(n, 0.0), 0.0) / max(extra[n], 1), n)):
-        if drop.get(name, 0.0) <= 0:
-            break  # int4 costs this layer nothing measurable: bytes are better spent on width
+    # the layers int4 hurts most per byte first; then, with bytes to spare under the budget (the
+    # ratio grid is coarse), the rest, smallest first: a spare byte left unused buys nothing
+    order = sorted(extra, key=lambda n: (-max(drop.get(n, 0.0), 0.0) / max(extra[n], 1), extra[n], n))
+    for name in order:
         if total + extra[name] <= budget:
             plan[name] = "int8"
             total += extra[name]
     return plan
+
+
+def _recalibration_batches(ctx: PruneContext, n: int) -> list:
+    """`n` training images (no augmentation), as batches, for re-estimating BatchNorm after a cut."""
+    train = ctx.dataset("train")
+    loader = make_loader(_subset(train, n), batch_size=min(64, ctx.batch_size))
+    return [images for images, _ in loader]
 
 
 def _probe(ctx: PruneContext, model, plan, steps: int):
@@ -164,9 +180,13 @@ def bitshrink(ctx: PruneContext) -> PolicyResult:
         fitting = [(r, model, plan)]
         ctx.log(f"bitshrink: no ratio of the grid fits {budget:,} B at int4; the narrowest ({r:g}) is taken")
     after = ctx.limit_after_finetune
+    recal = _recalibration_batches(ctx, S["recal_images"])
     rows, best = [], None
     for r, model, plan in fitting:
-        q = apply_plan(copy.deepcopy(model), plan)
+        model = copy.deepcopy(model)
+        if r > 0:  # a uniform cut leaves every BatchNorm's statistics describing the wider model
+            ctx.images_evaluated += recalibrate_batchnorm(model, recal, device=ctx.device)
+        q = apply_plan(model, plan)
         before = ctx.calib_top1(q)
         top1 = before
         if after:
