@@ -173,7 +173,7 @@ def to_markdown(doc: dict) -> str:
         lines += [f"## {m['model']} on {m['data']} ({m['test_images']} test images; dense fp32 weights "
                   f"{m['dense_fp32_weight_bytes']:,} B)", "",
                   "| row | weights | weight bytes | share of dense fp32 | graph bytes | file bytes | test top-1 | "
-                  "ONNX agreement | ONNX top-1 | aim |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "ONNX agreement (checked images) | ONNX top-1 (checked images) | aim |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in m["rows"]:
             if "error" in r:
                 lines.append(f"| {r['row']} | - | - | - | - | - | {r['error']} | - | - | - |")
@@ -189,7 +189,8 @@ def to_markdown(doc: dict) -> str:
                          f"{r['se_points']:.2f} | {100 * c['class_agreement']:.2f}% of {c['images']} | "
                          f"{100 * c['top1_onnx']:.2f}% ({c['images_with_flips']} with flips) | {aim} |")
         lines.append("")
-    lines += [f"Wall time: {doc['wall_s']:.0f} s.", ""]
+    lines += [f"Wall time of this session: {doc['wall_s']:.0f} s (runs resumed from the work folder are not re-timed; "
+              "their run folders' report.md give their own costs).", ""]
     return "\n".join(lines)
 
 
