@@ -136,7 +136,7 @@ def bench_pair_cuda(name, dense, pruned, how, repeats: int, warmup: int, tmp: Pa
 
         for tag, model in models.items():
             path = tmp / f"{tag}.onnx"
-            export(model.cpu(), path, check=False, overwrite=True, verbose=False)
+            export(model.cpu(), path, check=False, force=True, progress=False, input="normalised")
             model.to(dev)
             sessions[tag] = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider"])
     for batch in (1, 8, 64):
@@ -262,7 +262,7 @@ def bench_pair(name, dense, pruned, how, threads: int, repeats: int, warmup: int
     runners = {}
     for tag, model in (("dense", dense), ("pruned", pruned)):
         path = tmp / f"{tag}.onnx"
-        export(model, path, check=False, force=True, progress=False)
+        export(model, path, check=False, force=True, progress=False, input="normalised")
         runners[tag] = (model, _ort_session(str(path), threads))
     c = dense.cfg
     res = {"model": name, "pruned_how": how, "macs": {}, "params": {}, "batches": {}}

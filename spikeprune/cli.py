@@ -44,6 +44,7 @@ from .deploy import (CHECK_IMAGES, DEFAULT_OPSET, FORMATS, INT8_MAX_DROP, MAX_OP
                      format_export_report)
 from .errors import SpikepruneError
 from .data_install import register_cli as register_data
+from . import deploy
 from .importance import CRITERIA
 from .inspect import format_report, inspect_model
 from .models import create_model, list_models, preset_summary
@@ -113,7 +114,8 @@ GRAMMAR = {
                       "--finetune-epochs", "--kd", "--kd-weight", "--kd-temperature", "--finetune-lr",
                       "--finetune-batch-size", "--limit-after-finetune", "--latency-repeats")),
     "export": Grammar(frozenset({"any", "runs", "model", "trained", "data", "writes", "prints"}),
-                      ("--format", "--precision", "--opset", "--no-check", "--max-drop", "--keep-inaccurate")),
+                      ("--format", "--precision", "--ends", "--opset", "--batch", "--input", "--normalisation",
+                       "--check-split", "--no-check", "--max-drop", "--keep-inaccurate")),
     "data": Grammar(frozenset({"any", "writes"}), ("--from",)),  # installs a data set; runs no model
 }
 # Old spellings: they work for one version with a warning (validation.REMOVED_IN says which).
@@ -923,19 +925,33 @@ def register_measure(subparsers) -> None:
 # ------------------------------------------------------------------------------------------------
 # spikeprune export
 # ------------------------------------------------------------------------------------------------
-EXPORT_HELP = "write the model as an ONNX file (BatchNorm folded, LIF unrolled, fp32 / fp16 / int8) and check it"
+EXPORT_HELP = ("write the model as an ONNX file (BatchNorm folded, LIF unrolled, fp32 / fp16 / int8 / int4 weights, "
+               "raw-pixel input) and check it")
+
+
+def _points(text: str) -> float:
+    """An argparse type: a finite, non-negative number of top-1 points (NaN is refused here, not at the gate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of top-1 points, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")) or value < 0:
+        raise argparse.ArgumentTypeError(f"a finite, non-negative number of top-1 points, got {text!r}")
+    return value
 
 
 def cmd_export(args) -> int:
     _require_output(args, "export")
-    caps = _caps(args, ("calib",))
+    caps = _caps(args, ("calib", "test"))
     if args.legacy_check_images is not None:
-        caps.setdefault("calib", args.legacy_check_images)
+        caps.setdefault(args.check_split, args.legacy_check_images)
     model = resolve_model(args)
     data = choose_data(args, model) if args.data is not None else None  # None: random images, no accuracy
-    report = export(model, args.output, format=args.format, precision=args.precision, opset=args.opset,
-                    check=not args.no_check, data=data, force=args.force, max_drop=args.max_drop,
-                    keep_inaccurate=args.keep_inaccurate, max_images=caps.get("calib", CHECK_IMAGES), progress=False)
+    report = deploy.export(model, args.output, format=args.format, precision=args.precision, opset=args.opset,
+                           check=not args.no_check, data=data, force=args.force, max_drop=args.max_drop,
+                           keep_inaccurate=args.keep_inaccurate, max_images=caps.get(args.check_split, CHECK_IMAGES),
+                           progress=False, input=args.input, normalisation=args.normalisation, ends=args.ends,
+                           check_split=args.check_split, batch=args.batch)
     if args.json:
         print_json(report)
     else:
@@ -947,26 +963,42 @@ def register_export(sub) -> None:
     p = sub.add_parser(
         "export", help=EXPORT_HELP,
         description="Export a model (dense or pruned, any family) to ONNX: BatchNorm folded into the layer before "
-                    "it, the LIF unrolled over T as plain ops, T fixed, batch size dynamic. Unless --no-check, ONNX "
-                    "Runtime is compared with PyTorch on the calibration split of --data (predicted classes, spike "
-                    "decisions, a float64 comparison) before the file is moved into place; an fp16 / int8 file that "
-                    "loses more than --max-drop points of top-1 is refused.", formatter_class=HelpFormatter)
+                    "it, the LIF unrolled over T as plain ops, T fixed, batch size dynamic, the input normalisation "
+                    "in the graph (the file takes raw pixels in [0, 1]). Unless --no-check, ONNX Runtime is compared "
+                    "with PyTorch (the fake-quantised model for reduced precision) on the calibration split of --data "
+                    "(predicted classes, spike decisions, a float64 comparison) before the file is moved into place; "
+                    "a reduced-precision file that loses more than --max-drop points of top-1 is refused.",
+        formatter_class=HelpFormatter)
     add_model_args(p, trained=True)
-    add_data_args(p, f"calib: images the check runs on, default {CHECK_IMAGES}",
+    add_data_args(p, f"calib (or test, with --check-split test): images the check runs on, default {CHECK_IMAGES}",
                   None, "random images: the function is checked, not accuracy")
     add_common_args(p)
     add_output_args(p, "FILE", "the file to write, e.g. model.onnx", "replace FILE if it exists")
     add_json_arg(p, "the report")
     p.add_argument("--format", default="onnx", choices=FORMATS, help="file format")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="weights: fp32, fp16 (Cast), or int8 per output channel (DequantizeLinear)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                   help=f"ONNX opset ({MIN_OPSET['fp32']}-{MAX_OPSET}, int8 from {MIN_OPSET['int8']})")
+    p.add_argument("--precision", default=None, choices=deploy.PRECISIONS,
+                   help="weights: fp32, fp16 (Cast), int8 or int4 per output channel (DequantizeLinear; int4 packed, "
+                        "opset 21) (default: the plan a quantised model carries, else fp32)")
+    p.add_argument("--ends", default=None, choices=deploy.PRECISIONS,
+                   help="precision of the first conv and the head (default: int8 under --precision int4, else as "
+                        "--precision)")
+    p.add_argument("--opset", type=int, default=None,
+                   help=f"ONNX opset ({MIN_OPSET['fp32']}-{MAX_OPSET}, int8 from {MIN_OPSET['int8']}, int4 from "
+                        f"{MIN_OPSET['int4']}; default {DEFAULT_OPSET}, {deploy.INT4_OPSET} with int4 weights)")
+    p.add_argument("--batch", type=_count(1), default=None, metavar="N",
+                   help="a fixed batch size: a graph about half as large (no shape arithmetic), that runs at N "
+                        "images only (default: dynamic)")
+    p.add_argument("--input", default="raw", choices=deploy.INPUTS,
+                   help="what the file takes: raw pixels in [0, 1] (the normalisation in the graph) or images "
+                        "normalised by the caller")
+    p.add_argument("--normalisation", default=None, metavar="DATASET",
+                   help="the dataset whose mean / std the model was trained with (default: that of --data)")
+    p.add_argument("--check-split", default="calib", choices=("calib", "test"), help="the split of --data the check runs on")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime check")
-    p.add_argument("--max-drop", type=float, default=INT8_MAX_DROP,
-                   help="top-1 points an fp16 / int8 file may lose against fp32")
+    p.add_argument("--max-drop", type=_points, default=INT8_MAX_DROP,
+                   help="top-1 points a reduced-precision file may lose against fp32, counted in images")
     p.add_argument("--keep-inaccurate", action="store_true",
-                   help="keep an fp16 / int8 file whose top-1 falls more than --max-drop below fp32 (with a warning)")
+                   help="keep a reduced-precision file whose top-1 falls more than --max-drop below fp32 (with a warning)")
     add_deprecated(p, "export", "--check-images", "legacy_check_images", type=_count(1))
     p.set_defaults(func=cmd_export)
 

@@ -11,7 +11,9 @@ Definitions (they are also returned in `notes`, so every report carries them):
   preceding weights at inference and are not counted.
 * Weight memory: fp32 = 4 B and fp16 = 2 B per parameter; int8 = 1 B per Conv/Linear weight with
   biases and BatchNorm affine parameters kept at fp32 (4 B), the usual int8 deployment.
-  Quantisation scales are not counted.
+  Quantisation scales are not counted. The exported file's bytes (`file_bytes`, per layer at each
+  precision and in total) are counted by spikeprune.precision: BatchNorm folded, int8 / int4 with
+  their per-channel scales and zero points, int4 packed two to a byte.
 * MACs per image for one forward over all T time steps, as the reference code executes them:
   Conv k^2 * H_out * W_out * C_in * C_out, Linear in * out per token, each run T times; the head
   runs once on the time- and token-averaged features; attention 2 * N * d_qk * d_v per head and step,
@@ -45,6 +47,7 @@ from torch.utils.data import DataLoader, Subset
 from .data import dataset_for_model
 from .errors import SpikepruneError
 from .models import get_family
+from .precision import FILE_PREFIX, WEIGHT_PRECISIONS, file_weight_bytes, format_plan_bytes, layer_bytes, model_plan
 from .serialization import check_finite
 from .structure import Layer
 from .units import format_bytes, format_count
@@ -121,6 +124,28 @@ def deployed_memory_bytes(model_or_config) -> dict:
         out["fp32"] += 4 * (r.weights + biases)
         out["fp16"] += 2 * (r.weights + biases)
         out["int8"] += r.weights + 4 * biases + 4 * channels + channels
+    return out
+
+
+def budget_bytes(model_or_config, precision: str) -> int:
+    """The bytes a memory budget counts at `precision`: fp32 / fp16 / int8 as memory_bytes
+    (parameter counting); file-<p> the exported file's weight bytes (spikeprune.precision: BatchNorm
+    folded, int4 packed, scales and zero points), at the model's own plan when it carries one
+    (a quantised model), else every layer at <p> (int4: first conv and head at int8)."""
+    if precision.startswith(FILE_PREFIX):
+        plan = model_plan(model_or_config)
+        return int(file_weight_bytes(model_or_config, plan or precision[len(FILE_PREFIX):])["total"])
+    return int(memory_bytes(model_or_config)[precision])
+
+
+def file_bytes_summary(model) -> dict:
+    """The exported file's weight bytes: at each uniform precision (int4 with int8 ends), and at the
+    model's own plan ("plan": bytes by precision, the share of weights at each bit width)."""
+    out = {p: int(file_weight_bytes(model, p)["total"]) for p in WEIGHT_PRECISIONS}
+    fb = file_weight_bytes(model)
+    out["plan"] = {"total": int(fb["total"]), "by_precision": fb["by_precision"],
+                   "share_of_weights": fb["share_of_weights"], "bits_per_weight": fb["bits_per_weight"],
+                   "quantised": model_plan(model) is not None}
     return out
 
 
@@ -357,8 +382,10 @@ def measure(model, data=None, device="cpu", max_images: int = 256, batch_size: i
         model.to(home).train(was_training)
 
     notes = [*get_family(model).cost_notes, *NOTES]
-    layers = [_layer_row(r, rates if data is not None else None, cfg.T, notes) for r in table]
+    plan = file_weight_bytes(model)["plan"]
+    layers = [_layer_row(r, rates if data is not None else None, cfg.T, notes, plan) for r in table]
     total = _totals(layers, cfg.T, n_rate_images, with_rates=data is not None)
+    total["file_bytes"] = file_bytes_summary(model)
     if data is None:
         notes.append("no data given: SOPs and energy need firing rates (pass data=..., or --data on the command line)")
     if times is not None:
@@ -379,9 +406,12 @@ def _checked_rates(model, table, batches, dev) -> tuple[dict, int]:
     return rates, n
 
 
-def _layer_row(r, rates: dict | None, T: int, notes: list) -> dict:
-    """One layer's costs; SOPs and energy from the firing rates (None without them)."""
+def _layer_row(r, rates: dict | None, T: int, notes: list, plan: dict) -> dict:
+    """One layer's costs; SOPs and energy from the firing rates (None without them); the bytes its
+    weights take in an exported file at each precision, and the precision `plan` gives it."""
     row = {"name": r.name, "type": r.type, "params": r.params, "memory_bytes": r.memory_bytes(),
+           "file_bytes": ({p: layer_bytes(r, p)["bytes"] for p in WEIGHT_PRECISIONS} | {"precision": plan[r.name]}
+                          if r.weight_shape else None),
            "macs": r.macs, "input": r.input, "op": "AC" if r.input == "spikes" else "MAC",
            "input_rate": None, "sops": None, "energy_mj": None}
     if rates is None:
@@ -407,7 +437,8 @@ def _totals(layers: list[dict], T: int, n_rate_images: int, with_rates: bool) ->
     if with_rates:
         total["sops"] = sum(row["sops"] for row in layers if row["sops"] is not None)
         total["energy_mj"] = sum(row["energy_mj"] for row in layers)
-        total["mean_input_rate"] = total["sops"] / sum(row["macs"] for row in layers if row["op"] == "AC")
+        fed_spikes = sum(row["macs"] for row in layers if row["op"] == "AC")
+        total["mean_input_rate"] = total["sops"] / fed_spikes if fed_spikes else None  # None: no layer reads spikes
     return total
 
 
@@ -439,6 +470,13 @@ def format_report(report: dict) -> str:
               f"memory     fp32 {m['fp32'] / 1e6:.3f} MB | fp16 {m['fp16'] / 1e6:.3f} MB | "
               f"int8 {m['int8'] / 1e6:.3f} MB",
               f"MACs       {t['macs'] / 1e9:.4f} G per image (T={t['T']})"]
+    f = t.get("file_bytes")
+    if f:
+        lines.append(f"file       fp32 {f['fp32'] / 1e6:.3f} MB | fp16 {f['fp16'] / 1e6:.3f} MB | int8 {f['int8'] / 1e6:.3f} MB | "
+                     f"int4 {f['int4'] / 1e6:.3f} MB (the exported file's weights: BatchNorm folded, scales and zero "
+                     "points, int4 packed with the first conv and head at int8)")
+        if f["plan"]["quantised"]:
+            lines.append(f"this model's weights: {format_plan_bytes(f['plan'])}")
     if t["sops"] is not None:
         lines += [f"SOPs       {t['sops'] / 1e9:.4f} G per image (mean input rate {t['mean_input_rate']:.3f}, "
                   f"{t['rate_images']} images)",

@@ -153,6 +153,11 @@ class ImageDataset(Dataset):
             x = self._augmentation()(x)
         return (x - self.mean) / self.std, self.labels[indices]
 
+    def pixels(self, indices) -> torch.Tensor:
+        """The raw images [B, C, H, W], float in [0, 1], before normalisation and augmentation (what
+        an exported file taking raw pixels reads)."""
+        return self._pixels([int(i) for i in indices])
+
     def _pixels(self, indices: list[int]) -> torch.Tensor:  # float [B, C, size, size] in [0, 1]
         raise NotImplementedError
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from torch import nn
 
 from .coupling import groups as model_groups
-from .costs import count_macs, count_params, deployed_memory_bytes, memory_bytes
+from .costs import count_macs, count_params, deployed_memory_bytes, file_bytes_summary, memory_bytes
+from .precision import file_weight_bytes, format_plan_bytes
 from .models import build_from_config
 from .record import PruningRecord
 
@@ -30,7 +31,7 @@ def _layers(model: nn.Module) -> dict[str, dict]:
 def _totals(model: nn.Module) -> dict:
     return {"params": int(count_params(model)), "memory_bytes": {k: int(v) for k, v in memory_bytes(model).items()},
             "deployed_bytes": {k: int(v) for k, v in deployed_memory_bytes(model).items() if k != "params"},
-            "macs": int(count_macs(model))}
+            "file_bytes": file_bytes_summary(model), "macs": int(count_macs(model))}
 
 
 def inspect_model(model: nn.Module) -> dict:
@@ -43,6 +44,7 @@ def inspect_model(model: nn.Module) -> dict:
     dense_layers = _layers(dense)
     now, ref = _totals(model), _totals(dense)
     cfg = model.cfg
+    stored = {row["name"]: row for row in file_weight_bytes(model)["layers"]}  # at the model's own precision
     return {
         "family": model.family,
         "input": [cfg.in_channels, cfg.img_size, cfg.img_size],
@@ -54,7 +56,9 @@ def inspect_model(model: nn.Module) -> dict:
                     "dense_size": dense_groups[g.name].size, "params": g.params,
                     "dense_params": dense_groups[g.name].params, "cuts": g.cuts()} for g in model_groups(model)],
         "layers": [{"name": n, **d, "dense_in": dense_layers[n]["in"], "dense_out": dense_layers[n]["out"],
-                    "dense_params": dense_layers[n]["params"]} for n, d in _layers(model).items()],
+                    "dense_params": dense_layers[n]["params"],
+                    "precision": stored[n]["precision"] if n in stored else None,
+                    "file_bytes": stored[n]["bytes"] if n in stored else None} for n, d in _layers(model).items()],
         "total": now,
         "dense_total": ref,
         "kept_fraction": {"params": now["params"] / ref["params"], "macs": now["macs"] / max(ref["macs"], 1)},
@@ -81,10 +85,12 @@ def format_report(r: dict) -> str:
     for g in r["groups"]:
         lines.append(f"{g['name']:22s} {g['unit']:8s} {g['size']:6d} {g['dense_size']:6d} "
                      f"{g['size'] / g['dense_size']:6.0%} {_human(g['params']):>10s}  cuts {', '.join(g['cuts'])}")
-    lines += ["", f"{'layer':34s} {'type':7s} {'in x out (now)':>16s} {'in x out (dense)':>17s} {'params':>9s}"]
+    lines += ["", f"{'layer':34s} {'type':7s} {'in x out (now)':>16s} {'in x out (dense)':>17s} {'params':>9s} "
+                  f"{'weights':>7s} {'file B':>9s}"]
     for ly in r["layers"]:
         lines.append(f"{ly['name']:34s} {ly['type']:7s} {str(ly['in']) + ' x ' + str(ly['out']):>16s} "
-                     f"{str(ly['dense_in']) + ' x ' + str(ly['dense_out']):>17s} {_human(ly['params']):>9s}")
+                     f"{str(ly['dense_in']) + ' x ' + str(ly['dense_out']):>17s} {_human(ly['params']):>9s} "
+                     f"{ly.get('precision') or '-':>7s} {_human(ly['file_bytes']) if ly.get('file_bytes') else '-':>9s}")
     t, d = r["total"], r["dense_total"]
     lines += [
         "",
@@ -93,6 +99,10 @@ def format_report(r: dict) -> str:
         f"memory int8 {t['memory_bytes']['int8']:>14,d} B dense {d['memory_bytes']['int8']:>14,d} B",
         f"deployed    fp32 {t['deployed_bytes']['fp32']:,} B, int8 {t['deployed_bytes']['int8']:,} B "
         "(BatchNorm folded, int8 with scales: the weights `spikeprune export` writes)",
+        f"file        fp32 {t['file_bytes']['fp32']:,} B, fp16 {t['file_bytes']['fp16']:,} B, int8 "
+        f"{t['file_bytes']['int8']:,} B, int4 {t['file_bytes']['int4']:,} B (int4 packed, first conv and head at int8)",
+        f"this model  {format_plan_bytes(t['file_bytes']['plan'])}"
+        + ("" if t["file_bytes"]["plan"]["quantised"] else " (not quantised)"),
         f"MACs/image  {t['macs']:>14,d}   dense {d['macs']:>14,d}   ({r['kept_fraction']['macs']:.1%} kept)",
     ]
     lines += [f"note: {n}" for n in r["notes"]]

@@ -65,7 +65,7 @@ from .data import dataset_for_model
 from .errors import SpikepruneError
 from .coupling import groups as model_groups
 from .importance import needs_data, scores
-from .costs import memory_bytes
+from .costs import budget_bytes
 from .models import get_family
 from .plots import FIGSIZE, label_points, limit_line, new_figure, save_figure
 from .sensitivity import SensitivityTable, analyze
@@ -90,7 +90,8 @@ class Constraints:
     max_acc_drop   points of top-1 the pruned model may lose against the dense model
     target_saving  fraction of the dense memory to save, in (0, 1), or None
     memory_budget  bytes (an int, or a string such as "8MB" / "2MiB"), or None
-    precision      fp32 | fp16 | int8: what the memory is counted at
+    precision      fp32 | fp16 | int8 (parameters) or file-fp32 ... file-int4 (the exported file's
+                   weight bytes, spikeprune.precision): what the memory is counted at
     Set by resolve (None before): dense_bytes, min_bytes (every group at its minimum width),
     budget_bytes (the one budget the targets amount to, or None without a memory target).
     """
@@ -205,7 +206,7 @@ def minimum_memory(model: nn.Module, precision: str, round_to: int = 1) -> int:
     counts = {name: len(idx) for name, idx in minimum_kept(model_groups(model), round_to).items()}
     with torch.device("meta"):
         tiny = get_family(model).resize(model, counts)
-    return int(memory_bytes(tiny)[precision])
+    return budget_bytes(tiny, precision)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -508,7 +509,7 @@ class PruneContext:
 
     def memory(self, model: nn.Module, precision: str | None = None) -> int:
         """Weight memory of `model` in bytes at `precision` (default: the constraints')."""
-        return int(memory_bytes(model)[precision or self.constraints.precision])
+        return budget_bytes(model, precision or self.constraints.precision)
 
     @property
     def dense_memory(self) -> int:

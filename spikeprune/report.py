@@ -268,7 +268,15 @@ def _results_section(s: dict) -> list[str]:
         dep = final["deployed_bytes"]
         lines.append(f"Deployed weights (BatchNorm folded into the layer before it, as `spikeprune export` writes them; "
                      f"int8 with its per-channel scales and zero points; the graph itself adds a little): "
-                     f"fp32 {format_bytes(dep['fp32'])}, fp16 {format_bytes(dep['fp16'])}, int8 {format_bytes(dep['int8'])}.")
+                     f"fp32 {format_bytes(dep['fp32'])}, fp16 {format_bytes(dep['fp16'])}, int8 {format_bytes(dep['int8'])}"
+                     + (f", int4 {format_bytes(final['file_bytes']['int4'])} (packed; first conv and head at int8)"
+                        if final.get("file_bytes") else "") + ".")
+        plan = (final.get("file_bytes") or {}).get("plan")
+        if plan and plan["quantised"]:  # a model whose weights are on a per-layer precision grid
+            held = ", ".join(f"{p} {format_bytes(b)} ({plan['share_of_weights'][p]:.1%} of the weights)"
+                             for p, b in plan["by_precision"].items() if b)
+            lines.append(f"This model's weights as its file holds them: {format_bytes(plan['total'])} ({held}; "
+                         f"{plan['bits_per_weight']:.2f} bits per weight).")
     if s.get("finetune"):
         ft = s["finetune"]
         lines.append(f"Fine-tuning: {plural(ft['epochs'], 'epoch')}, lr {ft['lr']:g}"

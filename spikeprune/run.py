@@ -28,6 +28,7 @@ checkpoint and log line (at most every few seconds).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import fcntl
@@ -49,7 +50,7 @@ from .errors import SpikepruneError
 from .coupling import groups as model_groups
 from .hashing import fingerprint, model_hash
 from .importance import get as get_importance
-from .costs import deployed_memory_bytes, interleaved_latency, measure
+from .costs import budget_bytes, deployed_memory_bytes, interleaved_latency, measure
 from .policy_api import Constraints, PolicyResult, PolicySpec, PruneContext, get_policy, policies
 from .ratios import DEFAULT_SENSITIVITY_RATIOS, UNIFORM_GRID, parse_ratios
 from .record import PruningRecord
@@ -61,6 +62,8 @@ from .training import evaluate, finetune
 from .validation import (FinetuneSettings, check_finite, check_writable, drop_within, max_images_per_split, number,
                          whole)
 from .validation import device as check_device, renamed_arguments
+from .precision import FILE_PRECISIONS, model_plan
+from .quantise import apply_plan, quantisation_aware
 
 RUN_FORMAT = "spikeprune-run"
 RUN_VERSION = 2  # 2: typed pruning record, one settings object (version 1 folders are refused)
@@ -489,10 +492,15 @@ def _finetune(ctx: PruneContext, pruned: nn.Module) -> nn.Module:
     # Without caps the spec goes to train() as it always did; with caps the capped splits do.
     data, val = ((ctx.dataset("train", augment=True), ctx.calib) if caps.get("train") or caps.get("calib")
                  else (ctx.data, None))
-    model, history = finetune(
-        copy.deepcopy(pruned), data, f.epochs, teacher=ctx.model if f.kd else None, val_data=val,
-        device=ctx.device, seed=ctx.seed, workers=ctx.workers, output=ctx.run_dir / "steps" / "finetune",
-        resume=True, progress=ctx.progress, **f.train_kwargs())
+    student = copy.deepcopy(pruned)
+    plan = model_plan(pruned)  # a model with quantised weights is fine-tuned quantisation-aware, kept on its grid
+    with quantisation_aware(student, plan) if plan else contextlib.nullcontext():
+        model, history = finetune(
+            student, data, f.epochs, teacher=ctx.model if f.kd else None, val_data=val,
+            device=ctx.device, seed=ctx.seed, workers=ctx.workers, output=ctx.run_dir / "steps" / "finetune",
+            resume=True, progress=ctx.progress, **f.train_kwargs())
+    if plan:
+        model = apply_plan(model, plan)  # the same object as student unless train() returned another
     model.eval()
     model.pruning = pruned.pruning  # fine-tuning changes weights, not what was pruned
     ctx.checkpoint("finetune_history", {"history": _jsonable(history), "wall_s": time.perf_counter() - t0})
@@ -518,9 +526,10 @@ def _measure_model(ctx: PruneContext, model: nn.Module, name: str) -> dict:
         latency=False), f"measuring the {name} model")
     t = m["total"]
     out = {"top1": acc["top1"], "top5": acc["top5"], "images": int(acc["n"]), "params": int(t["params"]),
-           "memory_bytes": {k: int(v) for k, v in t["memory_bytes"].items()},
+           "memory_bytes": {**{k: int(v) for k, v in t["memory_bytes"].items()},
+                            **{p: budget_bytes(model, p) for p in FILE_PRECISIONS}},  # what file-* budgets count
            "deployed_bytes": {k: int(v) for k, v in deployed_memory_bytes(model).items() if k != "params"},
-           "macs": int(t["macs"]), "sops": t.get("sops"), "energy_mj": t.get("energy_mj"),
+           "file_bytes": t["file_bytes"], "macs": int(t["macs"]), "sops": t.get("sops"), "energy_mj": t.get("energy_mj"),
            "latency_ms": t.get("latency_ms")}
     ctx.checkpoint(f"measure_{name}", out)
     return out

@@ -201,6 +201,8 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, extra: dict | No
     extra = dict(extra or {})
     if isinstance(getattr(model, "pruning", None), PruningRecord):
         meta["pruning"] = model.pruning.to_dict()  # what was kept of the dense model: inspect and replay read it
+    if getattr(model, "weight_precision", None):  # the per-layer precision a quantised model's weights are on
+        meta["weight_precision"] = dict(model.weight_precision)
     if extra:
         meta["extra"] = extra
     folder_io = _FOLDER_IO.get(meta.get("family"))
@@ -318,6 +320,10 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu") -> torch.nn.M
     if meta.get("pruning") is not None:
         model.pruning = PruningRecord.from_dict(meta["pruning"])
         _check_record_fits(model, model.pruning, path)
+    if meta.get("weight_precision"):
+        if not isinstance(meta["weight_precision"], dict):
+            raise SpikepruneError(f"{path}/{CONFIG_NAME}: 'weight_precision' must map layers to precisions")
+        model.weight_precision = dict(meta["weight_precision"])
     return model
 
 

@@ -6,7 +6,7 @@ the command line, `lr` in Python), so a bad value reads the same wherever it com
     whole(name, value, minimum)          a whole number >= minimum (bool refused)
     number(name, value, low, high, ...)  a finite number in a range (NaN / Inf refused)
     device(value)                        cpu, cuda or cuda:N
-    precision(value)                     fp32, fp16 or int8 (PRECISIONS)
+    precision(value)                     fp32, fp16, int8 or file-* (PRECISIONS)
     max_images(value, name)              None (no cap) or a positive whole number of images
     check_finite(weights, source)        no NaN / Inf in a state dict or a model
     check_writable(path, what, folder)   the place an output goes can be written, tried before any work
@@ -38,7 +38,9 @@ import torch
 
 from .errors import SpikepruneError
 
-PRECISIONS = ("fp32", "fp16", "int8")
+# file-*: the bytes of the exported file's weights at that precision (spikeprune.precision counts them)
+FILE_PRECISIONS = ("file-fp32", "file-fp16", "file-int8", "file-int4")
+PRECISIONS = ("fp32", "fp16", "int8", *FILE_PRECISIONS)
 SPLITS = ("train", "calib", "test")
 REMOVED_IN = "0.4"  # the version in which deprecated spellings stop working
 

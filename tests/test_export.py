@@ -17,11 +17,18 @@ ort = pytest.importorskip("onnxruntime")
 from spiking_helpers import randomise  # noqa: E402
 
 from spikeprune import deploy as ex  # noqa: E402
+from spikeprune.deploy import check as check_module  # noqa: E402
 from spikeprune.errors import SpikepruneError  # noqa: E402
 from spikeprune.costs import layer_table, memory_bytes  # noqa: E402
 from spikeprune.models import create_model, register_family  # noqa: E402
 from spikeprune.neuron import lif_multistep, lif_plain_ops, plain_ops  # noqa: E402
 from spikeprune.surgery import prune  # noqa: E402
+
+
+def _export(model, path, **kw):
+    """export() with the file taking normalised images (the tests compare it with the model on the same
+    tensors); the raw-pixel input has tests of its own."""
+    return ex.export(model, path, **{"input": "normalised", **kw})
 
 
 def _tiny(seed=0, **overrides):
@@ -114,7 +121,7 @@ def test_onnx_runtime_matches_pytorch(tmp_path, pruned):
     if pruned:
         model = prune(model, {"block*.mlp.hidden": 0.5, "residual": 0.25, "block0.attn.heads": 0.5}).eval()
     path = tmp_path / "m.onnx"
-    report = ex.export(model, path, opset=13, max_images=24, progress=False)
+    report = _export(model, path, opset=13, max_images=24, progress=False)
     assert report["bytes"] == path.stat().st_size and report["batchnorm_folded"] > 0
     _assert_file_matches(model, path, report, 13)
     assert _listing(tmp_path) == ["m.onnx"]  # no temporary left
@@ -135,7 +142,7 @@ def test_another_family_exports(tmp_path):
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.bias.copy_(torch.rand(m.num_features, generator=g) * 2)
     path = tmp_path / "mixer.onnx"
-    report = ex.export(model, path, max_images=16, progress=False)
+    report = _export(model, path, max_images=16, progress=False)
     assert report["family"] == "test-mixer" and report["batchnorm_folded"] == 3 == sum(
         1 for r in layer_table(model) if r.bn)
     _assert_file_matches(model, path, report, ex.DEFAULT_OPSET)
@@ -147,7 +154,7 @@ def test_another_family_exports(tmp_path):
 def test_int8_file_holds_the_accounted_bytes(tmp_path):
     model = _tiny(embed_dim=32, num_heads=4)
     path = tmp_path / "m8.onnx"
-    report = ex.export(model, path, precision="int8", check=False, progress=False)
+    report = _export(model, path, precision="int8", check=False, progress=False)
     proto = onnx.load(str(path))
     table = [r for r in layer_table(model) if r.weight_shape]
     channels = sum(r.weight_shape[0] for r in table)
@@ -185,27 +192,26 @@ def test_reduced_precision_accuracy_gate(tmp_path, trained_tiny, monkeypatch):
     # this 24-wide model loses a point or two to int8 on a few hundred images (one image is 0.3-0.8
     # points): the gate is tested at a 5-point margin, the default (1 point) in the bundled-model figures
     margin = 5.0
-    good = ex.export(trained_tiny, tmp_path / "ok8.onnx", precision="int8", data="digits", max_images=300,
+    good = _export(trained_tiny, tmp_path / "ok8.onnx", precision="int8", data="digits", max_images=300,
                      max_drop=margin, progress=False)
     assert good["check"]["top1_drop_points"] <= margin
     assert good["check"]["top1_torch"] > 0.5
-    # a quantiser 64x too coarse really loses accuracy: refused, no file; kept only when asked
-    real = ex.quantize_per_channel
-    monkeypatch.setattr(ex, "quantize_per_channel", lambda w, axis: (lambda q, s: (
-        np.clip(np.rint(q / 64.0), -127, 127).astype(np.int8), s * 64))(*real(w, axis)))
+    # a grid 60x too coarse (int8 codes in [-2, 2], in PyTorch and in the file alike) really loses accuracy:
+    # refused, no file; kept only when asked
+    monkeypatch.setitem(ex.QMAX, "int8", 2)
     before = _listing(tmp_path)
     with pytest.raises(SpikepruneError, match="points lower"):
-        ex.export(trained_tiny, tmp_path / "bad8.onnx", precision="int8", data="digits", max_images=300,
+        _export(trained_tiny, tmp_path / "bad8.onnx", precision="int8", data="digits", max_images=300,
                   max_drop=margin, progress=False)
     assert _listing(tmp_path) == before
-    kept = ex.export(trained_tiny, tmp_path / "bad8.onnx", precision="int8", data="digits", max_images=300,
+    kept = _export(trained_tiny, tmp_path / "bad8.onnx", precision="int8", data="digits", max_images=300,
                      max_drop=margin, keep_inaccurate=True, progress=False)
     assert (tmp_path / "bad8.onnx").exists() and any("WARNING" in w for w in kept["warnings"])
 
 
 def test_fp16_stores_half_weights(tmp_path):
     model = _tiny()
-    report = ex.export(model, tmp_path / "h.onnx", precision="fp16", max_images=8, progress=False)
+    report = _export(model, tmp_path / "h.onnx", precision="fp16", max_images=8, progress=False)
     assert report["memory"]["file"]["fp16"] == ex.deployed_memory_bytes(model)["fp16"]
     assert report["memory"]["file"]["fp32_constants"] == 0
 
@@ -215,19 +221,19 @@ def test_fp16_stores_half_weights(tmp_path):
 # ------------------------------------------------------------------------------------------------
 def test_bad_options_are_refused_before_any_work(tmp_path):
     model = _tiny()
-    cases = [dict(format="tflite"), dict(precision="int4"), dict(opset=11), dict(precision="int8", opset=12),
+    cases = [dict(format="tflite"), dict(precision="int2"), dict(precision="int4", opset=20), dict(opset=11), dict(precision="int8", opset=12),
              dict(opset=ex.MAX_OPSET + 1), dict(opset="17"), dict(max_images=0)]
     for kw in cases:
         with pytest.raises(SpikepruneError):
-            ex.export(model, tmp_path / "x.onnx", progress=False, **kw)
+            _export(model, tmp_path / "x.onnx", progress=False, **kw)
     with pytest.raises(SpikepruneError, match="too old"):
-        ex.export(model, tmp_path / "x.onnx", opset=11, progress=False)
+        _export(model, tmp_path / "x.onnx", opset=11, progress=False)
     with pytest.raises(SpikepruneError, match="is a folder"):
-        ex.export(model, tmp_path, progress=False)
+        _export(model, tmp_path, progress=False)
     with pytest.raises(SpikepruneError, match="does not exist"):
-        ex.export(model, tmp_path / "no" / "x.onnx", progress=False)
+        _export(model, tmp_path / "no" / "x.onnx", progress=False)
     with pytest.raises(SpikepruneError, match="cannot write"):  # /proc refuses new files, even to root
-        ex.export(model, "/proc/spikeprune-export-test.onnx", check=False, progress=False)
+        _export(model, "/proc/spikeprune-export-test.onnx", check=False, progress=False)
     assert _listing(tmp_path) == []
 
 
@@ -236,9 +242,9 @@ def test_existing_file_is_kept_unless_overwrite(tmp_path):
     path = tmp_path / "m.onnx"
     path.write_bytes(b"keep me")
     with pytest.raises(SpikepruneError, match="exists"):
-        ex.export(model, path, check=False, progress=False)
+        _export(model, path, check=False, progress=False)
     assert path.read_bytes() == b"keep me"
-    ex.export(model, path, check=False, force=True, progress=False)
+    _export(model, path, check=False, force=True, progress=False)
     assert onnx.load(str(path)).producer_name == "spikeprune"
     assert _listing(tmp_path) == ["m.onnx"]
 
@@ -255,7 +261,7 @@ def test_a_forward_that_cannot_be_exported_is_named_and_leaves_no_file(tmp_path)
     register_family(dataclasses.replace(MIXER, name="opaque-mixer", model_class=OpaqueMixer))
     model = OpaqueMixer(MixerConfig()).eval()
     with pytest.raises(SpikepruneError, match="opaque-mixer family's forward cannot be exported.*nanmedian"):
-        ex.export(model, tmp_path / "o.onnx", progress=False)
+        _export(model, tmp_path / "o.onnx", progress=False)
     assert _listing(tmp_path) == []
 
 
@@ -271,7 +277,7 @@ def test_missing_onnx_names_the_extra(monkeypatch, tmp_path):
 
     monkeypatch.setattr(builtins, "__import__", no_onnx)
     with pytest.raises(SpikepruneError, match=r"spikeprune\[export\]"):
-        ex.export(_tiny(), tmp_path / "x.onnx", progress=False)
+        _export(_tiny(), tmp_path / "x.onnx", progress=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,7 +288,7 @@ def test_the_export_command(tmp_path, capsys):
 
     out = tmp_path / "cli.onnx"
     args = ["export", "spikformer-1-32-digits", "--set", "embed_dim=16", "--set", "num_heads=2", "--set", "T=2",
-            "-o", str(out), "--precision", "int8", "--random-weights", "--opset", "13", "--max-images", "calib=8"]
+            "-o", str(out), "--precision", "int8", "--random-weights", "--opset", "13", "--normalisation", "digits", "--max-images", "calib=8"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert out.exists() and "opset 13" in printed and "int8 size: measure" in printed and "agree on" in printed
@@ -318,11 +324,11 @@ def test_latency_bench_runs_on_tiny_models(tmp_path):
 def test_check_batches_shrink_to_the_spike_budget(tmp_path, monkeypatch):
     model = _tiny()
     path = tmp_path / "m.onnx"
-    ex.export(model, path, check=False, progress=False)
+    _export(model, path, check=False, progress=False)
     images = _images(model, 7)
     full = ex.check_export(path, model, images, batch_size=4)
     assert full["batch_sizes"] == [1, 2, 4] and full["images"] == 7  # one image first, then up to 4
-    monkeypatch.setattr(ex, "SPIKE_BUDGET", full["spikes"]["decisions"] // 7 * 2)  # two images' decisions
+    monkeypatch.setattr(check_module, "SPIKE_BUDGET", full["spikes"]["decisions"] // 7 * 2)  # two images' decisions
     small = ex.check_export(path, model, images, batch_size=4)
     assert small["batch_sizes"] == [1, 2] and small["images"] == 7
     assert small["spikes"]["decisions"] == full["spikes"]["decisions"] and small["class_agreement"] == 1.0
