@@ -14,6 +14,7 @@ from .costs import count_macs, count_params, deployed_memory_bytes, file_bytes_s
 from .precision import file_weight_bytes, format_plan_bytes
 from .models import build_from_config
 from .record import PruningRecord
+from .tracing_spec import TRACE_ATTR
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
@@ -64,6 +65,9 @@ def inspect_model(model: nn.Module) -> dict:
         "kept_fraction": {"params": now["params"] / ref["params"], "macs": now["macs"] / max(ref["macs"], 1)},
         "removed": rec.removed_fractions() if rec else {},
         "notes": rec.notes if rec else [],
+        # a model made prunable by spikeprune.trace: the layers no group may cut, and why
+        "unprunable": [{"module": m, "reason": why} for m, why in getattr(getattr(model, TRACE_ATTR, None),
+                                                                          "unprunable", None) or []],
     }
 
 
@@ -106,4 +110,7 @@ def format_report(r: dict) -> str:
         f"MACs/image  {t['macs']:>14,d}   dense {d['macs']:>14,d}   ({r['kept_fraction']['macs']:.1%} kept)",
     ]
     lines += [f"note: {n}" for n in r["notes"]]
+    if r.get("unprunable"):
+        lines += ["", "layers no group may cut (the trace could not follow them with certainty):"]
+        lines += [f"  {u['module']}: {u['reason']}" for u in r["unprunable"]]
     return "\n".join(lines)

@@ -216,3 +216,8 @@ def test_cli_inspect_traces_a_builder_on_its_data(tmp_path, capsys):
     assert cli_main(["inspect", f"{path}:build", "--data", "digits", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report and "traced" in json.dumps(report)
+    # what the trace refuses is listed with its reason (the head: the model's output)
+    assert report["unprunable"] and all(u["module"] and u["reason"] for u in report["unprunable"])
+    assert cli_main(["inspect", f"{path}:build", "--data", "digits"]) == 0
+    text = capsys.readouterr().out
+    assert "layers no group may cut" in text and report["unprunable"][0]["module"] in text
