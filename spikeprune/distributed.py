@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
-from tqdm import std
+from tqdm import std as tqdm_std
 
 from .errors import SpikepruneError
 
@@ -186,7 +186,7 @@ def launched(args):
 def _silence_progress_bars():
     """Make every tqdm bar of this process a silent one, even those given disable=False (tqdm reads
     TQDM_DISABLE only when it is imported, before a process knows its rank); returns the undo."""
-    original = std.tqdm.__init__
+    original = tqdm_std.tqdm.__init__
 
     def silent_init(self, *a, **kw):
         kw["disable"] = True
