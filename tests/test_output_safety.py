@@ -28,7 +28,7 @@ def tiny(tmp_path_factory):
 def test_a_warning_is_one_line_without_python_source(tiny):
     # a process of its own: pytest records warnings instead of printing them
     done = subprocess.run([sys.executable, "-m", "spikeprune", "evaluate", str(tiny), "--data", "digits",
-                           "--batch-size", "2", "--max-batches", "1", "--quiet"],  # 2 images: flagged as too few
+                           "--max-images", "test=2", "--quiet"],  # 2 images: flagged as too few
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]

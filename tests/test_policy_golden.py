@@ -14,6 +14,16 @@ RECORDED = json.loads(GOLDEN.read_text())
 FAST_CASES = ["uniform-fixed", "groups", "uniform-sweep", "global-target", "shrink-mlp"]
 
 
+def _decisions(result):
+    """A run's result without the words of its report sections: what a policy decides and measures
+    is held bit for bit; how the report phrases it changed on purpose afterwards (issue 23, point 5)."""
+    if isinstance(result, dict):
+        return {k: _decisions(v) for k, v in result.items() if k != "report_sections"}
+    if isinstance(result, list):
+        return [_decisions(v) for v in result]
+    return result
+
+
 @pytest.mark.parametrize("case", FAST_CASES)
 def test_policy_gives_what_it_gave_before_the_toolkit(case):
     here, then = machine(), RECORDED["recorded_with"]
@@ -23,6 +33,6 @@ def test_policy_gives_what_it_gave_before_the_toolkit(case):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert as_json(run_case(case)) == RECORDED["cases"][case]
+        assert _decisions(as_json(run_case(case))) == _decisions(RECORDED["cases"][case])
     finally:
         torch.set_num_threads(threads)
