@@ -35,7 +35,7 @@ import torch
 from . import __version__, distributed
 from .bundled import ASSETS, BUNDLED_NAME, bundled_model, bundled_names
 from .costs import format_report as format_measure_report, measure
-from .data import DEFAULT_SIZE, dataset_for_model, load_dataset, parse_spec
+from .data import DEFAULT_SIZE, dataset_for_model, parse_spec
 from .deploy import (CHECK_IMAGES, DEFAULT_OPSET, FORMATS, INT8_MAX_DROP, MAX_OPSET, MIN_OPSET, export,
                      format_export_report)
 from .errors import SpikepruneError
@@ -177,7 +177,11 @@ def add_common_args(p: argparse.ArgumentParser, runs: bool = True) -> None:
         p.add_argument("--threads", type=_count(1), default=None,
                        help=f"CPU threads torch uses (default: torch's, {torch.get_num_threads()} here); the same "
                             "--seed gives the same weights only at the same thread count and CPU type")
-        p.add_argument("--device", type=_device_type, default="cpu", metavar="{cpu,cuda,cuda:N}", help="where to run")
+        add_device_arg(p)
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=_device_type, default="cpu", metavar="{cpu,cuda,cuda:N}", help="where to run")
 
 
 def add_json_arg(p: argparse.ArgumentParser, what: str) -> None:
@@ -205,13 +209,19 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = True, trained:
                        help="accept a preset without trained weights (its top-1 is chance); refused otherwise")
 
 
-def add_data_args(p: argparse.ArgumentParser, splits: str, default_text: str, batch_size: int = 128,
+def add_data_args(p: argparse.ArgumentParser, splits: str | None = None, default: str | None = DEFAULT_DATA,
+                  default_text: str | None = None, batch_size: int = 128,
                   batch_help: str = "evaluation batch size") -> None:
-    p.add_argument("--data", default=None, metavar="NAME[:PATH]", help=f"{DATA_HELP} (default: {default_text})")
+    """--data (default `default`, described as `default_text`), --batch-size, --workers, and with
+    `splits` (the splits the command reads, for the help) --max-images SPLIT=N."""
+    p.add_argument("--data", default=default, metavar="NAME[:PATH]",
+                   help=f"{DATA_HELP} (default: {default_text or default})")
     p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)  # checked by the command
     p.add_argument("--workers", type=_count(0), default=0, help="data-loading worker processes")
-    p.add_argument("--max-images", action="append", default=[], metavar="SPLIT=N",
-                   help=f"use at most N images of a split ({splits}; repeatable), stratified by class (default: all)")
+    if splits:
+        p.add_argument("--max-images", action="append", default=[], metavar="SPLIT=N",
+                       help=f"use at most N images of a split ({splits}; repeatable), stratified by class "
+                            "(default: all)")
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -335,7 +345,8 @@ def choose_data(args, model) -> str:
     size, model_size = DEFAULT_SIZE.get(name), getattr(getattr(model, "cfg", None), "img_size", None)
     # imagefolder images are resized to any size on purpose; the others have one native size.
     if name != "imagefolder" and size and model_size and size != model_size:
-        load_dataset(args.data, "test", max_images=1)  # a missing or damaged folder is said first
+        dataset_for_model(args.data, model, "test", max_images=1)  # a missing or damaged folder, other channels
+        # or classes are said first
         on = f" (it was trained on {recorded})" if recorded else ""
         raise SpikepruneError(f"{args.data} has {size}x{size} images but the model takes {model_size}x{model_size}"
                               f"{on}; give data of the model's size" + (f", e.g. --data {recorded}" if recorded else ""))
@@ -452,7 +463,7 @@ def register_sensitivity(sub) -> None:
                     "calibration top-1 measured. Rows go to a resumable CSV: rerun the same command after an "
                     "interruption and it continues.", formatter_class=HelpFormatter)
     add_model_args(p, trained=True)
-    add_data_args(p, "calib", f"the one the model records, else {DEFAULT_DATA}")
+    add_data_args(p, "calib", None, f"the one the model records, else {DEFAULT_DATA}")
     add_common_args(p)
     add_output_args(p, "FILE.csv", "the table (resumed if it exists)", "replace a table written by a different run")
     add_json_arg(p, "the table")
@@ -555,7 +566,7 @@ def register_prune(sub) -> None:
         formatter_class=HelpFormatter)
     add_model_args(p, trained=True)
     add_data_args(p, "train, calib, test; firing=N: test images whose firing rates give SOPs and energy, default "
-                     f"{MEASURE_IMAGES}", f"the one the model records, else {DEFAULT_DATA}")
+                     f"{MEASURE_IMAGES}", None, f"the one the model records, else {DEFAULT_DATA}")
     add_common_args(p)
     add_output_args(p, "RUN", "run folder (resumed if it holds this run)",
                     "replace a folder that holds something else (the same run is always resumed, not replaced)")
@@ -612,7 +623,7 @@ def register_prune(sub) -> None:
 # spikeprune train / evaluate / finetune
 # ------------------------------------------------------------------------------------------------
 def _add_training_args(p: argparse.ArgumentParser, command: str, lr: float, warmup: float, smoothing: float) -> None:
-    add_data_args(p, "train, calib, test", f"the one the model records, else {DEFAULT_DATA}", batch_size=64,
+    add_data_args(p, "train, calib, test", None, f"the one the model records, else {DEFAULT_DATA}", batch_size=64,
                   batch_help="training batch size; under torchrun the global batch, split between the processes")
     p.add_argument("--epochs", type=int, required=True, help="passes over the training split")
     add_output_args(p, "OUT", "output folder: the model (OUT is loadable as MODEL), history.json, checkpoint/ for "
@@ -796,7 +807,7 @@ def register_train(subparsers) -> None:
                     "a model that records its data set (the bundled ones, train / prune outputs) is evaluated on it.",
         epilog="example: spikeprune evaluate runs/mnist --split test --json", formatter_class=HelpFormatter)
     add_model_args(p, trained=True)
-    add_data_args(p, "the --split one", f"the one the model records, else {DEFAULT_DATA}")
+    add_data_args(p, "the --split one", None, f"the one the model records, else {DEFAULT_DATA}")
     add_common_args(p)
     p.add_argument("--split", default="test", choices=list(SPLITS),
                    help="test for final figures; calib is what pruning decisions use")
@@ -837,7 +848,8 @@ def cmd_measure(args) -> int:
     repeats = args.legacy_repeats if args.legacy_repeats is not None else args.latency_repeats
     warmup = args.legacy_warmup if args.legacy_warmup is not None else args.latency_warmup
     model = resolve_model(args)
-    report = measure(model, data=args.data, device=args.device, max_images=n, batch_size=args.batch_size,
+    data = choose_data(args, model) if args.data is not None else None  # None: no firing rates
+    report = measure(model, data=data, device=args.device, max_images=n, batch_size=args.batch_size,
                      latency=not args.no_latency, latency_batch=args.latency_batch, repeats=repeats,
                      warmup=warmup, split=args.split)
     if args.json:
@@ -856,7 +868,7 @@ def register_measure(subparsers) -> None:
                     "under the table.", formatter_class=HelpFormatter)
     add_model_args(p)
     add_data_args(p, f"the --split one, or firing=N; default {MEASURE_FIRING_IMAGES} images give the firing rates",
-                  "none: no firing rates, SOPs or energy", batch_size=64, batch_help="batch size of the firing-rate pass")
+                  None, "none: no firing rates, SOPs or energy", batch_size=64, batch_help="batch size of the firing-rate pass")
     add_common_args(p)
     p.add_argument("--split", default="test", choices=list(SPLITS), help="which split of --data gives the firing rates")
     p.add_argument("--latency-batch", type=int, default=1, help="batch size of the timed forwards")
@@ -882,8 +894,9 @@ def cmd_export(args) -> int:
     if args.legacy_check_images is not None:
         caps.setdefault("calib", args.legacy_check_images)
     model = resolve_model(args)
+    data = choose_data(args, model) if args.data is not None else None  # None: random images, no accuracy
     report = export(model, args.output, format=args.format, precision=args.precision, opset=args.opset,
-                    check=not args.no_check, data=args.data, force=args.force, max_drop=args.max_drop,
+                    check=not args.no_check, data=data, force=args.force, max_drop=args.max_drop,
                     keep_inaccurate=args.keep_inaccurate, max_images=caps.get("calib", CHECK_IMAGES), progress=False)
     if args.json:
         print_json(report)
@@ -902,7 +915,7 @@ def register_export(sub) -> None:
                     "loses more than --max-drop points of top-1 is refused.", formatter_class=HelpFormatter)
     add_model_args(p, trained=True)
     add_data_args(p, f"calib: images the check runs on, default {CHECK_IMAGES}",
-                  "random images: the function is checked, not accuracy")
+                  None, "random images: the function is checked, not accuracy")
     add_common_args(p)
     add_output_args(p, "FILE", "the file to write, e.g. model.onnx", "replace FILE if it exists")
     add_json_arg(p, "the report")

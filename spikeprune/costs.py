@@ -33,6 +33,7 @@ config's widths, no forward pass) and accept a model or a config, for pruning co
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -253,6 +254,66 @@ def time_forward(model, images: torch.Tensor, repeats: int = 20, warmup: int = 3
             _sync(device)
             times.append(time.perf_counter() - t0)
     return times
+
+
+LATENCY_SPREAD_LIMIT = 0.25  # interquartile range over the median above which a latency figure is unreliable
+LATENCY_LOAD_LIMIT = 1.0  # runnable processes per CPU (1-minute load average) above which timings are unreliable
+
+
+def _load_per_cpu() -> float | None:
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (OSError, AttributeError):  # not on every platform
+        return None
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], statistics.median(values), q[2]
+
+
+def interleaved_latency(models: dict, images: torch.Tensor, repeats: int = 10, warmup: int = 2) -> dict:
+    """Time several models on the same images interleaved -- round r runs each model once, the order
+    rotating every round -- so that a change in the machine's load hits every model alike, instead
+    of the one that happened to be timed while something else ran. Returns, per model name:
+    latency_ms (the median), latency_ms_q1 / q3, latency_spread ((q3 - q1) / median), and for all of
+    them `load_per_cpu` (the 1-minute load average per CPU, before and after, the larger) and
+    `reliable`: False when a model's spread exceeds LATENCY_SPREAD_LIMIT or, on the CPU, the load
+    exceeds LATENCY_LOAD_LIMIT (other processes competed for the CPU), with `why`."""
+    names = list(models)
+    device = images.device
+    load_before = _load_per_cpu() if device.type == "cpu" else None
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.no_grad():
+        for n in names:
+            for _ in range(warmup):
+                models[n](images)
+        _sync(device)
+        for r in range(repeats):
+            for n in names[r % len(names):] + names[: r % len(names)]:
+                t0 = time.perf_counter()
+                models[n](images)
+                _sync(device)
+                times[n].append(time.perf_counter() - t0)
+    load_after = _load_per_cpu() if device.type == "cpu" else None
+    loads = [x for x in (load_before, load_after) if x is not None]
+    load = max(loads) if loads else None
+    out, why = {}, []
+    for n in names:
+        q1, med, q3 = _quartiles(times[n])
+        spread = (q3 - q1) / med if med > 0 else 0.0
+        out[n] = {"latency_ms": 1e3 * med, "latency_ms_q1": 1e3 * q1, "latency_ms_q3": 1e3 * q3,
+                  "latency_spread": spread, "latency_repeats": repeats}
+        if spread > LATENCY_SPREAD_LIMIT:
+            why.append(f"the {n} model's timings spread {spread:.0%} of their median (limit "
+                       f"{LATENCY_SPREAD_LIMIT:.0%})")
+    if load is not None and load > LATENCY_LOAD_LIMIT:
+        why.append(f"the machine was busy ({load:.2f} runnable processes per CPU, limit {LATENCY_LOAD_LIMIT:g})")
+    return {"models": out, "load_per_cpu": load, "reliable": not why, "why": why, "interleaved": True,
+            "batch": int(images.shape[0]), "device": str(device),
+            "threads": torch.get_num_threads() if device.type == "cpu" else None}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ from .surgery import SpikepruneWarning, plan
 from .surgery import prune as surgery_prune
 from .training import evaluate
 from .units import format_bytes, parse_bytes
-from .validation import PRECISIONS
+from .validation import PRECISIONS, drop_within
 
 DEFAULT_MAX_ACC_DROP = 3.0  # points: the seed papers' "within 3%"
 CONSISTENCY_TOLERANCE = 0.005  # of the dense size: --target-saving and --memory-budget may differ by rounding
@@ -461,7 +461,8 @@ class PruneContext:
         return (self.dense_calib_top1 - top1) * 100.0
 
     def within_limit(self, top1: float) -> bool:
-        return self.acc_drop(top1) <= self.constraints.max_acc_drop + 1e-9
+        """Is a calibration top-1 within the limit? Counted in images (validation.drop_within)."""
+        return drop_within(self.dense_calib_top1, top1, len(self.calib), self.constraints.max_acc_drop)
 
     # pruning and memory -------------------------------------------------------------------------
     def score_kwargs(self) -> dict:

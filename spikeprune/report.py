@@ -94,10 +94,18 @@ def plot_tradeoff(path, summary: dict, series: dict, max_acc_drop: float | None 
 # ------------------------------------------------------------------------------------------------
 # Text
 # ------------------------------------------------------------------------------------------------
+def _latency_cell(m: dict) -> str:
+    """A latency figure with its interquartile spread, marked '?' when the run judged it unreliable."""
+    text = format_number(m.get("latency_ms"))
+    if m.get("latency_spread") is not None:
+        text += f" ±{100 * m['latency_spread'] / 2:.0f}%"
+    return text + (" ?" if m.get("latency_reliable") is False else "")
+
+
 def format_summary_table(summary: dict) -> str:
     """The dense / pruned / fine-tuned table (test split) the CLI and the demo print."""
     head = (f"{'model':10s} {'top-1':>8s} {'params':>11s} {'mem fp32':>10s} {'mem int8':>10s} {'MACs':>14s} "
-            f"{'energy mJ':>10s} {'latency ms':>11s}")
+            f"{'energy mJ':>10s} {'latency ms':>14s}")
     lines = [f"policy {summary['policy']}: test split; constraints "
              f"{'met' if summary['constraints_met'] else 'NOT met'} (calibration drop "
              f"{summary['constraint_checks']['acc_drop_calib']:.2f} points, limit "
@@ -108,7 +116,9 @@ def format_summary_table(summary: dict) -> str:
             continue
         lines.append(f"{name:10s} {format_percent(m['top1']):>8s} {m['params']:>11,d} {format_bytes(m['memory_bytes']['fp32']):>10s} "
                      f"{format_bytes(m['memory_bytes']['int8']):>10s} {m['macs']:>14,d} {format_number(m['energy_mj']):>10s} "
-                     f"{format_number(m['latency_ms']):>11s}")
+                     f"{_latency_cell(m):>14s}")
+    if any((summary.get(n) or {}).get("latency_reliable") is False for n in ("dense", "pruned", "finetuned")):
+        lines.append("? latency unreliable: " + "; ".join((summary.get("latency") or {}).get("why") or []))
     lines.append(f"wall time {summary['wall_time_s']:.1f} s")
     return "\n".join(lines)
 
@@ -144,12 +154,16 @@ def _results_section(s: dict) -> list[str]:
         mb = m["memory_bytes"]
         lines.append(f"| {name} | {format_percent(m['top1'])} | {format_percent(m.get('top5'))} | {m['params']:,} | {format_bytes(mb.get('fp32'))} | "
                      f"{format_bytes(mb.get('fp16'))} | {format_bytes(mb.get('int8'))} | {m['macs']:,} | {format_number(m.get('sops'))} | "
-                     f"{format_number(m.get('energy_mj'))} | {format_number(m.get('latency_ms'))} |")
+                     f"{format_number(m.get('energy_mj'))} | {_latency_cell(m)} |")
     cal = s["calib"]
     lines += ["", f"Calibration split ({cal['n']} images, where every decision was made): dense {format_percent(cal['dense_top1'])}, "
                   f"pruned {format_percent(cal['pruned_top1'])}"
               + (f", fine-tuned {format_percent(cal['finetuned_top1'])}" if cal.get("finetuned_top1") is not None else "") + ".",
-              "Latency: batch 1, median of the repeats, on this machine; energy: the Spikformer papers' 45 nm estimate."]
+              "Latency: batch 1, median of the repeats, the models timed in turn (interleaved), ± half the "
+              "interquartile range; on this machine. Energy: the Spikformer papers' 45 nm estimate."]
+    lat = s.get("latency") or {}
+    if lat and not lat.get("reliable", True):
+        lines += ["", "**Latency marked ? is unreliable**: " + "; ".join(lat.get("why") or []) + "."]
     final = s.get("finetuned") or s.get("pruned") or {}
     if final.get("deployed_bytes"):  # what an embedded target stores: `spikeprune export` writes these weights
         dep = final["deployed_bytes"]

@@ -47,7 +47,7 @@ from .errors import SpikepruneError
 from .coupling import groups as model_groups
 from .hashing import fingerprint, model_hash
 from .importance import get as get_importance
-from .costs import deployed_memory_bytes, measure
+from .costs import deployed_memory_bytes, interleaved_latency, measure
 from .policy_api import Constraints, PolicyResult, PolicySpec, PruneContext, get_policy, policies
 from .ratios import DEFAULT_SENSITIVITY_RATIOS, UNIFORM_GRID, parse_ratios
 from .record import PruningRecord
@@ -56,8 +56,9 @@ from .serialization import is_saved_model, load_model, save_model, write_json
 from .stats import resolution_warning
 from .surgery import record_of
 from .training import evaluate, finetune
-from .validation import FinetuneSettings, check_finite, check_writable, max_images_per_split, number, whole
-from .validation import device as check_device
+from .validation import (FinetuneSettings, check_finite, check_writable, drop_within, max_images_per_split, number,
+                         whole)
+from .validation import device as check_device, renamed_arguments
 
 RUN_FORMAT = "spikeprune-run"
 RUN_VERSION = 2  # 2: typed pruning record, one settings object (version 1 folders are refused)
@@ -469,9 +470,9 @@ def _measure_model(ctx: PruneContext, model: nn.Module, name: str) -> dict:
     if not math.isfinite(float(acc["loss"])):
         raise SpikepruneError(f"the {name} model gives a {acc['loss']} loss on the test split: its outputs are not "
                               "finite (NaN / Inf); no figures are reported for a broken model")
-    m = distributed.from_main(lambda: measure(  # rank 0 measures; the others wait (latency is not disturbed)
+    m = distributed.from_main(lambda: measure(  # rank 0 measures; the others wait; latency: _latency
         model, data=test, device=ctx.device, max_images=min(s.measure_images, len(test)), batch_size=64,
-        latency=True, latency_batch=1, repeats=s.latency_repeats, warmup=2), f"measuring the {name} model")
+        latency=False), f"measuring the {name} model")
     t = m["total"]
     out = {"top1": acc["top1"], "top5": acc["top5"], "params": int(t["params"]),
            "memory_bytes": {k: int(v) for k, v in t["memory_bytes"].items()},
@@ -480,6 +481,23 @@ def _measure_model(ctx: PruneContext, model: nn.Module, name: str) -> dict:
            "latency_ms": t.get("latency_ms")}
     ctx.checkpoint(f"measure_{name}", out)
     return out
+
+
+def _latency(ctx: PruneContext, models: dict) -> dict:
+    """The models' forward latency (batch 1), timed interleaved so that the machine's load hits each
+    alike (costs.interleaved_latency), with its spread and a verdict on its reliability; once per
+    run (checkpointed), by rank 0 while the others wait."""
+    saved = ctx.load_checkpoint("latency")
+    if saved is not None:
+        return saved
+    cfg, dev = ctx.model.cfg, torch.device(ctx.device)
+    ctx.log("timing " + ", ".join(models) + " interleaved")
+    x = torch.rand(1, cfg.in_channels, cfg.img_size, cfg.img_size, device=dev)
+    on_device = {name: m.to(dev).eval() for name, m in models.items()}
+    saved = distributed.from_main(lambda: interleaved_latency(on_device, x, ctx.settings.latency_repeats, warmup=2),
+                                  "timing the models")
+    ctx.checkpoint("latency", saved)
+    return saved
 
 
 def _calib_once(ctx: PruneContext, model: nn.Module, step: str) -> float:
@@ -498,7 +516,8 @@ def _checks(ctx: PruneContext, figures: dict, pruned_calib: float, finetuned_cal
     dense_mem, mem = figures["dense"]["memory_bytes"][c.precision], figures["pruned"]["memory_bytes"][c.precision]
     judged = finetuned_calib if ctx.settings.limit_after_finetune else pruned_calib
     drop = (ctx.dense_calib_top1 - judged) * 100
-    checks = {"acc_drop_calib": drop, "acc_ok": drop <= c.max_acc_drop + 1e-9,
+    ok = drop_within(ctx.dense_calib_top1, judged, len(ctx.calib), c.max_acc_drop)  # in images, not floats
+    checks = {"acc_drop_calib": drop, "acc_ok": ok,
               "limit_judged_on": "fine-tuned model" if ctx.settings.limit_after_finetune else "pruned model",
               "acc_drop_test": (figures["dense"]["top1"] - figures["pruned"]["top1"]) * 100,
               "memory_bytes": mem, "budget_bytes": c.budget_bytes,
@@ -599,6 +618,10 @@ def _run(settings: RunSettings, model: nn.Module) -> dict:
     figures = {name: _measure_model(ctx, m, name) if m is not None else None
                for name, m in (("dense", ctx.model), ("pruned", pruned), ("finetuned", finetuned))}  # 4
     final = finetuned if finetuned is not None else pruned
+    latency = _latency(ctx, {name: m for name, m in (("dense", ctx.model), ("pruned", pruned),
+                                                     ("finetuned", finetuned)) if m is not None})
+    for name, timed in latency["models"].items():
+        figures[name] = {**figures[name], **timed, "latency_reliable": latency["reliable"]}
     measure_wall = time.perf_counter() - t_measure
 
     # 5. Outcome, summary, model, report.
@@ -630,7 +653,10 @@ def _run(settings: RunSettings, model: nn.Module) -> dict:
         "cost": {**outcome["cost"], "finetune_wall_s": ft_saved.get("wall_s"), "measure_wall_s": measure_wall},
         "forward_cost": {"calib_evaluations_this_run": ctx.evaluations, "calib_images_this_run": ctx.images_evaluated,
                          "sensitivity": table.forward_cost if table is not None else None},
-        "warnings": _warnings(ctx, table, checks),
+        "latency": latency,
+        "warnings": _warnings(ctx, table, checks) + (
+            [] if latency["reliable"] else [f"latency figures are unreliable ({'; '.join(latency['why'])}): "
+                                            "compare them only after a rerun on an idle machine"]),
         "resumed": resumed,
     }
     info = outcome["info"]
@@ -662,8 +688,9 @@ def _run(settings: RunSettings, model: nn.Module) -> dict:
 _CONSTRAINT_KEYS = ("max_acc_drop", "target_saving", "memory_budget", "precision")
 
 
-def prune_run(model: nn.Module, data: str, out: str | Path, **settings) -> dict:
-    """Prune `model` with a policy into the run folder `out` and return the summary (summary.json).
+@renamed_arguments(out="output")
+def prune_run(model: nn.Module, data: str, output: str | Path, **settings) -> dict:
+    """Prune `model` with a policy into the run folder `output` and return the summary (summary.json).
 
     settings: any RunSettings field (policy="psvit", finetune_epochs=1, kd=True, ...), and the
     limits max_acc_drop / target_saving / memory_budget / precision (or constraints=Constraints(...)).
@@ -679,7 +706,7 @@ def prune_run(model: nn.Module, data: str, out: str | Path, **settings) -> dict:
                               f"{', '.join(sorted(known | set(_CONSTRAINT_KEYS)))}")
     if "constraints" not in settings:
         settings["constraints"] = Constraints(**limits)
-    return run(RunSettings(data=data, output=out, **settings), model)
+    return run(RunSettings(data=data, output=output, **settings), model)
 
 
 __all__ = ["LATENCY_REPEATS", "MEASURE_IMAGES", "RUN_FORMAT", "RUN_VERSION", "RunSettings", "check_writable",

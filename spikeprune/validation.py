@@ -10,6 +10,7 @@ the command line, `lr` in Python), so a bad value reads the same wherever it com
     max_images(value, name)              None (no cap) or a positive whole number of images
     check_finite(weights, source)        no NaN / Inf in a state dict or a model
     check_writable(path, what, folder)   the place an output goes can be written, tried before any work
+    drop_within(dense, top1, n, limit)   an accuracy gate: compares counts of images, never floats
 
 FinetuneSettings is the fine-tuning a run does after pruning, as one checked object: the run builds
 it from its settings (RunSettings.finetuning) and hands it on whole, to its own fine-tuning step
@@ -29,6 +30,7 @@ import os
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +133,16 @@ def parse_max_images(items, keys=SPLITS) -> dict | None:
                                   f"{keys[-1]}=200; got {item!r}")
         caps[split] = max_images(value, f"--max-images {split}")
     return caps or None
+
+
+def drop_within(dense_top1: float, top1: float, images: int, max_drop_points: float) -> bool:
+    """True when `top1` is at most `max_drop_points` points of top-1 below `dense_top1`, both
+    measured on the same `images` images. Compared as counts of images, exactly: 377 of 500 right
+    against 382 is a drop of exactly 1 point, within a 1-point limit, although 100 * (382/500 -
+    377/500) is 1.0000000000000009 in floats. The limit is read as written (0.1 is 1/10)."""
+    n = whole("images", images, 1)
+    dense_hits, hits = round(float(dense_top1) * n), round(float(top1) * n)
+    return 100 * (dense_hits - hits) <= Fraction(repr(float(max_drop_points))) * n
 
 
 # ------------------------------------------------------------------------------------------------
@@ -255,5 +267,5 @@ def renamed_arguments(**old_to_new: str):
 
 
 __all__ = ["PRECISIONS", "REMOVED_IN", "SPLITS", "FinetuneSettings", "check_finite", "check_writable", "deprecation",
-           "device", "max_images", "max_images_per_split", "number", "parse_max_images", "precision",
+           "device", "drop_within", "max_images", "max_images_per_split", "number", "parse_max_images", "precision",
            "renamed_arguments", "whole"]

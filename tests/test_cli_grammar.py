@@ -109,6 +109,7 @@ def test_version_has_one_source(capsys):
     (spikeprune.finetune, {"out_dir": "output", "overwrite": "force"}),
     (spikeprune.export, {"path": "output", "overwrite": "force", "check_images": "max_images", "verbose": "progress"}),
     (spikeprune.measure, {"n_images": "max_images"}),
+    (spikeprune.prune_run, {"out": "output"}),
 ])
 def test_python_arguments_use_the_cli_words(fn, renames):
     assert fn.renamed_arguments == renames
@@ -178,3 +179,25 @@ def test_unmet_constraints_exit_3_and_keep_the_run_folder(trained_tiny_path, tmp
     assert rc == cli.EXIT_CONSTRAINTS_NOT_MET == doc["exit_code"] == 3
     assert "constraints NOT met" in captured.err and (out / "summary.json").is_file() and (out / "model").is_dir()
     assert json.loads((out / "summary.json").read_text())["settings"]["measure_images"] == 8
+
+
+def test_threads_hold_for_the_whole_command_and_are_restored(monkeypatch, capsys):
+    import torch
+    seen = []
+    real = cli.inspect_model
+    monkeypatch.setattr(cli, "inspect_model", lambda model: seen.append(torch.get_num_threads()) or real(model))
+    before = torch.get_num_threads()
+    assert main(["inspect", "spikformer-1-32-digits", "--threads", "1", "--quiet", "--json"]) == 0
+    assert seen == [1] and torch.get_num_threads() == before
+
+
+def test_train_json_in_percent_with_image_caps(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "spikformer-1-32-digits", "--set", "embed_dim=16", "--set", "num_heads=2", "--set", "T=2",
+                 "--data", "digits", "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "16", "--max-images", "train=64",
+                 "--max-images", "calib=40", "--max-images", "test=30", "--quiet", "--json", "-o", str(out)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["data"] == "digits"
+    assert doc["test_images"] == 30 and 0 <= doc["test_top1_pct"] <= 100 and doc["output"] == str(out)
+    # the trained folder records its data set: evaluate needs no --data
+    assert cli.recorded_data(str(out)) == doc["data"]

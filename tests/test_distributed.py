@@ -116,8 +116,8 @@ def test_evaluate_two_processes_equals_one_on_an_odd_split(trained_tiny_path, tr
     assert one["n"] == 359
     p = torchrun("evaluate", trained_tiny_path, "--data", "digits", "--batch-size", "64", "--json", "--quiet")
     two = json.loads(p.stdout)  # printed once: rank 1's stdout is dropped
-    assert two["n"] == one["n"]
-    assert two["top1"] == one["top1"] and two["top5"] == one["top5"]
+    assert two["images"] == one["n"]
+    assert two["top1_pct"] == 100 * one["top1"] and two["top5_pct"] == 100 * one["top5"]
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
 
 
@@ -277,7 +277,7 @@ def test_a_process_that_joined_a_group_exits_without_interpreter_shutdown(tmp_pa
     for p in (rank0, rank1):
         assert p.returncode == 0, p.stderr[-3000:]
         assert "interpreter shutdown" not in p.stdout
-    assert json.loads(rank0.stdout)["n"] == json.loads(one.stdout.split("interpreter shutdown")[0])["n"] == 359
+    assert json.loads(rank0.stdout)["images"] == json.loads(one.stdout.split("interpreter shutdown")[0])["images"] == 359
 
     crash = """
         import atexit

@@ -333,3 +333,44 @@ def test_cli_through_main(capsys):
 def test_cli_bad_data_is_a_clear_error(capsys):
     with pytest.raises(SpikepruneError, match="1-channel images but the model takes 3"):
         _run_measure_command(["spikformer-4-384", "--data", "digits", "--no-latency"], capsys)
+
+
+# -------------------------------------------------------------------------------------------------
+# Interleaved latency
+# -------------------------------------------------------------------------------------------------
+def test_latency_is_timed_interleaved_with_its_spread_and_a_verdict(monkeypatch):
+    calls = []
+
+    class Named(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            calls.append(self.name)
+            return x
+
+    models = {"dense": Named("dense"), "pruned": Named("pruned")}
+    monkeypatch.setattr(M, "_load_per_cpu", lambda: 0.1)
+    r = M.interleaved_latency(models, torch.zeros(1, 1, 4, 4), repeats=4, warmup=1)
+    timed = calls[2:]  # after one warm-up forward each
+    assert timed == ["dense", "pruned", "pruned", "dense", "dense", "pruned", "pruned", "dense"]  # order rotates
+    for name in models:
+        t = r["models"][name]
+        assert t["latency_ms_q1"] <= t["latency_ms"] <= t["latency_ms_q3"] and t["latency_spread"] >= 0
+    assert r["interleaved"] and r["load_per_cpu"] == 0.1
+    monkeypatch.setattr(M, "_load_per_cpu", lambda: 3.0)  # three runnable processes per CPU: timings compete
+    busy = M.interleaved_latency(models, torch.zeros(1, 1, 4, 4), repeats=2, warmup=0)
+    assert not busy["reliable"] and "busy" in busy["why"][-1]
+
+
+def test_the_summary_table_marks_unreliable_latency():
+    from spikeprune.report import format_summary_table
+    row = {"top1": 0.9, "params": 10, "memory_bytes": {"fp32": 40, "int8": 10}, "macs": 5, "energy_mj": 0.1,
+           "latency_ms": 2.0, "latency_spread": 0.5, "latency_reliable": False}
+    summary = {"policy": "uniform", "constraints_met": True, "constraint_checks": {"acc_drop_calib": 0.0},
+               "constraints": {"max_acc_drop": 3}, "memory_saved": 0.1, "dense": row, "pruned": row,
+               "latency": {"reliable": False, "why": ["the machine was busy"]}, "wall_time_s": 1.0}
+    text = format_summary_table(summary)
+    assert "±25% ?" in text  # the figure, half its interquartile range, and the mark
+    assert "latency unreliable: the machine was busy" in text

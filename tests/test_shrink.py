@@ -281,10 +281,11 @@ def test_limit_after_finetune_with_a_memory_target_cuts_to_it_and_lets_the_run_j
     """With a target, fewer cuts would miss it: the walk goes to the target whatever it costs before
     fine-tuning, no probe runs, and the run's check on the fine-tuned model decides."""
     out = tmp_path / "after-target"
-    assert cli.main(["prune", saved_trained, *FAST, "--max-acc-drop", "1", "--limit-after-finetune",
-                     "--finetune-epochs", "1", "--kd", "--target-saving", "0.5", "--max-images", "train=256",
-                     "-o", str(out)]) == 0
+    rc = cli.main(["prune", saved_trained, *FAST, "--max-acc-drop", "1", "--limit-after-finetune",
+                   "--finetune-epochs", "1", "--kd", "--target-saving", "0.5", "--max-images", "train=256",
+                   "-o", str(out)])
     s = json.loads((out / "summary.json").read_text())
+    assert rc == (0 if s["constraints_met"] else cli.EXIT_CONSTRAINTS_NOT_MET)
     info = s["shrink"]
     assert info["walk_drop"] == 100 and info["probes"] is None
     assert info["stop_reason"] == "memory budget met" and s["memory_saved"] >= 0.5

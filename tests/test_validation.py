@@ -122,3 +122,24 @@ def test_renamed_argument_warns_once_and_still_works():
     assert "f(out_dir=...) is deprecated" in str(caught[0].message) and "use output=" in str(caught[0].message)
     with pytest.raises(SpikepruneError, match="both output= and its old name out_dir="):
         f(out_dir="x", output="y")
+
+
+# ------------------------------------------------------------------------------------------------
+# Accuracy gates count images
+# ------------------------------------------------------------------------------------------------
+def test_drop_within_compares_counts_of_images():
+    assert 100 * (382 / 500 - 377 / 500) > 1.0  # the float comparison refuses an exact 1-point drop
+    assert validation.drop_within(382 / 500, 377 / 500, 500, 1.0)
+    assert not validation.drop_within(382 / 500, 376 / 500, 500, 1.0)
+    assert validation.drop_within(0.5, 0.6, 10, 0)  # a gain is within any limit
+    assert validation.drop_within(7 / 10, 6 / 10, 10, 10) and not validation.drop_within(7 / 10, 6 / 10, 10, 9.99)
+    assert validation.drop_within(1 / 1000 * 500, 0.499, 1000, 0.1)  # 0.1 is read as 1/10, not its binary value
+
+
+def test_the_run_gate_counts_images(tiny_model, tmp_path):
+    from spikeprune.policy_api import PruneContext
+    ctx = PruneContext(tiny_model(), RunSettings(data="digits", output=tmp_path / "r",
+                                                 constraints=sp.Constraints(max_acc_drop=1)))
+    ctx._dense_top1 = 382 / 500
+    ctx._datasets[("calib", False)] = list(range(500))  # 500 calibration images
+    assert ctx.within_limit(377 / 500) and not ctx.within_limit(376 / 500)
