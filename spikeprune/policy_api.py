@@ -246,8 +246,12 @@ class Option:
 
     def add_to(self, parser) -> None:
         """Add the option to an argparse parser or argument group (default None: "not given")."""
-        shown = "" if self.default is None or self.many else f" (default {self.default:g})" if isinstance(
-            self.default, float) else f" (default {self.default})"
+        if "default" in self.help:  # the help says it in its own words
+            shown = ""
+        elif self.default is None or self.many:
+            shown = " (default: none)"
+        else:
+            shown = f" (default {self.default:g})" if isinstance(self.default, float) else f" (default {self.default})"
         kw = dict(action="append", default=[]) if self.many else dict(type=self.kind, default=None)
         parser.add_argument(self.flag, metavar=self.metavar or {int: "N", float: "F"}.get(self.kind, "VALUE"),
                             help=self.help + shown, **kw)
