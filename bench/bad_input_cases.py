@@ -751,7 +751,8 @@ CASES: list[Case] = [
          r"no space left on device",
          around=lambda w, tmp: _full_disk("spikeprune.training", "write_json", _enospc), may_leave=r"/case[^/]*/ft(/|$)"),
     Case("full disk while export writes the ONNX file", "cli",
-         lambda w, tmp: ["export", str(w.model), "-o", str(tmp / "m.onnx"), "--no-check"], r"no space left on device",
+         lambda w, tmp: ["export", str(w.model), "-o", str(tmp / "m.onnx"), "--no-check", "--input", "normalised"],
+         r"no space left on (the )?device",
          around=lambda w, tmp: _full_disk("onnx", "save", _enospc)),
     # --- silent wrong -----------------------------------------------------------------------------
     Case("config.json whose pruning record disagrees with the weights (fingerprinted)", "api",
@@ -779,8 +780,9 @@ CASES: list[Case] = [
          before_work=True),
     # --- weaker messages --------------------------------------------------------------------------
     Case("export -o below a file", "cli",
-         lambda w, tmp: ["export", str(w.model), "-o", str(_user_file(tmp) / "m.onnx"), "--no-check"],
-         r"results.txt is a file, not a folder", before_work=True),
+         lambda w, tmp: ["export", str(w.model), "-o", str(_user_file(tmp) / "m.onnx"), "--no-check", "--input",
+                         "normalised"],
+         r"results.txt is a file", before_work=True),
     Case("finetune --teacher of another image size", "cli",
          lambda w, tmp: _finetune(w, tmp, "--teacher", str(_saved_tiny(tmp, "teacher", img_size=32))),
          r"the teacher \(--teacher\) does not fit.*img_size 32 \(the model: 16\)", before_work=True),

@@ -134,3 +134,20 @@ class Layer:
     def memory_bytes(self) -> dict:
         p, w = self.params, self.weights
         return {"fp32": 4 * p, "fp16": 2 * p, "int8": w + 4 * (p - w)}
+
+
+def kept_channels_of(groups: list[Group], kept: dict[str, list[int]]) -> dict[tuple[str, int], list[int]]:
+    """(module, dim) -> the channel indices kept along that dim, sorted: the intersection over every
+    group that cuts it (a group absent from `kept`, or kept whole, cuts nothing). A unit of a group
+    covers `unit_width` consecutive channels of each member."""
+    out: dict[tuple[str, int], set] = {}
+    for g in groups:
+        units = kept.get(g.name)
+        if units is None or len(units) == g.size:
+            continue
+        for m in g.members:
+            w = m.unit_width
+            chans = {u * w + j for u in units for j in range(w)}
+            key = (m.module, m.dim)
+            out[key] = out[key] & chans if key in out else chans
+    return {k: sorted(v) for k, v in out.items()}

@@ -48,6 +48,7 @@ from .hashing import model_hash
 from .importance import scores
 from .models import get_family
 from .record import PruningRecord
+from .structure import kept_channels_of
 
 
 class SpikepruneWarning(UserWarning):
@@ -262,17 +263,7 @@ def shape_model(model: nn.Module, kept: dict[str, list[int]]) -> nn.Module:
 # ------------------------------------------------------------------------------------------------
 def kept_channels(p: Plan) -> dict[tuple[str, int], torch.Tensor]:
     """(module, dim) -> kept channel indices: the intersection over every group cutting it."""
-    out: dict[tuple[str, int], set] = {}
-    for g in p.groups:
-        units = p.kept[g.name]
-        if len(units) == g.size:
-            continue
-        for m in g.members:
-            w = m.unit_width
-            chans = {u * w + j for u in units for j in range(w)}
-            key = (m.module, m.dim)
-            out[key] = out[key] & chans if key in out else chans
-    return {k: torch.tensor(sorted(v), dtype=torch.long) for k, v in out.items()}
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in kept_channels_of(p.groups, p.kept).items()}
 
 
 def apply_plan(model: nn.Module, p: Plan) -> nn.Module:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .errors import SpikepruneError
-from .structure import Group, Layer, Member
+from .structure import Group, Layer, Member, kept_channels_of
 
 FAMILY = "traced"
 TRACE_ATTR = "spikeprune_trace"  # the TraceSpec on a traced model
@@ -340,17 +340,7 @@ def traced_layer_table(cfg: TracedConfig) -> list[Layer]:
 # ------------------------------------------------------------------------------------------------
 def kept_channels(spec: TraceSpec, kept: dict[str, list[int]]) -> dict[tuple[str, int], torch.Tensor]:
     """(module, dim) -> kept channel indices: the intersection over every group that cuts it."""
-    out: dict[tuple[str, int], set] = {}
-    for g in spec.groups:
-        units = kept.get(g.name)
-        if units is None or len(units) == g.size:
-            continue
-        for m in g.members:
-            w = m.unit_width
-            chans = {u * w + j for u in units for j in range(w)}
-            key = (m.module, m.dim)
-            out[key] = out[key] & chans if key in out else chans
-    return {k: torch.tensor(sorted(v), dtype=torch.long) for k, v in out.items()}
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in kept_channels_of(spec.groups, kept).items()}
 
 
 def sliced_state(model: nn.Module, cut: dict[tuple[str, int], torch.Tensor]) -> dict:

@@ -311,7 +311,7 @@ def test_limit_after_finetune_with_a_memory_target_cuts_to_it_and_lets_the_run_j
 
 @pytest.mark.parametrize("extra, words", [
     (["--policy", "shrink", "--limit-after-finetune"], "--finetune-epochs"),
-    (["--policy", "primesvt", "--limit-after-finetune", "--finetune-epochs", "1"], "use --policy shrink"),
+    (["--policy", "primesvt", "--limit-after-finetune", "--finetune-epochs", "1"], "use --policy bitshrink or shrink"),
     (["--policy", "shrink", "--walk-drop", "-1"], "--walk-drop"),
 ])
 def test_limit_after_finetune_refusals(saved_trained, tmp_path, capsys, extra, words):

@@ -49,8 +49,12 @@ def test_parse_max_images():
 
 
 def test_one_precision_list_for_the_package():
-    from spikeprune import deploy, policy_api
-    assert policy_api.PRECISIONS is validation.PRECISIONS and deploy.PRECISIONS is validation.PRECISIONS
+    from spikeprune import deploy, policy_api, precision
+    # what memory is counted at (constraints, budgets) is one list; what a file's weights are stored
+    # at is another, and every one of those is a file-* count of the first
+    assert policy_api.PRECISIONS is validation.PRECISIONS
+    assert deploy.PRECISIONS == precision.WEIGHT_PRECISIONS
+    assert validation.FILE_PRECISIONS == precision.FILE_PRECISIONS
 
 
 def test_one_check_writable_and_one_check_finite():
