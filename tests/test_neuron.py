@@ -154,10 +154,9 @@ def test_matches_spikingjelly_when_installed():
     try:
         from spikingjelly.activation_based import neuron as sj_neuron, surrogate as sj_surrogate
     except Exception as e:  # ImportError, or a torchvision that fails to load beside CPU torch
-        pytest.skip("spikingjelly is not importable here (" + type(e).__name__ + "): SpikingJelly 2.0 pulls "
-                    "torchvision/torchaudio/tensorboard, and the torchvision on this machine is a CUDA build "
-                    "that does not load beside the CPU torch 2.13, so installing it would break torch. "
-                    "Our LIF is checked against a plain transcription of its update rule instead.")
+        pytest.skip("spikingjelly is not importable here (" + type(e).__name__ + "): `make install` installs "
+                    "SpikingJelly 2.0 with --no-deps (its declared dependencies would pull a CUDA torch); "
+                    "our LIF is still checked against a plain transcription of its update rule.")
     x = _drive(4, seed=7).float()
     up = torch.randn_like(x)
     for vth in (1.0, 0.5):
