@@ -35,12 +35,12 @@ cat "$OUT/machine.txt"
 # 1. The same model evaluated on the CPU and on the GPU: the same test top-1 (up to float sums).
 step evaluate-cpu 120 python3 -m spikeprune evaluate bundled --data mnist5k --device cpu --json
 step evaluate-cuda 120 python3 -m spikeprune evaluate bundled --data mnist5k --device cuda --json
+step evaluate-cuda0 120 python3 -m spikeprune evaluate bundled --data mnist5k --device cuda:0 --json
 # 2. A whole PrimeSVT run on the GPU: sensitivity, pruning, KD fine-tuning with AMP, measure, report.
 rm -rf /tmp/run-cuda
 step prune-cuda 240 python3 -m spikeprune prune bundled --data mnist5k --policy primesvt --max-acc-drop 3 --finetune-epochs 1 --kd \
   --device cuda --quiet -o /tmp/run-cuda
 cp /tmp/run-cuda/summary.json "$OUT/prune-cuda-summary.json" 2>/dev/null
-cp /tmp/run-cuda/report.md "$OUT/prune-cuda-report.md" 2>/dev/null
 # 3. torchrun over NCCL (one process: NCCL refuses two ranks on one GPU): DDP fine-tuning with
 #    SyncBatchNorm, the sharded evaluation, rank-0 writes, and a clean exit.
 rm -rf /tmp/ft-nccl
