@@ -492,3 +492,16 @@ def test_a_traced_model_reloads_only_where_its_structure_is_known(tmp_path, monk
     monkeypatch.setattr(tracing_spec, "_TEMPLATES", {})  # as in a new process
     with pytest.raises(SpikepruneError, match="trace the dense model again in this process"):
         sp.load_model(tmp_path / "m")
+
+
+def test_a_pruned_traced_model_exports_to_onnx_and_agrees(tmp_path):
+    """Issue 24 point 4: a traced model whose neurons are plain PyTorch exports like a family model;
+    ONNX Runtime then gives the pruned model's classes."""
+    pytest.importorskip("onnxruntime")
+    model, x = _hierarchical()
+    sp.trace(model, x)
+    small = sp.prune(model, {g.name: 0.5 for g in sp.groups(model) if g.unit == "channel"})
+    report = sp.export(small, tmp_path / "traced.onnx", input="normalised", progress=False)
+    assert (tmp_path / "traced.onnx").stat().st_size > 0
+    check = report["check"]
+    assert check["images"] > 0 and check["class_agreement"] == 1.0 and check["class_disagreements"] == 0
