@@ -40,11 +40,10 @@ from .builders import is_builder_ref, load_user_model
 from .bundled import ASSETS, BUNDLED_NAME, bundled_model, bundled_names
 from .costs import format_report as format_measure_report, measure
 from .data import DEFAULT_SIZE, dataset_for_model, load_dataset, parse_spec
-from .deploy import (CHECK_IMAGES, DEFAULT_OPSET, FORMATS, INT8_MAX_DROP, MAX_OPSET, MIN_OPSET, export,
-                     format_export_report)
+from .deploy import (CHECK_IMAGES, DEFAULT_OPSET, FORMATS, INT4_OPSET, INPUTS, INT8_MAX_DROP, MAX_OPSET, MIN_OPSET,
+                     PRECISIONS as WEIGHT_PRECISIONS, export, format_export_report)
 from .errors import SpikepruneError
 from .data_install import register_cli as register_data
-from . import deploy
 from .importance import CRITERIA
 from .inspect import format_report, inspect_model
 from .models import create_model, list_models, preset_summary
@@ -947,7 +946,7 @@ def cmd_export(args) -> int:
         caps.setdefault(args.check_split, args.legacy_check_images)
     model = resolve_model(args)
     data = choose_data(args, model) if args.data is not None else None  # None: random images, no accuracy
-    report = deploy.export(model, args.output, format=args.format, precision=args.precision, opset=args.opset,
+    report = export(model, args.output, format=args.format, precision=args.precision, opset=args.opset,
                            check=not args.no_check, data=data, force=args.force, max_drop=args.max_drop,
                            keep_inaccurate=args.keep_inaccurate, max_images=caps.get(args.check_split, CHECK_IMAGES),
                            progress=False, input=args.input, normalisation=args.normalisation, ends=args.ends,
@@ -976,19 +975,19 @@ def register_export(sub) -> None:
     add_output_args(p, "FILE", "the file to write, e.g. model.onnx", "replace FILE if it exists")
     add_json_arg(p, "the report")
     p.add_argument("--format", default="onnx", choices=FORMATS, help="file format")
-    p.add_argument("--precision", default=None, choices=deploy.PRECISIONS,
+    p.add_argument("--precision", default=None, choices=WEIGHT_PRECISIONS,
                    help="weights: fp32, fp16 (Cast), int8 or int4 per output channel (DequantizeLinear; int4 packed, "
                         "opset 21) (default: the plan a quantised model carries, else fp32)")
-    p.add_argument("--ends", default=None, choices=deploy.PRECISIONS,
+    p.add_argument("--ends", default=None, choices=WEIGHT_PRECISIONS,
                    help="precision of the first conv and the head (default: int8 under --precision int4, else as "
                         "--precision)")
     p.add_argument("--opset", type=int, default=None,
                    help=f"ONNX opset ({MIN_OPSET['fp32']}-{MAX_OPSET}, int8 from {MIN_OPSET['int8']}, int4 from "
-                        f"{MIN_OPSET['int4']}; default {DEFAULT_OPSET}, {deploy.INT4_OPSET} with int4 weights)")
+                        f"{MIN_OPSET['int4']}; default {DEFAULT_OPSET}, {INT4_OPSET} with int4 weights)")
     p.add_argument("--batch", type=_count(1), default=None, metavar="N",
                    help="a fixed batch size: a graph about half as large (no shape arithmetic), that runs at N "
                         "images only (default: dynamic)")
-    p.add_argument("--input", default="raw", choices=deploy.INPUTS,
+    p.add_argument("--input", default="raw", choices=INPUTS,
                    help="what the file takes: raw pixels in [0, 1] (the normalisation in the graph) or images "
                         "normalised by the caller")
     p.add_argument("--normalisation", default=None, metavar="DATASET",
