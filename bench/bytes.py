@@ -13,7 +13,8 @@ Not a test. For each model, the rows:
   shrink + int8       `--policy shrink --target-saving 0.8 --limit-after-finetune`, fine-tuned, then int8
                       weights
   bitshrink B%        `--policy bitshrink --precision file-int4 --memory-budget B% of the dense fp32
-                      weight bytes --limit-after-finetune`, fine-tuned quantisation-aware
+                      weight bytes --limit-after-finetune` (widths: shrink's walk to the budget and the
+                      uniform grid, scored against each other), fine-tuned quantisation-aware
 The common fine-tuning: the same epochs, learning rate and distillation from the dense fp32 model
 for every row (quantisation-aware for bitshrink, whose model is on its int4 / int8 grid).
 
@@ -65,11 +66,13 @@ BUDGETS = (0.05, 0.025, 0.015)  # of the dense fp32 weight bytes
 AIMS = {0.025: 1.0, 0.015: 3.0}  # points of test top-1 the dense model may be above
 PROTOCOL = {
     "full": {"caps": None, "finetune_epochs": 3, "limit": 1.0, "ratios": (0.1, 0.3, 0.5, 0.7, 0.9),
-             "calib_batches": 4, "bit_options": {}, "shrink_options": {}, "check_images": None},
+             "calib_batches": 4, "bit_options": {"bit_widths": "walk"}, "shrink_options": {}, "check_images": None},
     "quick": {"caps": {"train": 384, "calib": 100, "test": 300}, "finetune_epochs": 1, "limit": 1.0,
               "ratios": (0.5,), "calib_batches": 1,
-              "bit_options": {"bit_ratios": "0.4,0.5,0.6,0.7,0.8", "bit_candidates": 1, "bit_images": 50,
-                              "bit_probe_steps": 4, "bit_recal_images": 256},
+              "bit_options": {"bit_widths": "both", "bit_ratios": "0.4,0.5,0.6,0.7,0.8", "bit_candidates": 1,
+                              "bit_images": 50, "bit_probe_steps": 4, "bit_recal_images": 256,
+                              # the walk bitshrink takes from shrink, as quick as the shrink row's
+                              "shrink_step": 0.5, "screen_images": 100, "recal_images": 64, "check_recal_images": 64},
               "shrink_options": {"shrink_step": 0.5, "screen_images": 100, "recal_images": 64,
                                  "check_recal_images": 64},
               "check_images": 100},
@@ -80,8 +83,9 @@ def log(msg: str) -> None:
     print(f"[bytes {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def settings(P: dict, data: str, out: Path, policy: str, constraints: Constraints, options=None, after=False):
-    return RunSettings(data=data, output=out, policy=policy, constraints=constraints, ratios=P["ratios"],
+def settings(P: dict, data: str, out: Path, policy: str, constraints: Constraints, options=None, after=False,
+             device: str = "cpu"):
+    return RunSettings(device=device, data=data, output=out, policy=policy, constraints=constraints, ratios=P["ratios"],
                        calib_batches=P["calib_batches"], finetune_epochs=P["finetune_epochs"], kd=True,
                        finetune_lr=1e-4, options=options or {}, max_images=P["caps"], latency_repeats=1,
                        measure_images=64, progress=False, limit_after_finetune=after, model_spec=str(out.name))
@@ -106,9 +110,48 @@ def file_row(model, name: str, data: str, work: Path, precision, test, n_check: 
             "bytes_by_precision": rec["by_precision"], "share_of_weights": rec["share_of_weights"]}
 
 
-def bench_model(preset: str, data: str, P: dict, work: Path) -> dict:
+# Rows "bitshrink uniform B%": where WORK/<model>/bitshrink-uniform-<B> holds a finished run, its
+# model is written and checked beside the others (not rerun: the folder is read as it is). The ones
+# in bench/results/bytes.md are bitshrink's uniform width grid alone, as it was before the walk
+# (commit a484059; today's `--bit-widths uniform`), trained by bench/bytes_gpu.sh at that commit
+# under this same protocol.
+RUNS = ("primesvt", "shrink") + tuple(f"bitshrink-{f:g}" for f in BUDGETS)
+
+
+def model_runs(preset: str, data: str, P: dict, work: Path, device: str = "cpu", only=None) -> dict:
+    """The policy runs of one model (run folders under `work`, resumed when they exist): the part
+    that trains, so the part worth a GPU (`--runs-only --device cuda`); their summaries by name."""
     dense = bundled_model(preset)
     work.mkdir(parents=True, exist_ok=True)
+    dense_fp32 = file_weight_bytes(dense, "fp32")["total"]
+    L = P["limit"]
+    wanted = [r for r in RUNS if not only or r in only]
+    out = {}
+    for name in wanted:
+        if name == "primesvt":
+            log(f"{preset}: PrimeSVT at {L:g} points")
+            args = ("primesvt", Constraints(max_acc_drop=L))
+        elif name == "shrink":
+            log(f"{preset}: shrink at an 80% target")
+            # the walk goes to the target; the limit is judged after fine-tuning
+            args = ("shrink", Constraints(max_acc_drop=L, target_saving=0.8), P["shrink_options"], True)
+        else:
+            frac = float(name.split("-", 1)[1])
+            budget = int(frac * dense_fp32)
+            log(f"{preset}: bitshrink at {frac:.1%} of the dense fp32 weight bytes ({budget:,} B)")
+            args = ("bitshrink", Constraints(max_acc_drop=L, memory_budget=budget, precision="file-int4"),
+                    P["bit_options"], True)
+        try:
+            out[name] = run(settings(P, data, work / name, *args, device=device), dense)
+        except Exception as e:  # a budget the policy cannot reach is a row that says so, not a lost benchmark
+            log(f"{preset}: {name}: {type(e).__name__}: {e}")
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+def bench_model(preset: str, data: str, P: dict, work: Path, device: str = "cpu") -> dict:
+    summaries = model_runs(preset, data, P, work, device)
+    dense = bundled_model(preset)
     test = dataset_for_model(data, dense, "test", max_images=(P["caps"] or {}).get("test"))
     dense_fp32 = file_weight_bytes(dense, "fp32")["total"]
     rows = []
@@ -122,35 +165,36 @@ def bench_model(preset: str, data: str, P: dict, work: Path) -> dict:
         return row
 
     d = add("dense fp32", dense, "fp32")
-    L = P["limit"]
-    log(f"{preset}: PrimeSVT at {L:g} points")
-    s = run(settings(P, data, work / "primesvt", "primesvt", Constraints(max_acc_drop=L)), dense)
-    prime = load_model(work / "primesvt" / "model").eval()
-    add("PrimeSVT", prime, "fp32", {"run": str(work / "primesvt"), "constraints_met": s.get("constraints_met")})
-    add("PrimeSVT + int8", prime, "int8", {"run": str(work / "primesvt")})
-    log(f"{preset}: shrink at an 80% target")
-    s = run(settings(P, data, work / "shrink", "shrink", Constraints(max_acc_drop=L, target_saving=0.8),
-                     P["shrink_options"], after=True), dense)  # the walk goes to the target; the limit is judged after fine-tuning
-    add("shrink + int8", load_model(work / "shrink" / "model").eval(), "int8", {"run": str(work / "shrink")})
+    if "error" in summaries["primesvt"]:
+        rows += [{"row": label, "error": summaries["primesvt"]["error"]} for label in ("PrimeSVT", "PrimeSVT + int8")]
+    else:
+        prime = load_model(work / "primesvt" / "model").eval()
+        add("PrimeSVT", prime, "fp32", {"run": str(work / "primesvt"),
+                                        "constraints_met": summaries["primesvt"].get("constraints_met")})
+        add("PrimeSVT + int8", prime, "int8", {"run": str(work / "primesvt")})
+    if "error" in summaries["shrink"]:
+        rows.append({"row": "shrink + int8", "error": summaries["shrink"]["error"]})
+    else:
+        add("shrink + int8", load_model(work / "shrink" / "model").eval(), "int8", {"run": str(work / "shrink")})
     for frac in BUDGETS:
-        budget = int(frac * dense_fp32)
         name = f"bitshrink-{frac:g}"
-        log(f"{preset}: bitshrink at {frac:.1%} of the dense fp32 weight bytes ({budget:,} B)")
-        try:
-            s = run(settings(P, data, work / name, "bitshrink",
-                             Constraints(max_acc_drop=L, memory_budget=budget, precision="file-int4"),
-                             P["bit_options"], after=True), dense)
-        except Exception as e:  # a budget the policy cannot reach is a row that says so, not a lost benchmark
-            rows.append({"row": f"bitshrink {frac:.1%}", "error": f"{type(e).__name__}: {e}"})
+        s = summaries[name]
+        if "error" in s:
+            rows.append({"row": f"bitshrink {frac:.1%}", "error": s["error"]})
             continue
-        model = load_model(work / name / "model").eval()
-        row = add(f"bitshrink {frac:.1%}", model, None, {"run": str(work / name), "budget_bytes": budget,
-                                                         "budget_met": s["bitshrink"]["budget_met"],
-                                                         "plan": model_plan(model)})
-        if frac in AIMS:
-            gap = 100 * (d["test_top1"] - row["test_top1"])
-            row["aim"] = {"points": AIMS[frac], "drop_points": gap, "met": gap <= AIMS[frac],
-                          "missed_by_points": max(0.0, gap - AIMS[frac])}
+        folders = [(f"bitshrink {frac:.1%}", name, s)]
+        uniform = work / f"bitshrink-uniform-{frac:g}"  # see UNIFORM_ROWS
+        if (uniform / "summary.json").exists():
+            folders.append((f"bitshrink uniform {frac:.1%}", uniform.name,
+                            json.loads((uniform / "summary.json").read_text())))
+        for label, folder, summary in folders:
+            model = load_model(work / folder / "model").eval()
+            row = add(label, model, None, {"run": str(work / folder), "budget_bytes": int(frac * dense_fp32),
+                                           "budget_met": summary["bitshrink"]["budget_met"], "plan": model_plan(model)})
+            if frac in AIMS:
+                gap = 100 * (d["test_top1"] - row["test_top1"])
+                row["aim"] = {"points": AIMS[frac], "drop_points": gap, "met": gap <= AIMS[frac],
+                              "missed_by_points": max(0.0, gap - AIMS[frac])}
     return {"model": preset, "data": data, "dense_fp32_weight_bytes": dense_fp32, "test_images": len(test),
             "rows": rows}
 
@@ -163,7 +207,9 @@ def to_markdown(doc: dict) -> str:
     lines = ["# Bytes against accuracy: pruning, int8, and bitshrink's widths and bit widths together", "",
              f"Command: `{doc['command']}`  ",
              f"Date: {doc['date']}; torch {doc['machine']['torch']}, {doc['machine']['cpus']} CPUs; "
-             f"protocol {doc['protocol_name']}: {json.dumps(doc['protocol'])}", "",
+             f"protocol {doc['protocol_name']}: {json.dumps(doc['protocol'])}  ",
+             f"Runs trained on: {doc.get('runs_trained_on', 'this machine')}; files written and checked on this "
+             "machine's CPU (ONNX Runtime)", "",
              "Weight bytes: what the ONNX file holds for the weights (BatchNorm folded, int4 packed two to a byte, "
              "per-channel fp32 scales and zero points); graph bytes: the rest of the file (the graph unrolled over "
              "T, names, framing, the input normalisation); file: on disk. Test top-1: the model as the file "
@@ -200,19 +246,38 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="run folders (default runs/bench-bytes/<quick|full>)")
     p.add_argument("--out", default=None, help="results name in bench/results (default bytes or bytes-quick)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="where the runs train and evaluate (cuda: the runs only need a GPU; "
+                                                   "the ONNX files are checked with ONNX Runtime on the CPU)")
+    p.add_argument("--runs-only", action="store_true",
+                   help="only the policy runs (to train them on a GPU, then rerun without it here: the runs resume "
+                        "as done and the files are written and checked)")
+    p.add_argument("--runs-trained-on", default=None, metavar="TEXT",
+                   help="where the resumed runs were trained, for the results (e.g. the GPU of bench/bytes_gpu.sh)")
+    p.add_argument("--model", action="append", default=None, help="only this preset (repeatable; --runs-only)")
+    p.add_argument("--row", action="append", default=None, choices=RUNS, help="only this run (repeatable; --runs-only)")
     args = p.parse_args(argv)
+    if (args.model or args.row) and not args.runs_only:
+        p.error("--model and --row select runs: give them with --runs-only (the results table needs every row)")
     torch.set_num_threads(args.threads)
     name = "quick" if args.quick else "full"
     P = PROTOCOL[name]
     work = Path(args.work) if args.work else ROOT / "runs" / "bench-bytes" / name
     out = ROOT / "bench" / "results" / (args.out or ("bytes-quick" if args.quick else "bytes"))
     t0 = time.perf_counter()
-    models = [bench_model(preset, data, P, work / preset) for preset, data in (QUICK_MODELS if args.quick else FULL_MODELS)]
+    chosen = [(m, d) for m, d in (QUICK_MODELS if args.quick else FULL_MODELS) if not args.model or m in args.model]
+    if args.runs_only:
+        for preset, data in chosen:
+            done = model_runs(preset, data, P, work / preset, args.device, args.row)
+            log(f"{preset}: " + ", ".join(f"{k}: {'error' if 'error' in v else 'done'}" for k, v in done.items()))
+        log(f"runs done in {time.perf_counter() - t0:.0f} s")
+        return 0
+    models = [bench_model(preset, data, P, work / preset, args.device) for preset, data in chosen]
     doc = {"format": "spikeprune-bench-bytes", "version": 1,
            "command": "python bench/bytes.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "machine": {"torch": torch.__version__, "cpus": len(os.sched_getaffinity(0)),
                        "threads": args.threads, "python": platform.python_version()},
+           "runs_trained_on": args.runs_trained_on or f"this machine ({args.device})",
            "protocol_name": name, "protocol": {k: v for k, v in P.items()}, "models": models,
            "wall_s": time.perf_counter() - t0}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,8 @@ resolved object.
 """
 from __future__ import annotations
 
+import copy
+
 import json
 import math
 import shutil
@@ -392,7 +394,22 @@ class PruneContext:
 
     def option(self, name: str):
         """The checked value of one of the running policy's declared options (its default when not given)."""
-        return get_policy(self.settings.policy).option(name).value(self.options.get(name))
+        policy = getattr(self, "_as_policy", None) or self.settings.policy
+        return get_policy(policy).option(name).value(self.options.get(name))
+
+    def as_policy(self, name: str) -> "PruneContext":
+        """This context for another registered policy run as one step of the running one (bitshrink
+        walks its widths with shrink): the same model, data, constraints, run folder, checkpoints and
+        log; ctx.option reads that policy's declared options (its defaults where the run gave none).
+        The step's counters are its own: add them back with `absorb`."""
+        get_policy(name)  # an unknown name is refused here, not deep inside the step
+        step = copy.copy(self)
+        step._as_policy = name
+        return step
+
+    def absorb(self, step: "PruneContext") -> None:
+        """Take over the evaluation counters of a step context made by as_policy."""
+        self.evaluations, self.images_evaluated = step.evaluations, step.images_evaluated
 
     # data and accuracy --------------------------------------------------------------------------
     def dataset(self, split: str, augment: bool = False):

@@ -10,7 +10,7 @@ Importing this package registers the built-in policies with spikeprune.policy_ap
   primesvt  PrimeSVT: robust groups compressed largest first under accuracy and memory limits
   shrink    ours: one small cut at a time, every group's next cut measured after re-estimating
             BatchNorm, the cheapest per byte taken, until the accuracy limit or the memory budget
-  bitshrink ours: uniform widths and per-layer int4 / int8 weights together under a budget on the
+  bitshrink ours: widths (shrink's walk or uniform) and per-layer int4 / int8 weights together under a budget on the
             exported file's bytes
   global    all channels ranked together by group-normalised magnitude (Torch-Pruning's global
             pruner; module global_l2)
