@@ -157,6 +157,7 @@ def _probe(ctx: PruneContext, model, plan, steps: int):
                       "the exported file's bytes (--precision file-int4)")
 def bitshrink(ctx: PruneContext) -> PolicyResult:
     """bitshrink (module docstring)."""
+    # Whole: its three phases (the fitting candidates, their scores, the report) read top to bottom.
     S = _options(ctx.options)
     cons = ctx.constraints
     if not cons.precision.startswith(FILE_PREFIX) or cons.budget_bytes is None:
