@@ -5,7 +5,9 @@ ARCHITECTURE.md itself, so the document and the check cannot drift apart:
 - every import (function-local ones and a package importing its own submodules included) goes to
   the module's own layer or a lower one, and the imports form no circle;
 - no module outside models/ names a family;
-- a function-local import says why, with one of a short fixed list of reasons.
+- a function-local import says why, with one of a short fixed list of reasons;
+- no function is above cyclomatic complexity 20 (radon) unless a `# Whole:` comment at its top says
+  why it is better whole.
 """
 from __future__ import annotations
 

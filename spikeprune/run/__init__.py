@@ -56,6 +56,7 @@ from .settings import LATENCY_REPEATS, MEASURE_IMAGES, RunSettings
 from .steps import (calib_once, constraint_checks, finetune_step, group_widths, measure_latency, measure_model,
                     run_policy, run_warnings)
 
+
 # ------------------------------------------------------------------------------------------------
 # Checks before anything is written
 # ------------------------------------------------------------------------------------------------
