@@ -547,9 +547,8 @@ def _cifar(root: str, kind: str):
     return images, labels, split, num_classes, classes
 
 
-@lru_cache(maxsize=2)
-def _folder_index(root: str):
-    path = Path(root)
+def _image_files(path: Path) -> dict:
+    """{"train" / "val": {class folder: its image files, sorted}} of an imagefolder root."""
     if not path.is_dir():
         raise SpikepruneError(f"imagefolder folder {path} does not exist; it must hold train/<class>/*.jpg|png "
                               "and val/<class>/*.jpg|png")
@@ -561,6 +560,11 @@ def _folder_index(root: str):
                                   f"{path}/val/<class>/ sub-folders of images")
         found[part] = {c.name: sorted(p for p in c.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
                        for c in sorted(d.iterdir()) if c.is_dir()}
+    return found
+
+
+def _check_image_classes(path: Path, found: dict) -> list[str]:
+    """The classes (train/'s folders, sorted), once train/ and val/ hold images and val/ no other class."""
     classes = sorted(found["train"])
     if not classes or not any(found["train"].values()):
         raise SpikepruneError(f"{path}/train holds no images in class sub-folders "
@@ -571,6 +575,14 @@ def _folder_index(root: str):
                               "folders must match")
     if not any(found["val"].values()):
         raise SpikepruneError(f"{path}/val holds no images; put each class's test images in val/<class>/")
+    return classes
+
+
+@lru_cache(maxsize=2)
+def _folder_index(root: str):
+    path = Path(root)
+    found = _image_files(path)
+    classes = _check_image_classes(path, found)
     for part in found:  # _folder_index is cached, so each empty folder is warned about once per process
         for c in (c for c, images in found[part].items() if not images):
             warnings.warn(f"imagefolder class folder {path / part / c} holds no images "

@@ -231,7 +231,21 @@ def _whole(x) -> str:
 
 
 def _results_section(s: dict) -> list[str]:
-    n_test = _test_images(s)
+    lines = _results_table(s) + [""] + _results_notes(s)
+    lat = s.get("latency") or {}
+    if lat and not lat.get("reliable", True):
+        lines += ["", "**Latency marked ? is unreliable**: " + "; ".join(lat.get("why") or []) + "."]
+    lines += _deployed_lines(s.get("finetuned") or s.get("pruned") or {})
+    if s.get("finetune"):
+        ft = s["finetune"]
+        lines.append(f"Fine-tuning: {plural(ft['epochs'], 'epoch')}, lr {ft['lr']:g}"
+                     + (f", distillation from the dense model (weight {ft['kd_weight']:g}, T {ft['kd_temperature']:g})"
+                        if ft.get("kd") else ", no distillation") + ".")
+    return lines + [""]
+
+
+def _results_table(s: dict) -> list[str]:
+    """The heading and one row per model of the run (dense, pruned, fine-tuned)."""
     lines = ["## Results (test split)", "",
              "| model | top-1 | top-5 | params | memory fp32 | memory fp16 | memory int8 | MACs | SOPs | energy (mJ) | "
              "latency (ms) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -247,42 +261,44 @@ def _results_section(s: dict) -> list[str]:
                      f"{format_bytes(mb.get('fp32'))} | {format_bytes(mb.get('fp16'))} | {format_bytes(mb.get('int8'))} | "
                      f"{m['macs']:,} | {_whole(m.get('sops'))} | {_fixed(m.get('energy_mj'), energy_dp)} | "
                      f"{_latency_cell(m, latency_dp)} |")
+    return lines
+
+
+def _results_notes(s: dict) -> list[str]:
+    """What the table's figures rest on: images, standard errors, the calibration split, SOPs, latency."""
+    n_test = _test_images(s)
     cal = s["calib"]
     measured = s.get("settings", {}).get("measure_images")
-    lines += ["", (f"Top-1 and top-5 on {plural(n_test, 'test image')}; " if n_test else "Top-1 and top-5 on the test "
-                   "split; ") + "± is the standard error of that figure (sqrt(p(1-p)/n), in points): figures closer "
-              "than about two of them cannot be told apart.",
-              f"Calibration split ({plural(cal['n'], 'image')}, where every decision was made): dense "
-              f"{with_error(cal['dense_top1'], cal['n'])}, pruned {with_error(cal['pruned_top1'], cal['n'])}"
-              + (f", fine-tuned {with_error(cal['finetuned_top1'], cal['n'])}" if cal.get("finetuned_top1") is not None
-                 else "") + ".",
-              "MACs per image; SOPs (synaptic operations: spikes times the fan-out they reach) and energy are means "
-              + (f"over {plural(min(measured, n_test or measured), 'test image')}" if measured else "over test images")
-              + "; energy: the Spikformer papers' 45 nm estimate. Latency: batch 1, median of the repeats, the models "
-              "timed in turn (interleaved), ± half the interquartile range; on this machine."]
-    lat = s.get("latency") or {}
-    if lat and not lat.get("reliable", True):
-        lines += ["", "**Latency marked ? is unreliable**: " + "; ".join(lat.get("why") or []) + "."]
-    final = s.get("finetuned") or s.get("pruned") or {}
-    if final.get("deployed_bytes"):  # what an embedded target stores: `spikeprune export` writes these weights
-        dep = final["deployed_bytes"]
-        lines.append(f"Deployed weights (BatchNorm folded into the layer before it, as `spikeprune export` writes them; "
-                     f"int8 with its per-channel scales and zero points; the graph itself adds a little): "
-                     f"fp32 {format_bytes(dep['fp32'])}, fp16 {format_bytes(dep['fp16'])}, int8 {format_bytes(dep['int8'])}"
-                     + (f", int4 {format_bytes(final['file_bytes']['int4'])} (packed; first conv and head at int8)"
-                        if final.get("file_bytes") else "") + ".")
-        plan = (final.get("file_bytes") or {}).get("plan")
-        if plan and plan["quantised"]:  # a model whose weights are on a per-layer precision grid
-            held = ", ".join(f"{p} {format_bytes(b)} ({plan['share_of_weights'][p]:.1%} of the weights)"
-                             for p, b in plan["by_precision"].items() if b)
-            lines.append(f"This model's weights as its file holds them: {format_bytes(plan['total'])} ({held}; "
-                         f"{plan['bits_per_weight']:.2f} bits per weight).")
-    if s.get("finetune"):
-        ft = s["finetune"]
-        lines.append(f"Fine-tuning: {plural(ft['epochs'], 'epoch')}, lr {ft['lr']:g}"
-                     + (f", distillation from the dense model (weight {ft['kd_weight']:g}, T {ft['kd_temperature']:g})"
-                        if ft.get("kd") else ", no distillation") + ".")
-    return lines + [""]
+    return [(f"Top-1 and top-5 on {plural(n_test, 'test image')}; " if n_test else "Top-1 and top-5 on the test "
+             "split; ") + "± is the standard error of that figure (sqrt(p(1-p)/n), in points): figures closer "
+            "than about two of them cannot be told apart.",
+            f"Calibration split ({plural(cal['n'], 'image')}, where every decision was made): dense "
+            f"{with_error(cal['dense_top1'], cal['n'])}, pruned {with_error(cal['pruned_top1'], cal['n'])}"
+            + (f", fine-tuned {with_error(cal['finetuned_top1'], cal['n'])}" if cal.get("finetuned_top1") is not None
+               else "") + ".",
+            "MACs per image; SOPs (synaptic operations: spikes times the fan-out they reach) and energy are means "
+            + (f"over {plural(min(measured, n_test or measured), 'test image')}" if measured else "over test images")
+            + "; energy: the Spikformer papers' 45 nm estimate. Latency: batch 1, median of the repeats, the models "
+            "timed in turn (interleaved), ± half the interquartile range; on this machine."]
+
+
+def _deployed_lines(final: dict) -> list[str]:
+    """The final model's weights as an exported file stores them (none when the summary lacks them)."""
+    if not final.get("deployed_bytes"):  # what an embedded target stores: `spikeprune export` writes these weights
+        return []
+    dep = final["deployed_bytes"]
+    lines = [f"Deployed weights (BatchNorm folded into the layer before it, as `spikeprune export` writes them; "
+             f"int8 with its per-channel scales and zero points; the graph itself adds a little): "
+             f"fp32 {format_bytes(dep['fp32'])}, fp16 {format_bytes(dep['fp16'])}, int8 {format_bytes(dep['int8'])}"
+             + (f", int4 {format_bytes(final['file_bytes']['int4'])} (packed; first conv and head at int8)"
+                if final.get("file_bytes") else "") + "."]
+    plan = (final.get("file_bytes") or {}).get("plan")
+    if plan and plan["quantised"]:  # a model whose weights are on a per-layer precision grid
+        held = ", ".join(f"{p} {format_bytes(b)} ({plan['share_of_weights'][p]:.1%} of the weights)"
+                         for p, b in plan["by_precision"].items() if b)
+        lines.append(f"This model's weights as its file holds them: {format_bytes(plan['total'])} ({held}; "
+                     f"{plan['bits_per_weight']:.2f} bits per weight).")
+    return lines
 
 
 def _widths_section(s: dict) -> list[str]:

@@ -45,6 +45,7 @@ import math
 import random
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -365,74 +366,67 @@ class Recorder(TorchFunctionMode):
             mark(_all_atoms(self.fresh(t)), reason)
 
     def rule(self, name, func, args, kwargs, out) -> None:
-        ins = _tensors(args) + _tensors(kwargs)
         if not _tensors(out):
-            return
+            return None
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if name in ("linear",):
-            return self.linear(args, kwargs, out)
         if name.startswith("conv") and name[4:6] in ("1d", "2d", "3d"):
             return self.conv(name, args, kwargs, out)
-        if name == "batch_norm":
-            return self.batch_norm(args, kwargs, out)
-        if name == "layer_norm":
-            return self.layer_norm(args, kwargs, out)
         if "pool" in name:
             return self.pool(name, args, kwargs, out)
-        if name in ("matmul", "__matmul__", "bmm", "__rmatmul__"):
-            a, b = (args[1], args[0]) if name == "__rmatmul__" else (args[0], args[1])
-            return self.matmul(a, b, out)
-        if name in SOFTMAX:
-            dim = args[1] if len(args) > 1 else kwargs.get("dim")
-            inf = self.get(x)
-            mark(inf.dims[dim], f"{name} over this dim reads every channel")
-            return self.put(out, TInfo(list(inf.dims)))
-        if name in ELEMENTWISE or name in ("dropout", "feature_alpha_dropout"):
-            return self.elementwise(name, ins, out)
-        if name in RESHAPES:
-            self.reshape(x, out)
-            return self.bind(name, args, kwargs, out)
-        if name in ("permute", "transpose", "transpose_", "t", "__get__T", "__get__mT", "swapaxes", "movedim"):
-            return self.permute(name, x, args, kwargs, out)
-        if name in ("expand", "expand_as", "broadcast_to"):
-            inf = self.get(x)
-            dims = []
-            for k, n in enumerate(out.shape):
-                j = k - (out.dim() - x.dim())
-                dims.append(inf.dims[j] if j >= 0 and x.shape[j] == n else [Atom(n)])
-            self.put(out, TInfo(dims, inf.spike_from))
-            return self.bind(name, args, kwargs, out)
-        if name == "repeat":
-            inf = self.get(x)
-            lead = out.dim() - x.dim()
-            dims = [[Atom(n)] for n in out.shape[:lead]]
-            for j, n in enumerate(x.shape):
-                if out.shape[lead + j] == n:
-                    dims.append(inf.dims[j])
-                else:
-                    mark(inf.dims[j], "repeated along this dim")
-                    dims.append([Atom(out.shape[lead + j])])
-            return self.put(out, TInfo(dims, inf.spike_from))
-        if name == "__getitem__":
-            return self.getitem(x, args[1], out)
-        if name in ("stack", "cat", "concat", "concatenate"):
-            return self.cat(name, args, kwargs, out)
-        if name in ("chunk", "split", "tensor_split", "split_with_sizes"):
-            return self.chunk(name, x, args, kwargs, out)
-        if name in ("unbind",):
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-            inf = self.get(x)
-            for t in out:
-                self.put(t, TInfo([d for k, d in enumerate(inf.dims) if k != dim % x.dim()], inf.spike_from))
-            return None
-        if name in REDUCE_SUM | REDUCE_OTHER:
-            return self.reduce(name, x, args, kwargs, out)
-        if name in ("zeros", "ones", "empty", "full", "arange", "tensor", "as_tensor", "rand", "randn", "new_zeros",
-                    "new_ones", "new_empty", "new_full", "new_tensor", "linspace", "eye"):
-            for t in _tensors(out):
-                self.fresh(t)
-            return None
-        return self.unknown(name, args, kwargs, out)
+        read = OP_RULES.get(name)
+        if read is None:
+            return self.unknown(name, args, kwargs, out)
+        return read(self, Call(name, x, args, kwargs, out))
+
+    def matmul_call(self, c: "Call") -> None:
+        a, b = (c.args[1], c.args[0]) if c.name == "__rmatmul__" else (c.args[0], c.args[1])
+        return self.matmul(a, b, c.out)
+
+    def softmax(self, c: "Call") -> None:
+        dim = c.args[1] if len(c.args) > 1 else c.kwargs.get("dim")
+        inf = self.get(c.x)
+        mark(inf.dims[dim], f"{c.name} over this dim reads every channel")
+        return self.put(c.out, TInfo(list(inf.dims)))
+
+    def reshaped(self, c: "Call") -> None:
+        self.reshape(c.x, c.out)
+        return self.bind(c.name, c.args, c.kwargs, c.out)
+
+    def expand(self, c: "Call") -> None:
+        x, out = c.x, c.out
+        inf = self.get(x)
+        dims = []
+        for k, n in enumerate(out.shape):
+            j = k - (out.dim() - x.dim())
+            dims.append(inf.dims[j] if j >= 0 and x.shape[j] == n else [Atom(n)])
+        self.put(out, TInfo(dims, inf.spike_from))
+        return self.bind(c.name, c.args, c.kwargs, out)
+
+    def repeat(self, c: "Call") -> None:
+        x, out = c.x, c.out
+        inf = self.get(x)
+        lead = out.dim() - x.dim()
+        dims = [[Atom(n)] for n in out.shape[:lead]]
+        for j, n in enumerate(x.shape):
+            if out.shape[lead + j] == n:
+                dims.append(inf.dims[j])
+            else:
+                mark(inf.dims[j], "repeated along this dim")
+                dims.append([Atom(out.shape[lead + j])])
+        return self.put(out, TInfo(dims, inf.spike_from))
+
+    def unbind(self, c: "Call") -> None:
+        x = c.x
+        dim = c.args[1] if len(c.args) > 1 else c.kwargs.get("dim", 0)
+        inf = self.get(x)
+        for t in c.out:
+            self.put(t, TInfo([d for k, d in enumerate(inf.dims) if k != dim % x.dim()], inf.spike_from))
+        return None
+
+    def factory(self, c: "Call") -> None:
+        for t in _tensors(c.out):
+            self.fresh(t)
+        return None
 
     def elementwise(self, name, ins, out) -> None:
         ins = [t for t in ins if t.dim() > 0]
@@ -440,25 +434,29 @@ class Recorder(TorchFunctionMode):
         o = outs[0]
         dims = []
         acts = [t for t in ins if id(t) not in self.param_owner]
+        # two activations (not a weight) added or multiplied: a residual sum, or a product such as q * k
+        flag = "residual" if name in ADDS else "product" if name in PRODUCTS else None
         for k, n in enumerate(o.shape):
-            cands = []
-            for t in ins:
-                j = k - (o.dim() - t.dim())
-                if j >= 0 and t.shape[j] == n and n != 1:
-                    cands.append(self.get(t).dims[j])
+            cands = self._aligned_dims(ins, o, k, n)
             for c in cands[1:]:
                 unify(cands[0], c)
-            if len(acts) >= 2 and len(cands) >= 2 and name in ADDS:
+            if flag and len(acts) >= 2 and len(cands) >= 2:
                 for a in leaves(cands[0]):
-                    find(a).flags.add("residual")
-            if len(acts) >= 2 and len(cands) >= 2 and name in PRODUCTS:
-                for a in leaves(cands[0]):
-                    find(a).flags.add("product")
+                    find(a).flags.add(flag)
             dims.append(cands[0] if cands else [Atom(n)])
         spike = None
         if ins and name in ("to", "float", "double", "half", "contiguous", "clone", "detach", "type", "type_as"):
             spike = self.get(ins[0]).spike_from
         self.put(o, TInfo(dims, spike))
+
+    def _aligned_dims(self, ins, o, k: int, n: int) -> list:
+        """The dims of the inputs that broadcasting aligns with dim k (size n > 1) of the output o."""
+        cands = []
+        for t in ins:
+            j = k - (o.dim() - t.dim())
+            if j >= 0 and t.shape[j] == n and n != 1:
+                cands.append(self.get(t).dims[j])
+        return cands
 
     def reshape(self, x, out) -> None:
         inf = self.get(x)
@@ -771,6 +769,46 @@ def _all_atoms(inf: TInfo) -> list[Atom]:
     return [a for d in inf.dims for a in d]
 
 
+class Call(NamedTuple):
+    """One op call as a rule reads it: its name, its first tensor argument (or None), its arguments
+    and its output."""
+    name: str
+    x: torch.Tensor | None
+    args: tuple
+    kwargs: dict
+    out: object
+
+
+# Op name -> how the recorder reads a call of it (ops named conv1d / 2d / 3d or with "pool" in their
+# name are read as convolutions and pools first; an op of no family is unknown). The families are
+# listed in the order they are tried: an op named in two goes to the first.
+_OP_FAMILIES = (
+    (("linear",), lambda r, c: r.linear(c.args, c.kwargs, c.out)),
+    (("batch_norm",), lambda r, c: r.batch_norm(c.args, c.kwargs, c.out)),
+    (("layer_norm",), lambda r, c: r.layer_norm(c.args, c.kwargs, c.out)),
+    (("matmul", "__matmul__", "bmm", "__rmatmul__"), Recorder.matmul_call),
+    (SOFTMAX, Recorder.softmax),
+    (ELEMENTWISE | {"dropout", "feature_alpha_dropout"},
+     lambda r, c: r.elementwise(c.name, _tensors(c.args) + _tensors(c.kwargs), c.out)),
+    (RESHAPES, Recorder.reshaped),
+    (("permute", "transpose", "transpose_", "t", "__get__T", "__get__mT", "swapaxes", "movedim"),
+     lambda r, c: r.permute(c.name, c.x, c.args, c.kwargs, c.out)),
+    (("expand", "expand_as", "broadcast_to"), Recorder.expand),
+    (("repeat",), Recorder.repeat),
+    (("__getitem__",), lambda r, c: r.getitem(c.x, c.args[1], c.out)),
+    (("stack", "cat", "concat", "concatenate"), lambda r, c: r.cat(c.name, c.args, c.kwargs, c.out)),
+    (("chunk", "split", "tensor_split", "split_with_sizes"), lambda r, c: r.chunk(c.name, c.x, c.args, c.kwargs, c.out)),
+    (("unbind",), Recorder.unbind),
+    (REDUCE_SUM | REDUCE_OTHER, lambda r, c: r.reduce(c.name, c.x, c.args, c.kwargs, c.out)),
+    (("zeros", "ones", "empty", "full", "arange", "tensor", "as_tensor", "rand", "randn", "new_zeros", "new_ones",
+      "new_empty", "new_full", "new_tensor", "linspace", "eye"), Recorder.factory),
+)
+OP_RULES: dict[str, Callable[[Recorder, Call], None]] = {}
+for _names, _read in _OP_FAMILIES:
+    for _op in _names:
+        OP_RULES.setdefault(_op, _read)
+
+
 # ------------------------------------------------------------------------------------------------
 # From atoms to groups
 # ------------------------------------------------------------------------------------------------
@@ -842,21 +880,8 @@ def _candidates(rec: Recorder, model: nn.Module) -> tuple[list[Group], dict, dic
     """Groups from the atom classes; (groups, group -> leaf, member leaves, unprunable)."""
     modules = dict(model.named_modules())
     member_leaves = {k: leaves([a]) for k, a in rec.member_atoms.items()}
+    roles = _leaf_roles(member_leaves, modules)
     unprunable: dict[tuple[str, str], None] = {}
-    roles: dict[int, dict] = {}  # leaf id -> {"alone": [...], "first": [...], "second": [...], "leaf": Atom}
-    for key, ls in member_leaves.items():
-        if not ls or (key[1] >= 2 and isinstance(modules[key[0]], nn.modules.conv._ConvNd)):
-            continue  # a kernel window: never a channel
-        if len(ls) > 2:
-            mark(ls, "a parameter dim is a product of more than two factors")
-        for pos, leaf in enumerate(ls):
-            r = roles.setdefault(leaf.id, {"alone": [], "first": [], "second": [], "leaf": leaf})
-            r["alone" if len(ls) == 1 else ("first" if pos == 0 else "second")].append(key)
-    for r in roles.values():
-        if r["second"] and (r["alone"] or r["first"]):
-            mark([r["leaf"]], "a head dim is also used outside its heads")
-        if r["second"] and len({member_leaves[k][0].id for k in r["second"]}) > 1:
-            mark([r["leaf"]], "a head dim is split into heads in two ways")
 
     def order(keys):
         return min(rec.member_order[k] for k in keys)
@@ -870,29 +895,58 @@ def _candidates(rec: Recorder, model: nn.Module) -> tuple[list[Group], dict, dic
             for m, _ in keys:
                 unprunable[(m, reasons[0])] = None
             continue
-        if r["second"]:
-            heads_leaf = member_leaves[r["second"][0]][0]
-            members = [Member(m, d) for m, d in r["second"]]
-            kind = "residual" if "residual" in leaf.flags else "qk" if "contracted" in leaf.flags else "v"
-            groups.append(Group(name="", kind=kind, unit="channel", size=heads_leaf.size * leaf.size, members=members,
-                                heads=heads_leaf.size, head_group=str(heads_leaf.id)))
-        elif r["first"]:
-            members = [Member(m, d, math.prod(x.size for x in member_leaves[(m, d)][1:])) for m, d in keys]
-            groups.append(Group(name="", kind="heads", unit="head", size=leaf.size, members=members))
-        else:
-            members = [Member(m, d) for m, d in keys]
-            if "residual" in leaf.flags:
-                kind = "residual"
-            elif "product" in leaf.flags or "contracted" in leaf.flags:
-                kind = "qk"
-            elif any(d == 0 and isinstance(modules[m], nn.modules.conv._ConvNd) and
-                     math.prod(modules[m].kernel_size) > 1 for m, d in keys):
-                kind = "stem"
-            else:
-                kind = "hidden"
-            groups.append(Group(name="", kind=kind, unit="channel", size=leaf.size, members=members))
+        groups.append(_group_of(r, keys, member_leaves, modules))
         group_leaf[id(groups[-1])] = leaf.id
     return groups, group_leaf, member_leaves, list(unprunable)
+
+
+def _leaf_roles(member_leaves: dict, modules: dict) -> dict[int, dict]:
+    """leaf id -> {"alone" / "first" / "second": the (module, dim) keys whose dim is that leaf alone,
+    or the first (heads) or second (channels in a head) factor of it; "leaf": the Atom}. A leaf used
+    in ways no group can cut is marked."""
+    roles: dict[int, dict] = {}
+    for key, ls in member_leaves.items():
+        if not ls or (key[1] >= 2 and isinstance(modules[key[0]], nn.modules.conv._ConvNd)):
+            continue  # a kernel window: never a channel
+        if len(ls) > 2:
+            mark(ls, "a parameter dim is a product of more than two factors")
+        for pos, leaf in enumerate(ls):
+            r = roles.setdefault(leaf.id, {"alone": [], "first": [], "second": [], "leaf": leaf})
+            r["alone" if len(ls) == 1 else ("first" if pos == 0 else "second")].append(key)
+    for r in roles.values():
+        if r["second"] and (r["alone"] or r["first"]):
+            mark([r["leaf"]], "a head dim is also used outside its heads")
+        if r["second"] and len({member_leaves[k][0].id for k in r["second"]}) > 1:
+            mark([r["leaf"]], "a head dim is split into heads in two ways")
+    return roles
+
+
+def _group_of(r: dict, keys: list, member_leaves: dict, modules: dict) -> Group:
+    """The group that cuts the leaf of the roles `r`: channels within each head, whole heads, or channels."""
+    leaf = r["leaf"]
+    if r["second"]:
+        heads_leaf = member_leaves[r["second"][0]][0]
+        members = [Member(m, d) for m, d in r["second"]]
+        kind = "residual" if "residual" in leaf.flags else "qk" if "contracted" in leaf.flags else "v"
+        return Group(name="", kind=kind, unit="channel", size=heads_leaf.size * leaf.size, members=members,
+                     heads=heads_leaf.size, head_group=str(heads_leaf.id))
+    if r["first"]:
+        members = [Member(m, d, math.prod(x.size for x in member_leaves[(m, d)][1:])) for m, d in keys]
+        return Group(name="", kind="heads", unit="head", size=leaf.size, members=members)
+    members = [Member(m, d) for m, d in keys]
+    return Group(name="", kind=_channel_kind(leaf, keys, modules), unit="channel", size=leaf.size, members=members)
+
+
+def _channel_kind(leaf: Atom, keys: list, modules: dict) -> str:
+    """What a plain channel group is, from how the forward used its leaf and which layers it cuts."""
+    if "residual" in leaf.flags:
+        return "residual"
+    if "product" in leaf.flags or "contracted" in leaf.flags:
+        return "qk"
+    if any(d == 0 and isinstance(modules[m], nn.modules.conv._ConvNd) and
+           math.prod(modules[m].kernel_size) > 1 for m, d in keys):
+        return "stem"
+    return "hidden"
 
 
 def _add_probes(groups: list[Group], group_leaf: dict, rec: Recorder, member_leaves: dict, model: nn.Module) -> None:
@@ -910,13 +964,7 @@ def _add_probes(groups: list[Group], group_leaf: dict, rec: Recorder, member_lea
         probes = []
         for (name, k), ls in sites.items():
             ids = tuple(x.id for x in ls)
-            if g.unit == "head":
-                ok = ids[0] == leaf
-            elif g.heads > 1:
-                ok = len(ids) == 2 and ids[1] == leaf
-            else:
-                ok = ids == (leaf,)
-            if not ok:
+            if not _site_is_group(g, leaf, ids):
                 continue
             readers = tuple(dict.fromkeys(
                 m.module for m in g.members if m.dim == 1 and getattr(modules[m.module], "weight", None) is not None
@@ -926,6 +974,15 @@ def _add_probes(groups: list[Group], group_leaf: dict, rec: Recorder, member_lea
             probes.append(Probe(name, "output", k, readers, width))
         g.probes = probes
         g.probe_reduce = "prod" if g.kind == "qk" and len(probes) > 1 else "sum"
+
+
+def _site_is_group(g: Group, leaf: int, ids: tuple) -> bool:
+    """Is a neuron output dim made of the leaves `ids` exactly the channels of `g` (whose leaf is `leaf`)?"""
+    if g.unit == "head":
+        return ids[0] == leaf
+    if g.heads > 1:
+        return len(ids) == 2 and ids[1] == leaf
+    return ids == (leaf,)
 
 
 def _name_groups(groups: list[Group], group_leaf: dict) -> None:
@@ -953,36 +1010,39 @@ def _name_groups(groups: list[Group], group_leaf: dict) -> None:
 
 
 def _cost_rows(rec: Recorder, model: nn.Module) -> list[CostRow]:
+    """One row per weight layer, norm and bare parameter of `model` (in module order), then one per
+    matrix product of two activations the forward made."""
     rows = []
-    dense = {}
     for path, mod in model.named_modules():
         params = [(n, p) for n, p in mod._parameters.items() if p is not None]
-        if not params:
-            continue
-        calls = rec.calls.get(path, [])
-        if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)) and mod.weight is not None:
-            macs = sum(c[0] for c in calls)
-            factors = [*leaves([rec.member_atoms[(path, 0)]]), *leaves([rec.member_atoms[(path, 1)]])] \
-                if (path, 0) in rec.member_atoms and (path, 1) in rec.member_atoms else []
-            prod = math.prod(f.size for f in factors)
-            spikes = calls and all(c[1] for c in calls)
-            rows.append(CostRow(path, type(mod).__name__, tuple(mod.weight.shape), mod.bias is not None,
-                                "unused" if not calls else "spikes" if spikes else "real",
-                                tuple(f.id for f in factors), macs / prod if prod else 0.0))
-            dense.update({f.id: f.size for f in factors})
-        elif isinstance(mod, (nn.modules.batchnorm._NormBase, nn.LayerNorm)) and getattr(mod, "weight", None) is not None \
-                and mod.weight.dim() == 1 and set(dict(params)) <= {"weight", "bias"}:
-            rows.append(CostRow(path, type(mod).__name__, tuple(mod.weight.shape), getattr(mod, "bias", None) is not None,
-                                "real"))
-        else:
-            for _, p in params:
-                rows.append(CostRow(path, "Parameter", tuple(p.shape) or (1,), False, "real"))
+        if params:
+            rows += _module_rows(rec, path, mod, params)
     for i, (where, macs, atoms, srcs) in enumerate(rec.products):
         factors = leaves(atoms)
         prod = math.prod(f.size for f in factors)
         rows.append(CostRow(f"{where}.matmul{i}" if where else f"matmul{i}", "SpikeMatmul" if srcs else "Matmul", (),
                             False, "spikes" if srcs else "real", tuple(f.id for f in factors), macs / prod, srcs))
     return rows
+
+
+def _module_rows(rec: Recorder, path: str, mod: nn.Module, params: list) -> list[CostRow]:
+    """A conv / linear layer's row (its MACs per unit of its in and out factors, and whether its input
+    was spikes), a norm's row, or one row per parameter of any other module."""
+    if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)) and mod.weight is not None:
+        calls = rec.calls.get(path, [])
+        macs = sum(c[0] for c in calls)
+        factors = [*leaves([rec.member_atoms[(path, 0)]]), *leaves([rec.member_atoms[(path, 1)]])] \
+            if (path, 0) in rec.member_atoms and (path, 1) in rec.member_atoms else []
+        prod = math.prod(f.size for f in factors)
+        spikes = calls and all(c[1] for c in calls)
+        return [CostRow(path, type(mod).__name__, tuple(mod.weight.shape), mod.bias is not None,
+                        "unused" if not calls else "spikes" if spikes else "real",
+                        tuple(f.id for f in factors), macs / prod if prod else 0.0)]
+    if isinstance(mod, (nn.modules.batchnorm._NormBase, nn.LayerNorm)) and getattr(mod, "weight", None) is not None \
+            and mod.weight.dim() == 1 and set(dict(params)) <= {"weight", "bias"}:
+        return [CostRow(path, type(mod).__name__, tuple(mod.weight.shape), getattr(mod, "bias", None) is not None,
+                        "real")]
+    return [CostRow(path, "Parameter", tuple(p.shape) or (1,), False, "real") for _, p in params]
 
 
 def _config(model: nn.Module, example: torch.Tensor, outs: list, rec: Recorder, key: str, sizes: dict) -> TracedConfig:
@@ -1015,6 +1075,18 @@ def _spec(key, groups, group_leaf, member_leaves, rec, rows, example, cfg) -> Tr
         b = Binding(module, attr, tuple(x.id for x in ls))
         if any(x in used for x in ls) and b not in bindings:
             bindings.append(b)
+    sizes = _named_leaf_sizes(used, rows, members, bindings, member_leaves, rec)
+    glf = {g.name: group_leaf[id(g)] for g in groups}
+    spec = TraceSpec(key, groups, sizes, glf, members, bindings, rows, example, cfg, {g.name: g.size for g in groups})
+    cfg.sizes = {g.name: g.size for g in groups}
+    cfg.layers = cost_table(spec, sizes)
+    return spec
+
+
+def _named_leaf_sizes(used: set, rows: list, members: dict, bindings: list, member_leaves: dict,
+                      rec: Recorder) -> dict[int, int]:
+    """Leaf id -> its dense size, for every leaf the groups, the cost rows, the members and the
+    bindings name (in that order)."""
     sizes = {x.id: x.size for x in used}
     for r in rows:
         for f in r.factors:
@@ -1031,12 +1103,7 @@ def _spec(key, groups, group_leaf, member_leaves, rec, rows, example, cfg) -> Tr
         all_leaves.update({x.id: x.size for x in leaves(atoms)})
     for _, _, atoms, _ in rec.products:
         all_leaves.update({x.id: x.size for x in leaves(atoms)})
-    sizes = {i: all_leaves.get(i, n) for i, n in sizes.items()}
-    glf = {g.name: group_leaf[id(g)] for g in groups}
-    spec = TraceSpec(key, groups, sizes, glf, members, bindings, rows, example, cfg, {g.name: g.size for g in groups})
-    cfg.sizes = {g.name: g.size for g in groups}
-    cfg.layers = cost_table(spec, sizes)
-    return spec
+    return {i: all_leaves.get(i, n) for i, n in sizes.items()}
 
 
 def trace(model: nn.Module, example_input: torch.Tensor, verify: bool = True) -> Trace:

@@ -276,35 +276,50 @@ def resize_with_spec(model: nn.Module, spec: TraceSpec, counts: dict[str, int]) 
             old = modules[mod]
             layer = _new_layer(old, w)
             if layer is not None:
-                layer.train(old.training)
-                for name in ("weight", "bias"):  # keep frozen layers frozen
-                    if getattr(old, name, None) is not None and isinstance(getattr(old, name), nn.Parameter):
-                        getattr(layer, name).requires_grad_(getattr(old, name).requires_grad)
+                _keep_training_state(old, layer)
                 parent, _, child = mod.rpartition(".")
                 setattr(modules[parent] if parent else new, child, layer)
                 modules[mod] = layer
                 continue
-            for store in (old._parameters, old._buffers):  # any other module: swap its tensors
-                for name, t in store.items():
-                    if t is None:
-                        continue
-                    shape = [w.get(d, s) for d, s in enumerate(t.shape)]
-                    empty = torch.empty(shape, dtype=t.dtype)
-                    store[name] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
+            _resize_tensors(old, w)  # any other module: swap its tensors
             _set_widths(old, w)
-    values: dict[tuple[str, str], int] = {}
-    for b in spec.bindings:
-        v = math.prod(sizes[leaf] for leaf in b.leaves)
-        if values.setdefault((b.module, b.attr), v) != v:
-            raise SpikepruneError(f"{b.module or 'the model'}.{b.attr} is read as two different widths by the forward; "
-                                  "these widths cannot be pruned apart")
-    for (mod, attr), v in values.items():
+    for (mod, attr), v in _binding_values(spec, sizes).items():
         setattr(modules[mod], attr, v)
     new_counts = {g.name: counts.get(g.name, g.size) for g in spec.groups}
     attach(new, _resized_spec(spec, new_counts, sizes), check=False)
     if not meta:
         new = new.to_empty(device=spec.example_input.device)
     return new
+
+
+def _keep_training_state(old: nn.Module, layer: nn.Module) -> None:
+    """The new layer trains (or not) as the old one did, and a frozen weight or bias stays frozen."""
+    layer.train(old.training)
+    for name in ("weight", "bias"):
+        if getattr(old, name, None) is not None and isinstance(getattr(old, name), nn.Parameter):
+            getattr(layer, name).requires_grad_(getattr(old, name).requires_grad)
+
+
+def _resize_tensors(module: nn.Module, widths: dict[int, int]) -> None:
+    """Give each parameter and buffer of `module` its new shape (empty tensors of the same kind)."""
+    for store in (module._parameters, module._buffers):
+        for name, t in store.items():
+            if t is None:
+                continue
+            shape = [widths.get(d, s) for d, s in enumerate(t.shape)]
+            empty = torch.empty(shape, dtype=t.dtype)
+            store[name] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
+
+
+def _binding_values(spec: TraceSpec, sizes: dict[int, int]) -> dict[tuple[str, str], int]:
+    """(module, attribute) -> the width the forward reads there, at the new leaf sizes."""
+    values: dict[tuple[str, str], int] = {}
+    for b in spec.bindings:
+        v = math.prod(sizes[leaf] for leaf in b.leaves)
+        if values.setdefault((b.module, b.attr), v) != v:
+            raise SpikepruneError(f"{b.module or 'the model'}.{b.attr} is read as two different widths by the forward; "
+                                  "these widths cannot be pruned apart")
+    return values
 
 
 def _resized_spec(spec: TraceSpec, counts: dict[str, int], sizes: dict[int, int]) -> TraceSpec:

@@ -382,29 +382,53 @@ def _foreign_entries(out: Path) -> list[str]:
         name = p.name
         if name.startswith(".") and any(name.startswith(f".{o}.") for o in ours):
             continue  # a temporary of ours (cleaned by _clean_stale_temps)
-        if name not in ours:
-            foreign.append(name)
-        elif name == CHECKPOINT:
-            inside = {q.name for q in p.iterdir()} if p.is_dir() and not p.is_symlink() else None
-            if inside is None or STATE_NAME not in inside or inside - {STATE_NAME, OPTIMIZER_NAME, "model"}:
-                foreign.append(f"{name}/" + (", ".join(sorted(inside - {STATE_NAME, OPTIMIZER_NAME, "model"}))
-                                              if inside else ""))
-        elif name == BEST:
-            inside = {q.name for q in p.iterdir()} if p.is_dir() and not p.is_symlink() else None
-            if inside is None or inside - {CONFIG_NAME, WEIGHTS_NAME} or not _is_our_model_config(p / CONFIG_NAME):
-                foreign.append(f"{name}/")
-        elif name == HISTORY_NAME:
-            try:
-                doc = json.loads(p.read_text())
-                if not (isinstance(doc, dict) and "settings" in doc and "history" in doc):
-                    foreign.append(name)
-            except (OSError, ValueError):
-                foreign.append(name)
-        elif p.is_symlink() or not p.is_file():
-            foreign.append(name)
-        elif name == WEIGHTS_NAME and not (out / CHECKPOINT).is_dir() and not _is_our_model_config(out / CONFIG_NAME):
-            foreign.append(name)  # weights with neither our config nor a checkpoint: not a run's model
+        entry = name if name not in ours else _foreign_content(out, p)
+        if entry is not None:
+            foreign.append(entry)
     return foreign
+
+
+def _foreign_content(out: Path, p: Path) -> str | None:
+    """How to name `p`, one of train()'s own names in `out`, when it holds something train() did
+    not write; None when it is train()'s."""
+    name = p.name
+    if name == CHECKPOINT:
+        return _foreign_checkpoint(p)
+    if name == BEST:
+        return None if _is_our_saved_model(p) else f"{name}/"
+    if name == HISTORY_NAME:
+        return None if _is_training_history(p) else name
+    if p.is_symlink() or not p.is_file():
+        return name
+    if name == WEIGHTS_NAME and not (out / CHECKPOINT).is_dir() and not _is_our_model_config(out / CONFIG_NAME):
+        return name  # weights with neither our config nor a checkpoint: not a run's model
+    return None
+
+
+def _folder_names(p: Path) -> set[str] | None:
+    """The names in the real folder `p`; None when `p` is a file or a link."""
+    return {q.name for q in p.iterdir()} if p.is_dir() and not p.is_symlink() else None
+
+
+def _foreign_checkpoint(p: Path) -> str | None:
+    """None when `p` is a checkpoint folder: a training state and nothing but a checkpoint's files."""
+    inside = _folder_names(p)
+    if inside is None or STATE_NAME not in inside or inside - {STATE_NAME, OPTIMIZER_NAME, "model"}:
+        return f"{p.name}/" + (", ".join(sorted(inside - {STATE_NAME, OPTIMIZER_NAME, "model"})) if inside else "")
+    return None
+
+
+def _is_our_saved_model(p: Path) -> bool:
+    inside = _folder_names(p)
+    return not (inside is None or inside - {CONFIG_NAME, WEIGHTS_NAME} or not _is_our_model_config(p / CONFIG_NAME))
+
+
+def _is_training_history(p: Path) -> bool:
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and "settings" in doc and "history" in doc
 
 
 def _is_our_model_config(p: Path) -> bool:

@@ -5,7 +5,9 @@ ARCHITECTURE.md itself, so the document and the check cannot drift apart:
 - every import (function-local ones and a package importing its own submodules included) goes to
   the module's own layer or a lower one, and the imports form no circle;
 - no module outside models/ names a family;
-- a function-local import says why, with one of a short fixed list of reasons.
+- a function-local import says why, with one of a short fixed list of reasons;
+- no function is above cyclomatic complexity 20 (radon) unless a `# Whole:` comment at its top says
+  why it is better whole.
 """
 from __future__ import annotations
 
@@ -245,3 +247,75 @@ def test_bench_code_does_not_import_tests():
             offenders += [f"{path.name}:{node.lineno}: imports {n}" for n in names
                           if n.split(".")[0] in test_modules or n.split(".")[0] == "tests"]
     assert not offenders, offenders
+
+
+# ------------------------------------------------------------------------------------------------
+# Functions one can hold in one's head
+# ------------------------------------------------------------------------------------------------
+MAX_COMPLEXITY = 20  # radon's cyclomatic complexity; above it a function says why it is better whole
+WHOLE = "# Whole:"
+
+
+def _functions(blocks):
+    """Every function radon found (methods and closures included), with its class for the name."""
+    for b in blocks:
+        if hasattr(b, "methods"):  # a class: radon lists its methods on their own as well, but not an inner class's
+            for inner in getattr(b, "inner_classes", []):
+                yield from _functions(inner.methods)
+                yield from _functions(inner.inner_classes)
+            continue
+        yield b
+        yield from _functions(b.closures)
+
+
+def _complex_without_reason(source: str) -> list[tuple[str, int, int]]:
+    """(name, line, complexity) of each function above MAX_COMPLEXITY whose opening -- the lines from
+    its `def` to its first statement after the docstring -- holds no `# Whole:` comment."""
+    from radon.complexity import cc_visit
+
+    lines = source.splitlines()
+    defs = {(n.lineno, n.name): n for n in ast.walk(ast.parse(source))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    found = []
+    for f in _functions(cc_visit(source)):
+        if f.complexity <= MAX_COMPLEXITY:
+            continue
+        node = defs[(f.lineno, f.name)]
+        body = node.body
+        has_doc = (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                   and isinstance(body[0].value.value, str))
+        first = body[1] if has_doc and len(body) > 1 else body[0]
+        opening = lines[node.lineno - 1:first.lineno - 1]
+        if not any(line.strip().startswith(WHOLE) for line in opening):
+            found.append((f.fullname, f.lineno, f.complexity))
+    return found
+
+
+def test_complex_functions_say_why_they_are_whole():
+    """No function above cyclomatic complexity 20 (radon) unless its opening lines carry a comment
+    `# Whole: ...` saying why it reads better whole than split."""
+    offenders = [f"{p.relative_to(ROOT)}:{line}: {name} has complexity {cc} (> {MAX_COMPLEXITY}): split it, or say "
+                 f"why it is better whole in a `{WHOLE}` comment at its top"
+                 for p in sorted(MODULES.values()) for name, line, cc in _complex_without_reason(p.read_text())]
+    assert not offenders, "\n".join(offenders)
+
+
+def _branchy(name: str, branches: int, comment: str = "", doc: bool = True, indent: str = "") -> str:
+    body = [f'{indent}    """A docstring."""'] if doc else []
+    body += [f"{indent}    {comment}"] if comment else []
+    body += [f"{indent}    if x == {i}:\n{indent}        return {i}" for i in range(branches)]
+    return f"{indent}def {name}(x):\n" + "\n".join(body) + f"\n{indent}    return -1\n"
+
+
+@pytest.mark.parametrize("source, found", [
+    (_branchy("f", 19), []),  # 19 branches: complexity 20, allowed
+    (_branchy("f", 20), ["f"]),  # 21
+    (_branchy("f", 19) + _branchy("g", 25, doc=False), ["g"]),
+    (_branchy("f", 20, "# Whole: one case per opcode, read top to bottom"), []),
+    (_branchy("f", 20, "# Whole: the table", doc=False), []),
+    (_branchy("f", 20, "# whole, because"), ["f"]),
+    ("class C:\n" + _branchy("m", 22, indent="    "), ["C.m"]),
+    ("def outer():\n" + _branchy("inner", 22, indent="    ") + "    return inner\n", ["inner"]),
+])
+def test_the_complexity_check_sees_what_it_must(source, found):
+    assert [name for name, _, _ in _complex_without_reason(source)] == found

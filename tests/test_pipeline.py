@@ -115,7 +115,7 @@ def test_interrupted_run_resumes_without_redoing_the_policy(tiny_model, tmp_path
         calls.append(1)
         return PolicyResult(ctx.prune({"block0.mlp.hidden": 0.5}), {"note_from_policy": 7})
 
-    real = run_module._measure_model
+    real = run_module.measure_model
 
     def crash_on_pruned(ctx, model, name):
         if name == "pruned":
@@ -124,12 +124,12 @@ def test_interrupted_run_resumes_without_redoing_the_policy(tiny_model, tmp_path
 
     model = tiny_model().eval()
     kw = dict(policy="test-counting", batch_size=64, latency_repeats=2, progress=False)
-    monkeypatch.setattr(run_module, "_measure_model", crash_on_pruned)
+    monkeypatch.setattr(run_module, "measure_model", crash_on_pruned)
     try:
         with pytest.raises(KeyboardInterrupt):
             prune_run(model, "digits", tmp_path / "run", **kw)
         assert not (tmp_path / "run" / "summary.json").exists() and len(calls) == 1
-        monkeypatch.setattr(run_module, "_measure_model", real)
+        monkeypatch.setattr(run_module, "measure_model", real)
         s = prune_run(model, "digits", tmp_path / "run", **kw)
     finally:
         unregister_policy("test-counting")

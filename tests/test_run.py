@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import spikeprune.run as run_module
+import spikeprune.run.folder as run_folder
 from spikeprune.cli import main
 from spikeprune import importance
 from spikeprune.errors import SpikepruneError
@@ -273,7 +273,7 @@ def test_a_replaced_model_never_sits_under_a_stale_summary(tiny_model, tmp_path,
         assert not (out / "summary.json").exists() and not (out / "model").exists()
         raise Killed
 
-    monkeypatch.setattr(run_module, "save_model", die)
+    monkeypatch.setattr(run_folder, "save_model", die)
     with pytest.raises(Killed):
         prune_run(tiny_model(), "digits", out, **kw)
     monkeypatch.undo()
@@ -320,7 +320,7 @@ def test_wall_time_counts_sessions_killed_before_the_end(tiny_model, tmp_path, t
         return PolicyResult(ctx.prune({"block0.mlp.hidden": 0.5}), {})
 
     throwaway_policy("test-slow", slow)
-    monkeypatch.setattr(run_module, "ELAPSED_EVERY_S", 0.0)
+    monkeypatch.setattr(run_folder, "ELAPSED_EVERY_S", 0.0)
     with pytest.raises(KeyboardInterrupt):
         prune_run(tiny_model(), "digits", tmp_path / "run", policy="test-slow", **QUICK)
     first = json.loads((tmp_path / "run" / "steps" / "elapsed.json").read_text())["seconds"]

@@ -244,6 +244,7 @@ def export(model: nn.Module, output, format: str = "onnx", precision=None, opset
     max_images: images the check runs on (of `check_split`).
     Returns the report (plain data) that progress=True also prints.
     """
+    # Whole: every argument checked in order before the file is touched, then the one guarded write.
     path, overwrite, check_images = output, force, max_images
     fam = get_family(model)
     if precision is None:

@@ -203,6 +203,7 @@ def check_export(path, model: nn.Module, data=None, split: str = "calib", n_imag
     the reference normalises them as the file does). `data`: a dataset spec or Dataset (its
     `split`), a tensor of the file's input images, or None (random images). Returns plain data;
     raises when the file computes another function, or ONNX Runtime cannot run it."""
+    # Whole: one pass over the images keeps every counter the report and its two verdicts read side by side.
     need_onnx(check=True)
     meta = file_metadata(path)
     precision = meta.get("precision", "fp32")

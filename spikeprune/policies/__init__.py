@@ -1,7 +1,7 @@
 """Pruning policies: how `spikeprune prune` chooses what to prune.
 
 Importing this package registers the built-in policies with spikeprune.policy_api.register_policy
-(the policy API lives in policy_api.py, the run around a policy in run.py):
+(the policy API lives in policy_api.py, the run around a policy in run/):
 
   uniform   the same ratio for every channel group: `--uniform R`, or, without it, the largest
             ratio of the uniform sweep whose calibration drop stays within --max-acc-drop

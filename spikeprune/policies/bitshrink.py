@@ -190,27 +190,9 @@ def _uniform(ctx: PruneContext, S: dict, budget: int, drop: dict[str, float]) ->
     return fitting
 
 
-@register_policy("bitshrink", options=OPTIONS, after_finetune=True,
-                 help="ours: widths (shrink's walk, or uniform) and per-layer int4 / int8 weights chosen together "
-                      "under a budget on the exported file's bytes (--precision file-int4)")
-def bitshrink(ctx: PruneContext) -> PolicyResult:
-    """bitshrink (module docstring)."""
-    S = _options(ctx)
-    cons = ctx.constraints
-    if not cons.precision.startswith(FILE_PREFIX) or cons.budget_bytes is None:
-        raise SpikepruneError("bitshrink chooses bit widths for a budget on the exported file's bytes: give "
-                              "--precision file-int4 (or another file-* precision) with --memory-budget or --target-saving")
-    budget = cons.budget_bytes
-    drop = _int4_sensitivity(ctx, S["bit_images"])
-    candidates, walked = [], None
-    if S["widths"] in ("both", "walk"):
-        walked = _walk(ctx)
-        plan = _plan_within(walked.model, budget, drop)
-        if plan is None:  # the walk stopped short of the budget (every group at its smallest)
-            plan = _int4_ends(walked.model)
-        candidates.append(("walk", walked.model, plan, False))  # its BatchNorm was re-estimated by the walk
-    if S["widths"] in ("both", "uniform"):
-        candidates += _uniform(ctx, S, budget, drop)
+def _score(ctx: PruneContext, S: dict, candidates: list):
+    """Each candidate on its plan's grid, scored by calibration top-1 (after a short quantisation-aware
+    distillation with --limit-after-finetune). Returns (rows, (best model, its top-1, its row))."""
     after = ctx.limit_after_finetune
     recal = _recalibration_batches(ctx, S["recal_images"])
     rows, best = [], None
@@ -234,16 +216,20 @@ def bitshrink(ctx: PruneContext) -> PolicyResult:
                 + (f" -> {top1:.2%} after {S['probe_steps']} quantisation-aware distillation steps" if after else ""))
         if best is None or top1 > best[1]:
             best = (q, top1, row)
-    model, top1, chosen = best
-    fb = file_weight_bytes(model)
-    ctx.log(f"bitshrink: chose {chosen['widths']}: {fb['total']:,} B of {budget:,} B")
+    return rows, best
+
+
+def _report(ctx: PruneContext, S: dict, rows: list[dict], chosen: dict, fb: dict) -> list[str]:
+    """The report's bitshrink section: the budget, the candidates and the chosen plan's bytes."""
+    cons, budget = ctx.constraints, ctx.constraints.budget_bytes
     kinds = {"both": "shrink's walk to the budget and the smallest fitting uniform width ratios",
              "walk": "shrink's walk to the budget", "uniform": "the smallest fitting uniform width ratios"}[S["widths"]]
     lines = [f"Budget: {format_bytes(budget)} ({budget:,} B) of file weight bytes ({cons.precision}); dense model "
              f"{format_bytes(cons.dense_bytes)} at the same count. Candidate widths: {kinds}; int4 inside, int8 first "
              "conv and head, int8 for the layers int4 hurts most per byte while it fits; scored on the calibration "
              "split as fake-quantised models"
-             + (f", after {S['probe_steps']} quantisation-aware distillation steps each" if after else "") + ":", "",
+             + (f", after {S['probe_steps']} quantisation-aware distillation steps each"
+                if ctx.limit_after_finetune else "") + ":", "",
              "| widths | file bytes | int4 / int8 layers | bits per weight | calib top-1 | drop (points) |",
              "|---|---|---|---|---|---|"]
     for row in rows:
@@ -253,6 +239,34 @@ def bitshrink(ctx: PruneContext) -> PolicyResult:
                   f"({'within' if fb['total'] <= budget else 'over'} the budget); bytes by precision: "
               + ", ".join(f"{p} {b:,} B ({fb['share_of_weights'][p]:.1%} of the weights)"
                           for p, b in sorted(fb["by_precision"].items(), key=lambda kv: -BITS[kv[0]]) if b) + "."]
+    return lines
+
+
+@register_policy("bitshrink", options=OPTIONS, after_finetune=True,
+                 help="ours: widths (shrink's walk, or uniform) and per-layer int4 / int8 weights chosen together "
+                      "under a budget on the exported file's bytes (--precision file-int4)")
+def bitshrink(ctx: PruneContext) -> PolicyResult:
+    """bitshrink (module docstring)."""
+    S = _options(ctx)
+    cons = ctx.constraints
+    if not cons.precision.startswith(FILE_PREFIX) or cons.budget_bytes is None:
+        raise SpikepruneError("bitshrink chooses bit widths for a budget on the exported file's bytes: give "
+                              "--precision file-int4 (or another file-* precision) with --memory-budget or --target-saving")
+    budget = cons.budget_bytes
+    drop = _int4_sensitivity(ctx, S["bit_images"])
+    candidates, walked = [], None
+    if S["widths"] in ("both", "walk"):
+        walked = _walk(ctx)
+        plan = _plan_within(walked.model, budget, drop)
+        if plan is None:  # the walk stopped short of the budget (every group at its smallest)
+            plan = _int4_ends(walked.model)
+        candidates.append(("walk", walked.model, plan, False))  # its BatchNorm was re-estimated by the walk
+    if S["widths"] in ("both", "uniform"):
+        candidates += _uniform(ctx, S, budget, drop)
+    rows, (model, top1, chosen) = _score(ctx, S, candidates)
+    fb = file_weight_bytes(model)
+    ctx.log(f"bitshrink: chose {chosen['widths']}: {fb['total']:,} B of {budget:,} B")
+    lines = _report(ctx, S, rows, chosen, fb)
     sections = [("bitshrink", "\n".join(lines))]
     walk = None
     if walked is not None:
