@@ -40,7 +40,7 @@ wait
 echo "all runs: $((SECONDS - t0)) s" >>"$OUT/logs/steps.txt"
 cat "$OUT/logs/steps.txt"
 for run in "$WORK"/*/*/; do  # a finished run resumes without its fine-tuning checkpoints; an unfinished one keeps them
-  [ -f "$run/summary.json" ] && rm -rf "$run/steps/finetune" "$run/steps/policy_model"
+  [ -f "$run/summary.json" ] && rm -rf "$run/steps/finetune"
 done
 for m in $MODELS; do
   [ -d "$WORK/$m" ] && tar -czf "$OUT/$m.tar.gz" -C "$WORK" "$m"

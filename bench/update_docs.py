@@ -140,8 +140,30 @@ def distributed_timings() -> str:
     return "\n".join(lines) + "\n"
 
 
+def bytes_table() -> str:
+    """Bytes against accuracy (bench/bytes.py's bytes.json): per model, each row's weights, its share
+    of the dense fp32 weight bytes, the whole file, test top-1 +- one SE, and the aim where one is set."""
+    doc = json.loads((RESULTS / "bytes.json").read_text())
+    lines = ["| model | row | weights | share of dense fp32 weights | file bytes | test top-1 | aim |",
+             "|---|---|---|---|---|---|---|"]
+    for m in doc["models"]:
+        for r in m["rows"]:
+            if "error" in r:
+                lines.append(f"| {m['model']} | {r['row']} | - | - | - | {r['error']} | - |")
+                continue
+            aim = "-"
+            if r.get("aim"):
+                a = r["aim"]
+                aim = (f"within {a['points']:g} pt: met" if a["met"] else
+                       f"within {a['points']:g} pt: missed by {a['missed_by_points']:.2f} pt")
+            lines.append(f"| {m['model']} | {r['row']} | {r['precision']} | {r['share_of_dense_fp32']:.2%} | "
+                         f"{r['file_bytes']:,} | {100 * r['test_top1']:.2f}% +- {r['se_points']:.2f} | {aim} |")
+    return "\n".join(lines) + "\n"
+
+
 TABLES = {
     "at-a-glance": at_a_glance,
+    "bytes": bytes_table,
     "policies-mnist5k": lambda: policy_tables("mnist5k"),
     "policies-fmnist": lambda: policy_tables("fmnist"),
     "shrink-holdout": shrink_holdout,
