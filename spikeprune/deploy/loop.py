@@ -1,0 +1,185 @@
+"""The time steps as one ONNX Loop (export's time_loop="loop"): the model's one-time-step twin
+(Family.one_step: same weights, T=1) is traced once with every LIF's membrane potential as an
+explicit input and output, and that step graph becomes the body of a Loop that runs T times with
+the membranes loop-carried (starting at 0, as every LIF's forward does) and the per-step logits
+as a scan output, averaged over T after the loop. The weights stay in the main graph (the body
+reads them from the outer scope), so int8 / int4 DequantizeLinear runs once, not per step.
+
+Before anything is traced, the step-wise forward is proven equal to the model's T-step forward in
+float64 (stepwise_check), so a family that declares one_step wrongly, or a neuron spikeprune does
+not step (anything but neuron.LIF keeps its state inside one forward), is refused, not written."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..errors import SpikepruneError
+from ..models import get_family
+from ..neuron import LIF
+
+TIME_LOOPS = ("unrolled", "loop")
+STEPWISE_TOLERANCE = 1e-9  # float64 |logit difference| / (1 + max |logit|) of the step-wise forward
+
+# names of the Loop's own values (the body's traced values are v<hex>, m<i>, n<i>: no clash)
+_TRIP, _COND, _ZERO, _PER_STEP = "steps", "go", "zero", "per_step"
+
+
+def check_time_loop(time_loop: str) -> str:
+    if time_loop not in TIME_LOOPS:
+        raise SpikepruneError(f"unknown time loop {time_loop!r}; choose {' or '.join(TIME_LOOPS)}")
+    return time_loop
+
+
+def one_step_twin(model: nn.Module) -> nn.Module:
+    """The family's one-time-step twin of `model`, or a clear error for a family without one."""
+    fam = get_family(model)
+    if fam.one_step is None:
+        raise SpikepruneError(f"the {fam.name} family does not say how to run one time step at a time "
+                              "(Family.one_step), so its time steps cannot be written as one ONNX Loop; export with "
+                              "time_loop='unrolled' (--time-loop unrolled)")
+    return fam.one_step(model)
+
+
+class _Membranes:
+    """The membranes the stepped LIFs read (v_in, by slot; a missing slot starts at 0) and write."""
+
+    def __init__(self):
+        self.v_in: dict[str, torch.Tensor] = {}
+        self.v_out: dict[str, torch.Tensor] = {}
+        self.order: list[str] = []  # slots in the order the forward calls them
+
+
+class _SteppedLIF(nn.Module):
+    """One time step of a LIF (neuron.lif_plain_ops' recurrence) with its membrane in a _Membranes."""
+
+    def __init__(self, lif: LIF, slot: str, membranes: _Membranes):
+        super().__init__()
+        self.inv_tau, self.v_threshold = 1.0 / lif.tau, lif.v_threshold
+        self.slot, self.membranes = slot, membranes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != 1:
+            raise SpikepruneError(f"a neuron of the one-time-step twin got {x.shape[0]} time steps, not 1")
+        v = self.membranes.v_in.get(self.slot)
+        h = x[0] * self.inv_tau if v is None else v + (x[0] - v) * self.inv_tau
+        s = (h >= self.v_threshold).to(x.dtype)
+        self.membranes.v_out[self.slot] = h - h * s
+        if self.slot not in self.membranes.order:
+            self.membranes.order.append(self.slot)
+        return s.unsqueeze(0)
+
+
+class SteppedModel(nn.Module):
+    """forward(images, *membranes) -> (logits of this step, *membranes after it): a T=1 model whose
+    LIFs are replaced by stepped ones. `slots` (after discover()) lists the LIFs the forward calls,
+    in call order; their membranes are the inputs and outputs, in that order."""
+
+    def __init__(self, twin: nn.Module):
+        super().__init__()
+        self.model = copy.deepcopy(twin).eval()
+        self.cfg = twin.cfg
+        self.membranes = _Membranes()
+        for name, mod in list(self.model.named_modules()):
+            if isinstance(mod, LIF):
+                parent, _, leaf = name.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, leaf,
+                        _SteppedLIF(mod, name, self.membranes))
+        self.slots: list[str] = []
+
+    def step(self, images: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        self.membranes.v_in, self.membranes.v_out = state, {}
+        logits = self.model(images)
+        return logits, dict(self.membranes.v_out)
+
+    def discover(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Run one step from rest; set `slots`; return the membranes after it (their shapes)."""
+        self.membranes.order = []
+        with torch.no_grad():
+            _, state = self.step(images, {})
+        self.slots = list(self.membranes.order)
+        return [state[s] for s in self.slots]
+
+    def run(self, images: torch.Tensor, T: int) -> torch.Tensor:
+        """The T-step forward, step by step: the mean of the per-step logits."""
+        state, total = {}, None
+        for _ in range(T):
+            logits, state = self.step(images, state)
+            total = logits if total is None else total + logits
+        return total / T
+
+    def forward(self, images: torch.Tensor, *membranes: torch.Tensor):
+        logits, state = self.step(images, dict(zip(self.slots, membranes)))
+        return (logits, *[state[s] for s in self.slots])
+
+
+def stepwise_check(model: nn.Module, images: torch.Tensor, source: str) -> dict:
+    """The model's T-step forward against its one-time-step twin run T times with the LIF membranes
+    carried, both in float64 with BatchNorm as it is; a difference is an error (the family's eval
+    forward mixes time steps outside its LIFs, or a neuron keeps state the twin does not carry)."""
+    original = copy.deepcopy(model).double().eval()
+    stepped = SteppedModel(one_step_twin(original)).double()
+    x = images.double()
+    with torch.no_grad():
+        ref = original(x)
+        got = stepped.run(x, model.cfg.T)
+    diff, peak = float((ref - got).abs().max()), float(ref.abs().max())
+    out = {"images": len(images), "source": source, "T": model.cfg.T, "max_abs_logit_diff": diff,
+           "max_abs_logit": peak, "class_agreement": float((ref.argmax(1) == got.argmax(1)).double().mean())}
+    if not diff <= STEPWISE_TOLERANCE * (1 + peak):
+        raise SpikepruneError(
+            f"the {get_family(model).name} model cannot be written as one time step in an ONNX Loop: run step by "
+            f"step with its LIF membranes carried it differs from its {model.cfg.T}-step forward by {diff:.3g} in "
+            "float64 (a layer mixes time steps, or a neuron other than spikeprune's LIF keeps state); export with "
+            "time_loop='unrolled'")
+    return out
+
+
+def wrap_in_loop(step_proto, T: int, n_states: int, opset: int):
+    """The traced step graph (inputs images, m0..; outputs step logits, n0..) as the body of one
+    Loop over T steps in a new model with input `images` and output `logits` (the per-step logits'
+    mean). The step graph's initializers move to the main graph; the body reads them, and
+    `images`, from the outer scope. Value shapes inside the body are dropped (the membranes start
+    as a scalar 0 and take their shape from the first step)."""
+    from onnx import TensorProto, helper  # optional dependency (the `export` extra)
+
+    g = step_proto.graph
+    images, step_logits = g.input[0], g.output[0]
+    states_in = [v.name for v in g.input[1:]]
+    states_out = [v.name for v in g.output[1:]]
+    if len(states_in) != n_states or len(states_out) != n_states:
+        raise SpikepruneError(f"the traced step has {len(states_in)} membrane inputs and {len(states_out)} outputs, "
+                              f"not {n_states}: an internal error, please report it")
+    untyped = lambda name, elem: helper.make_tensor_value_info(name, elem, None)  # noqa: E731
+    body = helper.make_graph(
+        nodes=[*g.node, helper.make_node("Identity", ["go_in"], ["go_out"])],
+        name="time_step",
+        inputs=[helper.make_tensor_value_info("t", TensorProto.INT64, []),
+                helper.make_tensor_value_info("go_in", TensorProto.BOOL, []),
+                *[untyped(n, TensorProto.FLOAT) for n in states_in]],
+        outputs=[helper.make_tensor_value_info("go_out", TensorProto.BOOL, []), *[untyped(n, TensorProto.FLOAT) for n in states_out],
+                 untyped(step_logits.name, TensorProto.FLOAT)])
+    # the Loop's own constants are Constant nodes (graph bytes), not initializers (weights)
+    consts = [helper.make_node("Constant", [], [_TRIP], value=helper.make_tensor("", TensorProto.INT64, [], [T])),
+              helper.make_node("Constant", [], [_COND], value=helper.make_tensor("", TensorProto.BOOL, [], [True])),
+              helper.make_node("Constant", [], [_ZERO], value=helper.make_tensor("", TensorProto.FLOAT, [], [0.0]))]
+    loop = helper.make_node("Loop", [_TRIP, _COND, *[_ZERO] * n_states],
+                            [*[f"last{i}" for i in range(n_states)], _PER_STEP], body=body)
+    if opset >= 18:  # ReduceMean takes its axes as an input from opset 18
+        consts.append(helper.make_node("Constant", [], ["axis0"],
+                                       value=helper.make_tensor("", TensorProto.INT64, [1], [0])))
+        mean = helper.make_node("ReduceMean", [_PER_STEP, "axis0"], ["logits"], keepdims=0)
+    else:
+        mean = helper.make_node("ReduceMean", [_PER_STEP], ["logits"], axes=[0], keepdims=0)
+    out = copy.deepcopy(step_proto.graph.output[0])
+    out.name = "logits"
+    graph = helper.make_graph(nodes=[*consts, loop, mean], name=g.name or "spikeprune", inputs=[images], outputs=[out],
+                              initializer=list(g.initializer))
+    proto = helper.make_model(graph, opset_imports=list(step_proto.opset_import), ir_version=step_proto.ir_version)
+    return proto
+
+
+def step_bodies(proto) -> list:
+    """The Loop bodies of a file's main graph (empty for an unrolled file)."""
+    return [a.g for n in proto.graph.node if n.op_type == "Loop" for a in n.attribute if a.name == "body"]
