@@ -1,0 +1,120 @@
+"""export(time_loop="loop"): the time steps as one ONNX Loop. The Loop file computes the model's
+classes (both families, fp32 and int4, spikes compared inside the Loop), its graph does not grow
+with T and is smaller than the unrolled one, its bytes reconcile term by term, and a model that
+cannot be written one step at a time is refused with no file left."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from spiking_helpers import randomise  # noqa: E402
+
+from spikeprune import deploy as ex  # noqa: E402
+from spikeprune.deploy.loop import step_bodies  # noqa: E402
+from spikeprune.errors import SpikepruneError  # noqa: E402
+from spikeprune.models import create_model  # noqa: E402
+
+PRESETS = {"spikformer": ("spikformer-1-32-digits", dict(embed_dim=16, num_heads=2)),
+           "sdt": ("sdt-1-64-mnist", dict(embed_dim=16, num_heads=2, img_size=16, pool_after="1010"))}
+
+
+def _tiny(family: str, T: int = 2, seed: int = 0, **overrides):
+    name, sizes = PRESETS[family]
+    torch.manual_seed(seed)
+    return randomise(create_model(name, **{**sizes, "T": T, **overrides}), seed).eval()
+
+
+def _images(model, n=5, seed=1):
+    c = model.cfg
+    return torch.randn(n, c.in_channels, c.img_size, c.img_size, generator=torch.Generator().manual_seed(seed))
+
+
+def _export(model, path, **kw):
+    return ex.export(model, path, **{"input": "normalised", "progress": False, "max_images": 12,
+                                     "keep_inaccurate": True, **kw})
+
+
+def _classes(path, images):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(None, {"images": images.numpy()})[0]).argmax(1)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+@pytest.mark.parametrize("family", ["spikformer", "sdt"])
+def test_the_loop_file_computes_the_models_classes(tmp_path, family, precision):
+    model = _tiny(family)
+    reports = {tl: _export(model, tmp_path / f"{tl}.onnx", precision=precision, time_loop=tl)
+               for tl in ex.TIME_LOOPS}
+    proto = onnx.load(str(tmp_path / "loop.onnx"))
+    assert [n.op_type for n in proto.graph.node if n.op_type not in ("Constant", "DequantizeLinear")] == [
+        "Loop", "ReduceMean"]
+    assert {p.key: p.value for p in proto.metadata_props}["spikeprune.time_loop"] == "loop"
+    if precision == "int4":  # the weights stay in the main graph, dequantised once, read by the body
+        dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+        assert dq and reports["loop"]["opset"] == ex.INT4_OPSET
+        assert not any(n.op_type == "DequantizeLinear" for b in step_bodies(proto) for n in b.node)
+    c, u = reports["loop"]["check"], reports["unrolled"]["check"]
+    # the check read every fire decision inside the Loop, as many as the unrolled file has
+    assert c["spikes"]["comparable"] and c["spikes"]["decisions"] == u["spikes"]["decisions"] > 0
+    assert c["spikes"]["graph_decisions"] == u["spikes"]["graph_decisions"]
+    assert c["spikes"]["images_differing_without_flips"] == 0
+    assert c["class_agreement"] >= 1 - c["spikes"]["images_with_flips"] / c["images"]
+    assert reports["loop"]["stepwise"]["max_abs_logit_diff"] <= 1e-9 * (1 + reports["loop"]["stepwise"]["max_abs_logit"])
+    rec = reports["loop"]["memory"]["reconciliation"]
+    assert rec["unaccounted"] == 0 and all(t["counted"] == t["in_file"] for t in rec["terms"])
+    assert rec["counted"] + sum(rec["outside_count"].values()) == (tmp_path / "loop.onnx").stat().st_size
+    images = _images(model, 5)
+    assert torch.equal(_classes(tmp_path / "loop.onnx", images), _classes(tmp_path / "unrolled.onnx", images))
+    if precision == "fp32":
+        with torch.no_grad():
+            assert torch.equal(_classes(tmp_path / "loop.onnx", images), model(images).argmax(1))
+
+
+def test_the_loop_graph_is_smaller_and_does_not_grow_with_T(tmp_path):
+    graph = {}
+    for T in (2, 4):
+        model = _tiny("spikformer", T=T)
+        for tl in ex.TIME_LOOPS:
+            r = _export(model, tmp_path / f"{tl}{T}.onnx", time_loop=tl, check=False)
+            graph[tl, T] = r["memory"]["file"]["graph"]
+    assert graph["loop", 4] == graph["loop", 2]  # only the trip count (an int64) differs
+    assert graph["unrolled", 4] > graph["unrolled", 2] > graph["loop", 2]
+
+
+def test_a_model_that_cannot_run_one_step_at_a_time_is_refused(tmp_path):
+    from test_tracing import _hierarchical
+
+    import spikeprune as sp
+
+    model, x = _hierarchical()
+    sp.trace(model, x)  # the traced family: the user's module runs its own time loop
+    with pytest.raises(SpikepruneError, match="cannot be written as one ONNX Loop.*time_loop='unrolled'"):
+        _export(model, tmp_path / "traced.onnx", time_loop="loop")
+    # a family that says it can, but whose neurons keep state the twin does not carry (PLIF): the
+    # float64 proof refuses it
+    plif = _tiny("sdt", spike_mode="plif")
+    with pytest.raises(SpikepruneError, match="cannot be written as one time step"):
+        _export(plif, tmp_path / "plif.onnx", time_loop="loop")
+    with pytest.raises(SpikepruneError, match="unknown time loop"):
+        _export(_tiny("spikformer"), tmp_path / "x.onnx", time_loop="scan")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_time_loop_flag(tmp_path, capsys):
+    from spikeprune.cli import main
+
+    out = tmp_path / "cli.onnx"
+    args = ["export", "spikformer-1-32-digits", "--set", "embed_dim=16", "--set", "num_heads=2", "--set", "T=2",
+            "-o", str(out), "--random-weights", "--normalisation", "digits", "--max-images", "calib=6"]
+    assert main(args + ["--time-loop", "loop"]) == 0
+    printed = capsys.readouterr().out
+    assert "T=2 in one ONNX Loop" in printed and "one time step as the body of one ONNX Loop" in printed
+    assert any(n.op_type == "Loop" for n in onnx.load(str(out)).graph.node)
+    assert main(args + ["--force"]) == 0 and "T=2 unrolled" in capsys.readouterr().out  # the default
+    assert not any(n.op_type == "Loop" for n in onnx.load(str(out)).graph.node)
+    with pytest.raises(SystemExit):
+        main(args + ["--force", "--time-loop", "scan"])
+    assert "invalid choice" in capsys.readouterr().err
