@@ -205,6 +205,12 @@ def docs_table(res: dict) -> str:
             lat = [r["latency"][f"{p}/{b}"][tl]["latency_ms"] for b in BATCHES for tl in TIME_LOOPS]
             lines.append(f"| {r['model']} | {r['T']} | {p} | {u:,} | {lp:,} ({lp / u - 1:+.0%}) | {lat[0]:.2f} | "
                          f"{lat[1]:.2f} ({lat[1] / lat[0]:.2f}x) | {lat[2]:.1f} | {lat[3]:.1f} ({lat[3] / lat[2]:.2f}x) |")
+    timings = [lat for r in res["results"] for lat in r["latency"].values()]
+    busy = sum(not lat["reliable"] for lat in timings)
+    if busy:
+        lines += ["", f"{busy} of the {len(timings)} timing pairs are marked unreliable by interleaved_latency (the "
+                  "machine was shared and busy, or the repeats spread widely: bench/results/time-loop.md says which); "
+                  "read the latency columns as rough."]
     sweep = res["t_sweep"]
     lines += ["", f"Graph bytes against T ({res['sweep_model']}'s weights, dynamic batch): unrolled "
               + ", ".join(f"T={row['T']} {row['unrolled/dynamic']:,}" for row in sweep) + "; loop "

@@ -118,3 +118,39 @@ def test_the_time_loop_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(args + ["--force", "--time-loop", "scan"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_the_body_takes_any_batch_size_and_is_traced_dynamic_where_it_cannot_be_generalised(tmp_path, monkeypatch):
+    from onnx import TensorProto, helper
+
+    from spikeprune.deploy import loop
+
+    model = _tiny("spikformer")
+    r = _export(model, tmp_path / "loop.onnx", time_loop="loop")
+    assert "generalised" in r["loop_body"]
+    for n in (1, 2, 7):  # neither sentinel batch: the generalised constants hold
+        images = _images(model, n, seed=n)
+        with torch.no_grad():
+            assert torch.equal(_classes(tmp_path / "loop.onnx", images), model(images).argmax(1))
+
+    def graph(a: int, target: list[int]):
+        shape = helper.make_node("Constant", [], ["s"], value=helper.make_tensor("", TensorProto.INT64, [len(target)],
+                                                                                 target))
+        return helper.make_model(helper.make_graph(
+            [shape, helper.make_node("Reshape", ["x", "s"], ["y"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [a, 4, 6])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]))
+
+    a, b = loop.SENTINEL_BATCHES
+    ok = loop.batch_free(graph(a, [a, 24]), graph(b, [b, 24]))  # the input's dim 0 is the batch: copied (0)
+    assert list(onnx.numpy_helper.to_array(ok.graph.node[0].attribute[0].t)) == [0, 24]
+    assert ok.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert loop.batch_free(graph(a, [4 * a, 6]), graph(b, [4 * b, 6])) is None  # batch x 4: not a batch position
+    # a body that cannot be generalised is traced with a dynamic batch, and still computes the model
+    monkeypatch.setattr(ex, "batch_free", lambda *protos: None)
+    r = _export(model, tmp_path / "dynamic.onnx", time_loop="loop")
+    assert "dynamic batch" in r["loop_body"] and r["check"]["class_agreement"] == 1.0
+    shape_ops = {name: sum(n.op_type in ("Shape", "Gather", "Unsqueeze", "Concat") for b in step_bodies(
+        onnx.load(str(tmp_path / name))) for n in b.node) for name in ("loop.onnx", "dynamic.onnx")}
+    assert shape_ops["dynamic.onnx"] > 2 * shape_ops["loop.onnx"]  # the shape arithmetic a dynamic trace writes
+    assert (tmp_path / "dynamic.onnx").stat().st_size > (tmp_path / "loop.onnx").stat().st_size

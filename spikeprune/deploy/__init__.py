@@ -13,6 +13,8 @@ What the file holds (any registered family, dense or pruned):
   * BatchNorm folded into the Conv / Linear before it (fold.py; the family's cost table says which
     BN follows which layer), verified in float64 before anything is written.
   * The LIF as plain tensor ops unrolled over the model's T (neuron.plain_ops); T fixed, batch dynamic.
+    Or (time_loop="loop", loop.py) one time step written once, as the body of an ONNX Loop run T
+    times with every LIF's membrane loop-carried: a graph that does not grow with T.
   * Weights at a per-layer precision (spikeprune.precision): fp32; fp16 behind a Cast; int8 or int4
     symmetric per output channel behind a DequantizeLinear (weight-only QDQ; biases fp32). int4 is
     stored packed (two values a byte) and needs opset 21, which the file then declares (the graph
@@ -63,7 +65,8 @@ from .check import CHECK_IMAGES, FLOAT64_IMAGES, check_batches, check_export, fi
 from .fold import INPUTS, RawInput, float64_check, fold_batchnorm, resolve_normalisation
 from .graph import (MAX_TRACE_OPSET, compact_names, dedupe_constants, file_breakdown, graph_census, need_onnx,
                     quantize_per_channel, reduce_precision, trace_images, trace_to_onnx)
-from .loop import TIME_LOOPS, SteppedModel, check_time_loop, one_step_twin, stepwise_check, wrap_in_loop
+from .loop import (SENTINEL_BATCHES, TIME_LOOPS, SteppedModel, batch_free, check_time_loop, one_step_twin, stepwise_check,
+                   wrap_in_loop)
 from .text import format_export_report
 
 FORMATS = ("onnx",)
@@ -181,19 +184,28 @@ def _float64_proofs(source: nn.Module, fam, data, time_loop: str) -> tuple[dict,
 
 
 def _graph(weights: nn.Module, fam, pre: dict, opset: int, batch: int | None, time_loop: str):
-    """(the ONNX graph at fp32 weights, the folded module whose parameters it holds): the model
-    unrolled over T, or its one-time-step twin as the body of one Loop (loop.py)."""
+    """(the ONNX graph at fp32 weights, the folded module whose parameters it holds, how a Loop's
+    body was traced or None): the model unrolled over T, or its one-time-step twin as the body of
+    one Loop (loop.py)."""
     if time_loop == "unrolled":
         folded, _, _ = fold_batchnorm(weights)
         traced = RawInput(folded, pre["mean"], pre["std"]).eval() if pre["input"] == "raw" else folded
-        return trace_to_onnx(traced, fam.name, opset, batch), folded
+        return trace_to_onnx(traced, fam.name, opset, batch), folded, None
     folded, _, _ = fold_batchnorm(one_step_twin(weights))
     stepped = SteppedModel(RawInput(folded, pre["mean"], pre["std"]).eval() if pre["input"] == "raw" else folded)
-    states = tuple(stepped.discover(trace_images(weights.cfg, batch)))
-    step = trace_to_onnx(stepped, fam.name, opset, batch, states=states)
+
+    def trace(at: int | None):
+        return trace_to_onnx(stepped, fam.name, opset, at, states=tuple(stepped.discover(trace_images(weights.cfg, at))))
+
+    # a dynamic batch: traced at two fixed sizes and generalised (no shape arithmetic in the body), else traced dynamic
+    step, how = (trace(batch), f"traced at the fixed batch of {batch}") if batch else (
+        batch_free(*(trace(b) for b in SENTINEL_BATCHES)), "traced at batches {} and {}, its batch-size constants "
+        "generalised (no shape arithmetic)".format(*SENTINEL_BATCHES))
+    if step is None:
+        step, how = trace(None), "traced with a dynamic batch (its batch-size constants could not be generalised)"
     dedupe_constants(step)
     compact_names(step)
-    return wrap_in_loop(step, weights.cfg.T, len(states), opset), folded
+    return wrap_in_loop(step, weights.cfg.T, len(stepped.slots), opset), folded, how
 
 
 def _metadata(model, fam, plan: dict, opset: int, batch, pairs, pre: dict, time_loop: str) -> tuple[dict, str]:
@@ -225,7 +237,7 @@ def _export_to(tmp: Path, model, fam, path: Path, format: str, plan: dict, opset
     source = copy.deepcopy(model).float().cpu().eval()
     _, pairs, leftover = fold_batchnorm(source)
     f64, stepwise = _float64_proofs(source, fam, data, time_loop)
-    proto, folded = _graph(_weights_model(source, plan), fam, pre, opset, batch, time_loop)
+    proto, folded, body = _graph(_weights_model(source, plan), fam, pre, opset, batch, time_loop)
     converted = reduce_precision(proto, folded, plan) if set(plan.values()) != {"fp32"} else {}
     dedupe_constants(proto)
     compact_names(proto)
@@ -250,7 +262,7 @@ def _export_to(tmp: Path, model, fam, path: Path, format: str, plan: dict, opset
                          "file": breakdown, "reconciliation": rec},
               "graph": graph_census(proto), "float64": f64, "check": None, "warnings": []}
     if stepwise is not None:
-        report["stepwise"] = stepwise
+        report["stepwise"], report["loop_body"] = stepwise, body
     if set(plan.values()) == {"int8"}:
         report["memory"]["int8_reconciliation"] = int8_reconciliation(model, size)
     if check:

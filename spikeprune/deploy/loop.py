@@ -136,6 +136,97 @@ def stepwise_check(model: nn.Module, images: torch.Tensor, source: str) -> dict:
     return out
 
 
+SENTINEL_BATCHES = (3, 5)  # the two batch sizes the step is traced at to find its batch-size constants
+
+
+def _int_dims(proto) -> dict[str, list]:
+    """Every value's inferred dims (None where not a fixed number), by name."""
+    from onnx import shape_inference  # optional dependency (the `export` extra)
+
+    g = shape_inference.infer_shapes(proto).graph
+    return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in (*g.value_info, *g.input, *g.output)}
+
+
+def _reshape_fill(node, positions, dims: tuple[dict, dict], va) -> int | None:
+    """A Reshape target's batch positions: 0 (copy the input's dim) where the input's dim there is
+    the batch in both traces; -1 where it is the target's one unknown; else None."""
+    a, b = SENTINEL_BATCHES
+    if any(at.name == "allowzero" and at.i for at in node.attribute):
+        return None
+    da, db = (d.get(node.input[0]) or [] for d in dims)
+    if all(i < len(da) and i < len(db) and da[i] == a and db[i] == b for i in positions):
+        return 0
+    return -1 if len(positions) == 1 and -1 not in va else None
+
+
+def _batch_replacement(node, index: int, positions, dims: tuple[dict, dict], va, consumers) -> int | None:
+    """What a consumer of a shape constant needs at its batch-size positions: a Reshape target
+    _reshape_fill's, 1 in an Expand shape (broadcast; also through the exporter's Equal / Where
+    around it); None: unknown."""
+    if node.op_type == "Reshape" and index == 1:
+        return _reshape_fill(node, positions, dims, va)
+    if (node.op_type == "Expand" and index == 1) or node.op_type == "Equal":
+        return 1
+    if node.op_type == "Where" and index == 2:
+        later = consumers.get(node.output[0], [])
+        return 1 if later and all(n.op_type == "Expand" and i == 1 for n, i in later) else None
+    return None
+
+
+def _same_but_constants(ga, gb) -> bool:
+    """The two traces have the same ops in the same order and the same initializers."""
+    return ([n.op_type for n in ga.node] == [n.op_type for n in gb.node] and len(ga.initializer) == len(gb.initializer)
+            and all(x.SerializeToString() == y.SerializeToString() for x, y in zip(ga.initializer, gb.initializer)))
+
+
+def _generalise(na, nb, dims: tuple[dict, dict], consumers) -> bool:
+    """Rewrite Constant na (its twin nb from the other trace) where it holds the batch size; False
+    when it differs in another way, or its consumers need different things there."""
+    from onnx import numpy_helper  # optional dependency (the `export` extra)
+
+    a, b = SENTINEL_BATCHES
+    va, vb = (numpy_helper.to_array(next(at.t for at in n.attribute if at.name == "value")) for n in (na, nb))
+    if va.dtype.kind != "i" or va.shape != vb.shape or va.ndim != 1:
+        return False
+    positions = [int(i) for i in (va != vb).nonzero()[0]]
+    if any(va[i] != a or vb[i] != b for i in positions):
+        return False
+    wanted = {_batch_replacement(n, i, positions, dims, va, consumers) for n, i in consumers.get(na.output[0], [])}
+    if len(wanted) != 1 or None in wanted:
+        return False
+    new = va.copy()
+    new[positions] = wanted.pop()
+    value = next(at for at in na.attribute if at.name == "value")
+    value.t.CopyFrom(numpy_helper.from_array(new, value.t.name))
+    return True
+
+
+def batch_free(static_a, static_b):
+    """The step graph traced at the batch sizes SENTINEL_BATCHES (static_a, static_b: no shape
+    arithmetic, the batch size written into its shape constants), made to take any batch size:
+    each int64 constant that differs between the two traces exactly at positions holding the two
+    batch sizes gets, there, what its consumers need (_batch_replacement). Returns static_a
+    rewritten, or None when the two traces differ in any other way (then the dynamic trace is used)."""
+    ga, gb = static_a.graph, static_b.graph
+    if not _same_but_constants(ga, gb):
+        return None
+    consumers: dict[str, list] = {}
+    for n in ga.node:
+        for i, name in enumerate(n.input):
+            consumers.setdefault(name, []).append((n, i))
+    dims = (_int_dims(static_a), _int_dims(static_b))
+    for na, nb in zip(ga.node, gb.node):
+        if na.op_type == "Constant" and na.SerializeToString() != nb.SerializeToString() and not _generalise(
+                na, nb, dims, consumers):
+            return None
+    del ga.value_info[:]
+    for v in (*ga.input, *ga.output):
+        if v.type.tensor_type.shape.dim:
+            v.type.tensor_type.shape.dim[0].dim_param = "batch"  # also clears the traced dim_value
+    return static_a
+
+
 def wrap_in_loop(step_proto, T: int, n_states: int, opset: int):
     """The traced step graph (inputs images, m0..; outputs step logits, n0..) as the body of one
     Loop over T steps in a new model with input `images` and output `logits` (the per-step logits'

@@ -60,7 +60,7 @@ def format_export_report(r: dict) -> str:
         lines.append(f"graph: {g['nodes']:,} nodes ({top}, ...), the time loop {_loop_words(r)} over T={r['T']}"
                      if r.get("time_loop", "unrolled") == "unrolled" else
                      f"graph: {g['nodes']:,} nodes ({top}, ...), one time step as the body of one ONNX Loop over "
-                     f"T={r['T']} (the LIF membranes loop-carried)")
+                     f"T={r['T']} (the LIF membranes loop-carried; the body {r['loop_body']})")
     sw = r.get("stepwise")
     if sw:
         lines.append(f"float64 check ({sw['source']}): one step at a time with the membranes carried vs the "
