@@ -117,13 +117,13 @@ def bench_model(name: str, data: str, check_images: int, repeats: int, warmup: i
     return res
 
 
-def t_sweep(name: str, tmp: Path) -> list[dict]:
+def t_sweep(name: str, data: str, Ts: list[int], tmp: Path) -> list[dict]:
     """Graph bytes of `name`'s weights at several T (the config's T changed: same weights), dynamic
     batch and a fixed batch of 1, both time loops; unchecked (bytes only)."""
     base = bundled_model(name).eval()
     fam = get_family(base)
     rows = []
-    for T in T_SWEEP:
+    for T in Ts:
         model = fam.build({**base.cfg.to_dict(), "T": T})
         model.load_state_dict(base.state_dict())
         model.eval()
@@ -131,7 +131,7 @@ def t_sweep(name: str, tmp: Path) -> list[dict]:
         for tl in TIME_LOOPS:
             for batch in (None, 1):
                 r = export(model, tmp / f"sweep-{T}-{tl}-{batch}.onnx", time_loop=tl, batch=batch, check=False,
-                           normalisation="fashion-mnist", force=True, progress=False)
+                           normalisation=data, force=True, progress=False)
                 row[f"{tl}/{'dynamic' if batch is None else 'batch 1'}"] = r["memory"]["file"]["graph"]
         rows.append(row)
         print(f"T={T}: " + ", ".join(f"{k} {v:,} B" for k, v in row.items() if k != "T"), flush=True)
@@ -220,7 +220,7 @@ def docs_table(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     import onnx  # the `export` extra
     import onnxruntime  # the `export` extra
 
@@ -232,24 +232,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--check-images", type=int, default=200)
     p.add_argument("--tag", default="", help="results go to time-loop-TAG.{json,md}")
+    p.add_argument("--models", default=",".join(f"{m}:{d}" for m, d in MODELS),
+                   help="bundled models and their data, NAME:DATA,...")
+    p.add_argument("--sweep-T", default=",".join(map(str, T_SWEEP)), help="the T values of the graph-bytes sweep")
+    p.add_argument("--sweep-model", default="spikformer-2-128-fmnist:fashion-mnist")
+    p.add_argument("--out", type=Path, default=OUT, help="results folder")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    res = {"command": "python bench/time_loop.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    res = {"command": " ".join(["python bench/time_loop.py", *(sys.argv[1:] if argv is None else argv)]),
            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "repeats": args.repeats,
            "threads": args.threads, "check_images": args.check_images,
            "machine": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
                        "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
                        "python": platform.python_version()},
-           "results": [], "sweep_model": "spikformer-2-128-fmnist"}
+           "results": [], "sweep_model": args.sweep_model.split(":")[0]}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, data in MODELS:
+        for spec in args.models.split(","):
+            name, data = spec.split(":")
             res["results"].append(bench_model(name, data, args.check_images, args.repeats, args.warmup, args.threads,
                                               Path(tmp)))
-        res["t_sweep"] = t_sweep(res["sweep_model"], Path(tmp))
+        name, data = args.sweep_model.split(":")
+        res["t_sweep"] = t_sweep(name, data, [int(t) for t in args.sweep_T.split(",")], Path(tmp))
     suffix = f"-{args.tag}" if args.tag else ""
-    write_json(OUT / f"time-loop{suffix}.json", res)
-    (OUT / f"time-loop{suffix}.md").write_text(to_markdown(res))
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / f"time-loop{suffix}.json", res)
+    (args.out / f"time-loop{suffix}.md").write_text(to_markdown(res))
     print(to_markdown(res))
+    return res
 
 
 if __name__ == "__main__":

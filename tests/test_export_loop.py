@@ -154,3 +154,28 @@ def test_the_body_takes_any_batch_size_and_is_traced_dynamic_where_it_cannot_be_
         onnx.load(str(tmp_path / name))) for n in b.node) for name in ("loop.onnx", "dynamic.onnx")}
     assert shape_ops["dynamic.onnx"] > 2 * shape_ops["loop.onnx"]  # the shape arithmetic a dynamic trace writes
     assert (tmp_path / "dynamic.onnx").stat().st_size > (tmp_path / "loop.onnx").stat().st_size
+
+
+def test_the_time_loop_bench_runs_end_to_end(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_time_loop", Path(__file__).resolve().parent.parent / "bench" / "time_loop.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        res = bench.main(["--repeats", "1", "--warmup", "0", "--check-images", "4", "--models", "sdt-1-64-mnist:mnist5k",
+                          "--sweep-model", "sdt-1-64-mnist:mnist5k", "--sweep-T", "1,3", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    files = res["results"][0]["files"]
+    assert files["fp32/loop"]["graph_bytes"] < files["fp32/unrolled"]["graph_bytes"]
+    assert all(f["reconciled"] and f["check"]["comparable"] for f in files.values())
+    assert set(res["results"][0]["latency"]) == {"fp32/1", "fp32/64", "int4/1", "int4/64"}
+    sweep = {row["T"]: row for row in res["t_sweep"]}
+    assert sweep[1]["loop/dynamic"] == sweep[3]["loop/dynamic"] and sweep[3]["unrolled/dynamic"] > sweep[1]["unrolled/dynamic"]
+    assert json.loads((tmp_path / "time-loop.json").read_text())["results"][0]["model"] == "sdt-1-64-mnist"
+    assert "| sdt-1-64-mnist |" in bench.docs_table(res) and "## Bytes" in (tmp_path / "time-loop.md").read_text()
