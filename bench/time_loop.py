@@ -117,9 +117,10 @@ def bench_model(name: str, data: str, check_images: int, repeats: int, warmup: i
     return res
 
 
-def t_sweep(name: str, data: str, Ts: list[int], tmp: Path) -> list[dict]:
+def t_sweep(name: str, data: str, Ts: list[int], tmp: Path, repeats: int, warmup: int, threads: int) -> list[dict]:
     """Graph bytes of `name`'s weights at several T (the config's T changed: same weights), dynamic
-    batch and a fixed batch of 1, both time loops; unchecked (bytes only)."""
+    batch and a fixed batch of 1, both time loops, and the dynamic-batch files' ONNX Runtime latency
+    at batch 1 (interleaved, on random images); files unchecked."""
     base = bundled_model(name).eval()
     fam = get_family(base)
     rows = []
@@ -133,8 +134,17 @@ def t_sweep(name: str, data: str, Ts: list[int], tmp: Path) -> list[dict]:
                 r = export(model, tmp / f"sweep-{T}-{tl}-{batch}.onnx", time_loop=tl, batch=batch, check=False,
                            normalisation=data, force=True, progress=False)
                 row[f"{tl}/{'dynamic' if batch is None else 'batch 1'}"] = r["memory"]["file"]["graph"]
+        x = torch.rand(1, base.cfg.in_channels, base.cfg.img_size, base.cfg.img_size,
+                       generator=torch.Generator().manual_seed(T))
+        calls = {tl: (lambda _images, s=_session(str(tmp / f"sweep-{T}-{tl}-None.onnx"), threads): s.run(
+            None, {"images": x.numpy()})) for tl in TIME_LOOPS}
+        lat = interleaved_latency(calls, x, repeats=repeats, warmup=warmup)
+        row["latency_ms"] = {tl: lat["models"][tl]["latency_ms"] for tl in TIME_LOOPS}
+        row["latency_reliable"] = lat["reliable"]
         rows.append(row)
-        print(f"T={T}: " + ", ".join(f"{k} {v:,} B" for k, v in row.items() if k != "T"), flush=True)
+        print(f"T={T}: " + ", ".join(f"{k} {v:,} B" for k, v in row.items() if "/" in k)
+              + f"; batch 1: unrolled {row['latency_ms']['unrolled']:.2f} ms, loop {row['latency_ms']['loop']:.2f} ms",
+              flush=True)
     return rows
 
 
@@ -175,12 +185,16 @@ def to_markdown(res: dict) -> str:
     why = sorted({w for r in res["results"] for lat in r["latency"].values() for w in lat["why"]})
     lines += ["", "Every timing reliable by interleaved_latency's rules (spread and machine load)." if not why else
               f"Timings interleaved_latency marks unreliable: {'; '.join(why)}."]
-    lines += ["", f"## Graph bytes against T ({res['sweep_model']}'s weights, files unchecked)", "",
-              "| T | unrolled, dynamic batch | loop, dynamic batch | unrolled, batch 1 | loop, batch 1 |",
-              "|---|---|---|---|---|"]
+    lines += ["", f"## Graph bytes against T ({res['sweep_model']}'s weights, files unchecked; latency of the "
+              "dynamic-batch files, random images)", "",
+              "| T | unrolled, dynamic batch | loop, dynamic batch | unrolled, batch 1 | loop, batch 1 | "
+              "latency at batch 1 (ms): unrolled | loop |",
+              "|---|---|---|---|---|---|---|"]
     for row in res["t_sweep"]:
+        lat = row["latency_ms"]
         lines.append(f"| {row['T']} | {row['unrolled/dynamic']:,} | {row['loop/dynamic']:,} | "
-                     f"{row['unrolled/batch 1']:,} | {row['loop/batch 1']:,} |")
+                     f"{row['unrolled/batch 1']:,} | {row['loop/batch 1']:,} | {lat['unrolled']:.2f} | "
+                     f"{lat['loop']:.2f} ({lat['loop'] / lat['unrolled']:.2f}x) |")
     lines += ["", "## What ONNX Runtime's optimiser keeps (nodes: main graph + Loop body)", "",
               "| model | weights | time loop | as written | after ORT_ENABLE_ALL | body ops after (top) |",
               "|---|---|---|---|---|---|"]
@@ -216,7 +230,9 @@ def docs_table(res: dict) -> str:
               + ", ".join(f"T={row['T']} {row['unrolled/dynamic']:,}" for row in sweep) + "; loop "
               + ", ".join(f"T={row['T']} {row['loop/dynamic']:,}" for row in sweep) + ". At a fixed batch of 1: "
               "unrolled " + ", ".join(f"T={row['T']} {row['unrolled/batch 1']:,}" for row in sweep) + "; loop "
-              + ", ".join(f"T={row['T']} {row['loop/batch 1']:,}" for row in sweep) + "."]
+              + ", ".join(f"T={row['T']} {row['loop/batch 1']:,}" for row in sweep) + ". Latency at batch 1, loop / "
+              "unrolled: " + ", ".join(f"T={row['T']} {row['latency_ms']['loop'] / row['latency_ms']['unrolled']:.2f}x"
+                                       for row in sweep) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -252,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
             res["results"].append(bench_model(name, data, args.check_images, args.repeats, args.warmup, args.threads,
                                               Path(tmp)))
         name, data = args.sweep_model.split(":")
-        res["t_sweep"] = t_sweep(name, data, [int(t) for t in args.sweep_T.split(",")], Path(tmp))
+        res["t_sweep"] = t_sweep(name, data, [int(t) for t in args.sweep_T.split(",")], Path(tmp), args.repeats,
+                                 args.warmup, args.threads)
     suffix = f"-{args.tag}" if args.tag else ""
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / f"time-loop{suffix}.json", res)

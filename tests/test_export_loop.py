@@ -81,6 +81,9 @@ def test_the_loop_graph_is_smaller_and_does_not_grow_with_T(tmp_path):
             r = _export(model, tmp_path / f"{tl}{T}.onnx", time_loop=tl, check=False)
             graph[tl, T] = r["memory"]["file"]["graph"]
     assert graph["loop", 4] == graph["loop", 2]  # only the trip count (an int64) differs
+    fixed = _export(model, tmp_path / "fixed.onnx", time_loop="loop", batch=2)  # T=4, a fixed batch of 2
+    assert "fixed batch of 2" in fixed["loop_body"] and fixed["check"]["batch_sizes"] == [2]
+    assert fixed["check"]["class_agreement"] == 1.0 and fixed["check"]["spikes"]["comparable"]
     assert graph["unrolled", 4] > graph["unrolled", 2] > graph["loop", 2]
 
 
