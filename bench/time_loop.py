@@ -218,7 +218,8 @@ def docs_table(res: dict) -> str:
             u, lp = r["files"][f"{p}/unrolled"]["graph_bytes"], r["files"][f"{p}/loop"]["graph_bytes"]
             lat = [r["latency"][f"{p}/{b}"][tl]["latency_ms"] for b in BATCHES for tl in TIME_LOOPS]
             lines.append(f"| {r['model']} | {r['T']} | {p} | {u:,} | {lp:,} ({lp / u - 1:+.0%}) | {lat[0]:.2f} | "
-                         f"{lat[1]:.2f} ({lat[1] / lat[0]:.2f}x) | {lat[2]:.1f} | {lat[3]:.1f} ({lat[3] / lat[2]:.2f}x) |")
+                         f"{lat[1]:.2f} ({lat[1] / lat[0]:.2f}x) | {lat[2]:.1f} | "
+                         f"{lat[3]:.1f} ({lat[3] / lat[2]:.2f}x) |")
     timings = [lat for r in res["results"] for lat in r["latency"].values()]
     busy = sum(not lat["reliable"] for lat in timings)
     if busy:

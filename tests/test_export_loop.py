@@ -52,17 +52,22 @@ def test_the_loop_file_computes_the_models_classes(tmp_path, family, precision):
     assert [n.op_type for n in proto.graph.node if n.op_type not in ("Constant", "DequantizeLinear")] == [
         "Loop", "ReduceMean"]
     assert {p.key: p.value for p in proto.metadata_props}["spikeprune.time_loop"] == "loop"
-    if precision == "int4":  # the weights stay in the main graph, dequantised once, read by the body
+    (body,) = step_bodies(proto)
+    if precision == "int4":  # int4 / int8 weights stay in the main graph, dequantised once per call
         dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
         assert dq and reports["loop"]["opset"] == ex.INT4_OPSET
-        assert not any(n.op_type == "DequantizeLinear" for b in step_bodies(proto) for n in b.node)
+        assert not any(n.op_type == "DequantizeLinear" for n in body.node)
+        assert {i.name for i in proto.graph.initializer} == {i for n in dq for i in n.input}
+    else:  # every constant in the body, where the runtime prepares its weights for its kernels
+        assert len(proto.graph.initializer) == 0 and len(body.initializer) > 0
     c, u = reports["loop"]["check"], reports["unrolled"]["check"]
     # the check read every fire decision inside the Loop, as many as the unrolled file has
     assert c["spikes"]["comparable"] and c["spikes"]["decisions"] == u["spikes"]["decisions"] > 0
     assert c["spikes"]["graph_decisions"] == u["spikes"]["graph_decisions"]
     assert c["spikes"]["images_differing_without_flips"] == 0
     assert c["class_agreement"] >= 1 - c["spikes"]["images_with_flips"] / c["images"]
-    assert reports["loop"]["stepwise"]["max_abs_logit_diff"] <= 1e-9 * (1 + reports["loop"]["stepwise"]["max_abs_logit"])
+    sw = reports["loop"]["stepwise"]
+    assert sw["max_abs_logit_diff"] <= 1e-9 * (1 + sw["max_abs_logit"])
     rec = reports["loop"]["memory"]["reconciliation"]
     assert rec["unaccounted"] == 0 and all(t["counted"] == t["in_file"] for t in rec["terms"])
     assert rec["counted"] + sum(rec["outside_count"].values()) == (tmp_path / "loop.onnx").stat().st_size
@@ -170,8 +175,8 @@ def test_the_time_loop_bench_runs_end_to_end(tmp_path):
     spec.loader.exec_module(bench)
     threads = torch.get_num_threads()
     try:
-        res = bench.main(["--repeats", "1", "--warmup", "0", "--check-images", "4", "--models", "sdt-1-64-mnist:mnist5k",
-                          "--sweep-model", "sdt-1-64-mnist:mnist5k", "--sweep-T", "1,3", "--out", str(tmp_path)])
+        res = bench.main(["--repeats", "1", "--warmup", "0", "--check-images", "4",
+                          "--models", "sdt-1-64-mnist:mnist5k", "--sweep-model", "sdt-1-64-mnist:mnist5k", "--sweep-T", "1,3", "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     files = res["results"][0]["files"]
@@ -179,6 +184,7 @@ def test_the_time_loop_bench_runs_end_to_end(tmp_path):
     assert all(f["reconciled"] and f["check"]["comparable"] for f in files.values())
     assert set(res["results"][0]["latency"]) == {"fp32/1", "fp32/64", "int4/1", "int4/64"}
     sweep = {row["T"]: row for row in res["t_sweep"]}
-    assert sweep[1]["loop/dynamic"] == sweep[3]["loop/dynamic"] and sweep[3]["unrolled/dynamic"] > sweep[1]["unrolled/dynamic"]
+    assert sweep[1]["loop/dynamic"] == sweep[3]["loop/dynamic"]
+    assert sweep[3]["unrolled/dynamic"] > sweep[1]["unrolled/dynamic"]
     assert json.loads((tmp_path / "time-loop.json").read_text())["results"][0]["model"] == "sdt-1-64-mnist"
     assert "| sdt-1-64-mnist |" in bench.docs_table(res) and "## Bytes" in (tmp_path / "time-loop.md").read_text()

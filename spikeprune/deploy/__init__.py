@@ -65,8 +65,8 @@ from .check import CHECK_IMAGES, FLOAT64_IMAGES, check_batches, check_export, fi
 from .fold import INPUTS, RawInput, float64_check, fold_batchnorm, resolve_normalisation
 from .graph import (MAX_TRACE_OPSET, compact_names, dedupe_constants, file_breakdown, graph_census, need_onnx,
                     quantize_per_channel, reduce_precision, trace_images, trace_to_onnx)
-from .loop import (SENTINEL_BATCHES, TIME_LOOPS, SteppedModel, batch_free, check_time_loop, one_step_twin, stepwise_check,
-                   wrap_in_loop)
+from .loop import (SENTINEL_BATCHES, TIME_LOOPS, SteppedModel, batch_free, check_time_loop, constants_into_body,
+                   one_step_twin, stepwise_check, wrap_in_loop)
 from .text import format_export_report
 
 FORMATS = ("onnx",)
@@ -195,7 +195,8 @@ def _graph(weights: nn.Module, fam, pre: dict, opset: int, batch: int | None, ti
     stepped = SteppedModel(RawInput(folded, pre["mean"], pre["std"]).eval() if pre["input"] == "raw" else folded)
 
     def trace(at: int | None):
-        return trace_to_onnx(stepped, fam.name, opset, at, states=tuple(stepped.discover(trace_images(weights.cfg, at))))
+        states = tuple(stepped.discover(trace_images(weights.cfg, at)))
+        return trace_to_onnx(stepped, fam.name, opset, at, states=states)
 
     # a dynamic batch: traced at two fixed sizes and generalised (no shape arithmetic in the body), else traced dynamic
     step, how = (trace(batch), f"traced at the fixed batch of {batch}") if batch else (
@@ -241,6 +242,8 @@ def _export_to(tmp: Path, model, fam, path: Path, format: str, plan: dict, opset
     converted = reduce_precision(proto, folded, plan) if set(plan.values()) != {"fp32"} else {}
     dedupe_constants(proto)
     compact_names(proto)
+    if time_loop == "loop":
+        constants_into_body(proto)
     meta, proto.doc_string = _metadata(model, fam, plan, opset, batch, pairs, pre, time_loop)
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
@@ -383,6 +386,7 @@ def _accuracy_gate(report: dict, max_drop: float, keep: bool) -> None:
 
 
 __all__ = ["CHECK_IMAGES", "DEFAULT_OPSET", "FORMATS", "INPUTS", "INT4_OPSET", "INT8_MAX_DROP", "MAX_OPSET",
-           "MAX_TRACE_OPSET", "MIN_OPSET", "PRECISIONS", "QMAX", "TIME_LOOPS", "check_export", "deployed_memory_bytes", "export",
+           "MAX_TRACE_OPSET", "MIN_OPSET", "PRECISIONS", "QMAX", "TIME_LOOPS", "check_export", "deployed_memory_bytes",
+           "export",
            "file_metadata", "float64_check", "fold_batchnorm", "format_export_report", "int8_reconciliation",
            "quantize_per_channel"]

@@ -241,10 +241,12 @@ def _stored_bytes(init) -> int:
 
 def file_breakdown(proto, size: int) -> dict:
     """Bytes of the file by kind: int8 and int4 weights, scales, zero points, float16 / float32
-    constants, other constants, and the rest (graph structure, names, protobuf framing)."""
+    constants, other constants (a Loop body's initializers included), and the rest (graph
+    structure, names, protobuf framing)."""
     parts = {"int8_weights": 0, "int4_weights": 0, "scales": 0, "zero_points": 0, "fp16": 0, "fp32_constants": 0,
              "other_constants": 0}
-    for init in proto.graph.initializer:
+    bodies = [a.g for n in proto.graph.node for a in n.attribute if a.type == 5]  # a Loop's body (GRAPH attribute)
+    for init in [*proto.graph.initializer, *(i for b in bodies for i in b.initializer)]:
         n = _stored_bytes(init)
         if init.name.endswith("__int8"):
             parts["int8_weights"] += n

@@ -2,8 +2,9 @@
 (Family.one_step: same weights, T=1) is traced once with every LIF's membrane potential as an
 explicit input and output, and that step graph becomes the body of a Loop that runs T times with
 the membranes loop-carried (starting at 0, as every LIF's forward does) and the per-step logits
-as a scan output, averaged over T after the loop. The weights stay in the main graph (the body
-reads them from the outer scope), so int8 / int4 DequantizeLinear runs once, not per step.
+as a scan output, averaged over T after the loop. fp32 weights live in the body; int8 / int4
+weights and their DequantizeLinear stay in the main graph (the body reads the dequantised weights
+from the outer scope), so they are dequantised once per call, not once per step (constants_into_body).
 
 Before anything is traced, the step-wise forward is proven equal to the model's T-step forward in
 float64 (stepwise_check), so a family that declares one_step wrongly, or a neuron spikeprune does
@@ -230,8 +231,9 @@ def batch_free(static_a, static_b):
 def wrap_in_loop(step_proto, T: int, n_states: int, opset: int):
     """The traced step graph (inputs images, m0..; outputs step logits, n0..) as the body of one
     Loop over T steps in a new model with input `images` and output `logits` (the per-step logits'
-    mean). The step graph's initializers move to the main graph; the body reads them, and
-    `images`, from the outer scope. Value shapes inside the body are dropped (the membranes start
+    mean). The step graph's initializers go to the main graph (where reduce_precision finds them;
+    constants_into_body moves back what only the body reads); the body reads `images` from the
+    outer scope. Value shapes inside the body are dropped (the membranes start
     as a scalar 0 and take their shape from the first step)."""
     from onnx import TensorProto, helper  # optional dependency (the `export` extra)
 
@@ -249,7 +251,8 @@ def wrap_in_loop(step_proto, T: int, n_states: int, opset: int):
         inputs=[helper.make_tensor_value_info("t", TensorProto.INT64, []),
                 helper.make_tensor_value_info("go_in", TensorProto.BOOL, []),
                 *[untyped(n, TensorProto.FLOAT) for n in states_in]],
-        outputs=[helper.make_tensor_value_info("go_out", TensorProto.BOOL, []), *[untyped(n, TensorProto.FLOAT) for n in states_out],
+        outputs=[helper.make_tensor_value_info("go_out", TensorProto.BOOL, []),
+                 *[untyped(n, TensorProto.FLOAT) for n in states_out],
                  untyped(step_logits.name, TensorProto.FLOAT)])
     # the Loop's own constants are Constant nodes (graph bytes), not initializers (weights)
     consts = [helper.make_node("Constant", [], [_TRIP], value=helper.make_tensor("", TensorProto.INT64, [], [T])),
@@ -269,6 +272,24 @@ def wrap_in_loop(step_proto, T: int, n_states: int, opset: int):
                               initializer=list(g.initializer))
     proto = helper.make_model(graph, opset_imports=list(step_proto.opset_import), ir_version=step_proto.ir_version)
     return proto
+
+
+def constants_into_body(proto) -> int:
+    """Move every initializer of a Loop file's main graph that only the body reads into the body.
+    ONNX Runtime prepares a graph's own constant weights for its kernels (pre-packing) but not values
+    a subgraph reads from the outer scope: moved, the fp32 file's Loop costs a few percent of the
+    unrolled file's latency instead of about a fifth (bench/time_loop.py). What the main graph's
+    nodes read stays there: the int8 / int4 weights and their DequantizeLinear (and fp16 Casts),
+    which so run once per call, not once per step. Returns the initializers moved."""
+    loop = next(n for n in proto.graph.node if n.op_type == "Loop")
+    body = next(a.g for a in loop.attribute if a.name == "body")
+    read_outside = {i for n in proto.graph.node if n is not loop for i in n.input} | set(loop.input)
+    move = [i for i in proto.graph.initializer if i.name not in read_outside]
+    keep = [i for i in proto.graph.initializer if i.name in read_outside]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    body.initializer.extend(move)
+    return len(move)
 
 
 def step_bodies(proto) -> list:
