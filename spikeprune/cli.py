@@ -924,8 +924,8 @@ def register_measure(subparsers) -> None:
 # ------------------------------------------------------------------------------------------------
 # spikeprune export
 # ------------------------------------------------------------------------------------------------
-EXPORT_HELP = ("write the model as an ONNX file (BatchNorm folded, LIF unrolled or in one Loop, fp32 / fp16 / int8 / int4 weights, "
-               "raw-pixel input) and check it")
+EXPORT_HELP = ("write the model as an ONNX file (BatchNorm folded, LIF unrolled or in one Loop, fp32 / fp16 / int8 / "
+               "int4 weights, raw-pixel input) and check it")
 
 
 def _points(text: str) -> float:
@@ -962,9 +962,9 @@ def register_export(sub) -> None:
     p = sub.add_parser(
         "export", help=EXPORT_HELP,
         description="Export a model (dense or pruned, any family) to ONNX: BatchNorm folded into the layer before "
-                    "it, the LIF unrolled over T as plain ops (or one time step as an ONNX Loop's body, --time-loop loop), "
-                    "T fixed, batch size dynamic, the input normalisation "
-                    "in the graph (the file takes raw pixels in [0, 1]). Unless --no-check, ONNX Runtime is compared "
+                    "it, the LIF unrolled over T as plain ops (or one time step as an ONNX Loop's body, --time-loop "
+                    "loop), T fixed, batch size dynamic, the input normalisation in the graph (the file takes raw "
+                    "pixels in [0, 1]). Unless --no-check, ONNX Runtime is compared "
                     "with PyTorch (the fake-quantised model for reduced precision) on the calibration split of --data "
                     "(predicted classes, spike decisions, a float64 comparison) before the file is moved into place; "
                     "a reduced-precision file that loses more than --max-drop points of top-1 is refused.",
