@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import policies as bench_policies  # noqa: E402  (bench/policies.py, beside this script)
+import time_loop as bench_time_loop  # noqa: E402  (bench/time_loop.py, beside this script)
 
 from spikeprune.stats import differ  # noqa: E402
 from spikeprune.units import format_percent  # noqa: E402
@@ -169,6 +170,7 @@ TABLES = {
     "shrink-holdout": shrink_holdout,
     "shrink-aims": shrink_aims,
     "distributed-timings": distributed_timings,
+    "time-loop": lambda: bench_time_loop.docs_table(json.loads((RESULTS / "time-loop.json").read_text())),
 }
 
 

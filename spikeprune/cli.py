@@ -41,7 +41,7 @@ from .bundled import ASSETS, BUNDLED_NAME, bundled_model, bundled_names
 from .costs import format_report as format_measure_report, measure
 from .data import DEFAULT_SIZE, dataset_for_model, load_dataset, parse_spec
 from .deploy import (CHECK_IMAGES, DEFAULT_OPSET, FORMATS, INT4_OPSET, INPUTS, INT8_MAX_DROP, MAX_OPSET, MIN_OPSET,
-                     PRECISIONS as WEIGHT_PRECISIONS, export, format_export_report)
+                     PRECISIONS as WEIGHT_PRECISIONS, TIME_LOOPS, export, format_export_report)
 from .errors import SpikepruneError
 from .data_install import register_cli as register_data
 from .importance import CRITERIA
@@ -113,8 +113,8 @@ GRAMMAR = {
                       "--finetune-epochs", "--kd", "--kd-weight", "--kd-temperature", "--finetune-lr",
                       "--finetune-batch-size", "--limit-after-finetune", "--latency-repeats")),
     "export": Grammar(frozenset({"any", "runs", "model", "trained", "data", "writes", "prints"}),
-                      ("--format", "--precision", "--ends", "--opset", "--batch", "--input", "--normalisation",
-                       "--check-split", "--no-check", "--max-drop", "--keep-inaccurate")),
+                      ("--format", "--precision", "--ends", "--opset", "--batch", "--time-loop", "--input",
+                       "--normalisation", "--check-split", "--no-check", "--max-drop", "--keep-inaccurate")),
     "data": Grammar(frozenset({"any", "writes"}), ("--from",)),  # installs a data set; runs no model
 }
 # Old spellings: they work for one version with a warning (validation.REMOVED_IN says which).
@@ -924,8 +924,8 @@ def register_measure(subparsers) -> None:
 # ------------------------------------------------------------------------------------------------
 # spikeprune export
 # ------------------------------------------------------------------------------------------------
-EXPORT_HELP = ("write the model as an ONNX file (BatchNorm folded, LIF unrolled, fp32 / fp16 / int8 / int4 weights, "
-               "raw-pixel input) and check it")
+EXPORT_HELP = ("write the model as an ONNX file (BatchNorm folded, LIF unrolled or in one Loop, fp32 / fp16 / int8 / "
+               "int4 weights, raw-pixel input) and check it")
 
 
 def _points(text: str) -> float:
@@ -950,7 +950,7 @@ def cmd_export(args) -> int:
                            check=not args.no_check, data=data, force=args.force, max_drop=args.max_drop,
                            keep_inaccurate=args.keep_inaccurate, max_images=caps.get(args.check_split, CHECK_IMAGES),
                            progress=False, input=args.input, normalisation=args.normalisation, ends=args.ends,
-                           check_split=args.check_split, batch=args.batch)
+                           check_split=args.check_split, batch=args.batch, time_loop=args.time_loop)
     if args.json:
         print_json(report)
     else:
@@ -962,8 +962,9 @@ def register_export(sub) -> None:
     p = sub.add_parser(
         "export", help=EXPORT_HELP,
         description="Export a model (dense or pruned, any family) to ONNX: BatchNorm folded into the layer before "
-                    "it, the LIF unrolled over T as plain ops, T fixed, batch size dynamic, the input normalisation "
-                    "in the graph (the file takes raw pixels in [0, 1]). Unless --no-check, ONNX Runtime is compared "
+                    "it, the LIF unrolled over T as plain ops (or one time step as an ONNX Loop's body, --time-loop "
+                    "loop), T fixed, batch size dynamic, the input normalisation in the graph (the file takes raw "
+                    "pixels in [0, 1]). Unless --no-check, ONNX Runtime is compared "
                     "with PyTorch (the fake-quantised model for reduced precision) on the calibration split of --data "
                     "(predicted classes, spike decisions, a float64 comparison) before the file is moved into place; "
                     "a reduced-precision file that loses more than --max-drop points of top-1 is refused.",
@@ -987,6 +988,10 @@ def register_export(sub) -> None:
     p.add_argument("--batch", type=_count(1), default=None, metavar="N",
                    help="a fixed batch size: a graph about half as large (no shape arithmetic), that runs at N "
                         "images only (default: dynamic)")
+    p.add_argument("--time-loop", default="unrolled", choices=TIME_LOOPS,
+                   help="the T time steps written out one after another (unrolled), or one time step written once "
+                        "as the body of an ONNX Loop with the neurons' membranes carried (loop: a graph that does not "
+                        "grow with T; the built-in families, not a traced module; see docs/deployment.md)")
     p.add_argument("--input", default="raw", choices=INPUTS,
                    help="what the file takes: raw pixels in [0, 1] (the normalisation in the graph) or images "
                         "normalised by the caller")

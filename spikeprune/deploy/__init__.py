@@ -13,6 +13,8 @@ What the file holds (any registered family, dense or pruned):
   * BatchNorm folded into the Conv / Linear before it (fold.py; the family's cost table says which
     BN follows which layer), verified in float64 before anything is written.
   * The LIF as plain tensor ops unrolled over the model's T (neuron.plain_ops); T fixed, batch dynamic.
+    Or (time_loop="loop", loop.py) one time step written once, as the body of an ONNX Loop run T
+    times with every LIF's membrane loop-carried: a graph that does not grow with T.
   * Weights at a per-layer precision (spikeprune.precision): fp32; fp16 behind a Cast; int8 or int4
     symmetric per output channel behind a DequantizeLinear (weight-only QDQ; biases fp32). int4 is
     stored packed (two values a byte) and needs opset 21, which the file then declares (the graph
@@ -62,7 +64,9 @@ from .accounting import int8_reconciliation, reconcile
 from .check import CHECK_IMAGES, FLOAT64_IMAGES, check_batches, check_export, file_metadata
 from .fold import INPUTS, RawInput, float64_check, fold_batchnorm, resolve_normalisation
 from .graph import (MAX_TRACE_OPSET, compact_names, dedupe_constants, file_breakdown, graph_census, need_onnx,
-                    quantize_per_channel, reduce_precision, trace_to_onnx)
+                    quantize_per_channel, reduce_precision, trace_images, trace_to_onnx)
+from .loop import (SENTINEL_BATCHES, TIME_LOOPS, SteppedModel, batch_free, check_time_loop, constants_into_body,
+                   one_step_twin, stepwise_check, wrap_in_loop)
 from .text import format_export_report
 
 FORMATS = ("onnx",)
@@ -159,26 +163,54 @@ def _preprocessing(input: str, norm, cfg) -> dict:
 # ------------------------------------------------------------------------------------------------
 # export()
 # ------------------------------------------------------------------------------------------------
-def _export_to(tmp: Path, model, fam, path: Path, format: str, plan: dict, opset: int, check: bool, data,
-               check_images: int, pre: dict, check_split: str = "calib", batch: int | None = None) -> dict:
-    """Fold, verify the fold in float64, trace, convert the precision, write `tmp`, check it."""
-    onnx = need_onnx(check)
-    source = copy.deepcopy(model).float().cpu().eval()
-    folded, pairs, leftover = fold_batchnorm(source)
-    if any(p in QMAX for p in plan.values()):  # folded from the weights on their grid, so the file's rounding is exact
-        folded, _, _ = fold_batchnorm(apply_plan(copy.deepcopy(source), {k: p if p in QMAX else "fp32"
-                                                                         for k, p in plan.items()}))
+def _weights_model(source: nn.Module, plan: dict) -> nn.Module:
+    """The model whose folded weights the file stores: int8 / int4 layers put on their grid before
+    folding (so the file's rounding of the folded weights is exact)."""
+    if not any(p in QMAX for p in plan.values()):
+        return source
+    return apply_plan(copy.deepcopy(source), {k: p if p in QMAX else "fp32" for k, p in plan.items()})
+
+
+def _float64_proofs(source: nn.Module, fam, data, time_loop: str) -> tuple[dict, dict | None]:
+    """Folding (and, for a Loop, running step by step) proven in float64 on a few check images."""
     f64_batches, f64_source = check_batches(data, source, "calib", FLOAT64_IMAGES, FLOAT64_IMAGES)
-    f64 = float64_check(source, torch.cat([b[0] for b in f64_batches]), f64_source)
+    images = torch.cat([b[0] for b in f64_batches])
+    f64 = float64_check(source, images, f64_source)
     if f64["class_agreement"] < 1 or f64["max_abs_logit_diff"] > 1e-9 * (1 + f64["max_abs_logit"]):
         raise SpikepruneError(
             f"folding the {fam.name} model's BatchNorms changes its function (float64 logits differ by "
             f"{f64['max_abs_logit_diff']:.3g}): its cost table pairs a BatchNorm with a layer it does not directly follow")
-    traced = RawInput(folded, pre["mean"], pre["std"]).eval() if pre["input"] == "raw" else folded
-    proto = trace_to_onnx(traced, fam.name, opset, batch)
-    converted = reduce_precision(proto, folded, plan) if set(plan.values()) != {"fp32"} else {}
-    dedupe_constants(proto)
-    compact_names(proto)
+    return f64, (stepwise_check(source, images, f64_source) if time_loop == "loop" else None)
+
+
+def _graph(weights: nn.Module, fam, pre: dict, opset: int, batch: int | None, time_loop: str):
+    """(the ONNX graph at fp32 weights, the folded module whose parameters it holds, how a Loop's
+    body was traced or None): the model unrolled over T, or its one-time-step twin as the body of
+    one Loop (loop.py)."""
+    if time_loop == "unrolled":
+        folded, _, _ = fold_batchnorm(weights)
+        traced = RawInput(folded, pre["mean"], pre["std"]).eval() if pre["input"] == "raw" else folded
+        return trace_to_onnx(traced, fam.name, opset, batch), folded, None
+    folded, _, _ = fold_batchnorm(one_step_twin(weights))
+    stepped = SteppedModel(RawInput(folded, pre["mean"], pre["std"]).eval() if pre["input"] == "raw" else folded)
+
+    def trace(at: int | None):
+        states = tuple(stepped.discover(trace_images(weights.cfg, at)))
+        return trace_to_onnx(stepped, fam.name, opset, at, states=states)
+
+    # a dynamic batch: traced at two fixed sizes and generalised (no shape arithmetic in the body), else traced dynamic
+    step, how = (trace(batch), f"traced at the fixed batch of {batch}") if batch else (
+        batch_free(*(trace(b) for b in SENTINEL_BATCHES)), "traced at batches {} and {}, its batch-size constants "
+        "generalised (no shape arithmetic)".format(*SENTINEL_BATCHES))
+    if step is None:
+        step, how = trace(None), "traced with a dynamic batch (its batch-size constants could not be generalised)"
+    dedupe_constants(step)
+    compact_names(step)
+    return wrap_in_loop(step, weights.cfg.T, len(stepped.slots), opset), folded, how
+
+
+def _metadata(model, fam, plan: dict, opset: int, batch, pairs, pre: dict, time_loop: str) -> tuple[dict, str]:
+    """The file's spikeprune.* metadata and its doc string (an unrolled file's as before Loop files existed)."""
     cfg = model.cfg
     precision = _plan_name(plan)
     meta = {"spikeprune.family": fam.name, "spikeprune.config": json.dumps(model.config_dict()["config"]),
@@ -189,27 +221,51 @@ def _export_to(tmp: Path, model, fam, path: Path, format: str, plan: dict, opset
             "spikeprune.preprocessing": json.dumps({k: v for k, v in pre.items()}),
             "spikeprune.input": pre["description"],
             "spikeprune.output": f"logits [batch, {cfg.num_classes}] float32 (mean over T={cfg.T} steps)"}
+    how = f"LIF unrolled over T={cfg.T} steps as plain ops"
+    if time_loop == "loop":
+        meta["spikeprune.time_loop"] = "loop"
+        how = f"one time step (LIF as plain ops, membranes carried) as the body of one Loop over T={cfg.T} steps"
+    doc = (f"{fam.name} model, BatchNorm folded, {how}, {precision} weights, "
+           f"opset {opset}; {f'batch of {batch}' if batch else 'dynamic batch'}; input: {pre['description']}")
+    return meta, doc
+
+
+def _export_to(tmp: Path, model, fam, path: Path, format: str, plan: dict, opset: int, check: bool, data,
+               check_images: int, pre: dict, check_split: str = "calib", batch: int | None = None,
+               time_loop: str = "unrolled") -> dict:
+    """Fold, verify the fold in float64, trace, convert the precision, write `tmp`, check it."""
+    onnx = need_onnx(check)
+    source = copy.deepcopy(model).float().cpu().eval()
+    _, pairs, leftover = fold_batchnorm(source)
+    f64, stepwise = _float64_proofs(source, fam, data, time_loop)
+    proto, folded, body = _graph(_weights_model(source, plan), fam, pre, opset, batch, time_loop)
+    converted = reduce_precision(proto, folded, plan) if set(plan.values()) != {"fp32"} else {}
+    dedupe_constants(proto)
+    compact_names(proto)
+    if time_loop == "loop":
+        constants_into_body(proto)
+    meta, proto.doc_string = _metadata(model, fam, plan, opset, batch, pairs, pre, time_loop)
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
-    proto.producer_name, proto.doc_string = "spikeprune", (
-        f"{fam.name} model, BatchNorm folded, LIF unrolled over T={cfg.T} steps as plain ops, {precision} weights, "
-        f"opset {opset}; {f'batch of {batch}' if batch else 'dynamic batch'}; input: {pre['description']}")
+    proto.producer_name = "spikeprune"
     onnx.checker.check_model(proto)
     onnx.save(proto, str(tmp))
     size = tmp.stat().st_size
     breakdown = file_breakdown(proto, size)
-    norm_bytes = 2 * 4 * cfg.in_channels if pre["input"] == "raw" else 0
-    rec = reconcile(model, plan, breakdown, size, norm_bytes)
+    rec = reconcile(model, plan, breakdown, size, 2 * 4 * model.cfg.in_channels if pre["input"] == "raw" else 0)
     if rec["unaccounted"] > 0 and not leftover:  # fewer is fine: the exporter stores identical constants once
         raise SpikepruneError(f"the file holds {rec['unaccounted']:,} B of weights more than the byte count says "
                               "(an internal error: please report it)")
-    report = {"path": str(path), "format": format, "precision": precision, "weight_precision": plan, "opset": opset,
-              "batch": batch,
-              "exporter": EXPORTER, "family": fam.name, "T": cfg.T, "bytes": size, "batchnorm_folded": len(pairs),
-              "batchnorm_unfolded": leftover, "converted": len(converted), "preprocessing": pre,
+    report = {"path": str(path), "format": format, "precision": meta["spikeprune.precision"], "weight_precision": plan,
+              "opset": opset, "batch": batch, "time_loop": time_loop,
+              "exporter": EXPORTER, "family": fam.name, "T": model.cfg.T, "bytes": size,
+              "batchnorm_folded": len(pairs), "batchnorm_unfolded": leftover, "converted": len(converted),
+              "preprocessing": pre,
               "memory": {"measure": memory_bytes(model), "deployed": deployed_memory_bytes(model),
                          "file": breakdown, "reconciliation": rec},
               "graph": graph_census(proto), "float64": f64, "check": None, "warnings": []}
+    if stepwise is not None:
+        report["stepwise"], report["loop_body"] = stepwise, body
     if set(plan.values()) == {"int8"}:
         report["memory"]["int8_reconciliation"] = int8_reconciliation(model, size)
     if check:
@@ -217,12 +273,42 @@ def _export_to(tmp: Path, model, fam, path: Path, format: str, plan: dict, opset
     return report
 
 
+def _resolve_plan(model, precision, ends) -> dict[str, str]:
+    if precision is None:
+        return model_plan(model) or resolve_plan(model, "fp32", ends)
+    if isinstance(precision, str) and precision not in PRECISIONS:
+        raise SpikepruneError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}, or give a "
+                              "{layer: precision} plan")
+    return resolve_plan(model, precision, ends)
+
+
+def _check_counts(check_images, batch, check_split) -> None:
+    if isinstance(check_images, bool) or not isinstance(check_images, int) or check_images < 1:
+        raise SpikepruneError(f"max_images must be a whole number of at least 1, got {check_images!r}")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise SpikepruneError(f"batch is None (dynamic) or a whole number of at least 1, got {batch!r}")
+    if check_split not in ("calib", "test"):
+        raise SpikepruneError(f"check_split is calib or test, got {check_split!r}")
+
+
+def _input_preprocessing(model, input: str, normalisation, data) -> dict:
+    if input not in INPUTS:
+        raise SpikepruneError(f"input must be one of {', '.join(INPUTS)}, got {input!r}")
+    norm = resolve_normalisation(normalisation, data, model.cfg.in_channels)
+    if input == "raw" and norm is None:
+        raise SpikepruneError("the file would take raw pixels in [0, 1], but the model's input normalisation is not "
+                              "known: give the dataset it was trained on (normalisation='mnist5k', --normalisation "
+                              "mnist5k), check data from it (--data), or input='normalised' (--input normalised) "
+                              "for a file that takes normalised images")
+    return _preprocessing(input, norm, model.cfg)
+
+
 @renamed_arguments(path="output", overwrite="force", check_images="max_images", verbose="progress")
 def export(model: nn.Module, output, format: str = "onnx", precision=None, opset: int | None = None,
            check: bool = True, data=None, force: bool = False, max_drop: float = INT8_MAX_DROP,
            keep_inaccurate: bool = False, max_images: int = CHECK_IMAGES, progress: bool = True,
            input: str = "raw", normalisation=None, ends: str | None = None, check_split: str = "calib",
-           batch: int | None = None) -> dict:
+           batch: int | None = None, time_loop: str = "unrolled") -> dict:
     """Write `model` (any registered family, dense or pruned) to the file `output` as ONNX; see the
     module docstring for what the file holds and what the check verifies. An existing file is
     replaced only with force=True.
@@ -233,6 +319,9 @@ def export(model: nn.Module, output, format: str = "onnx", precision=None, opset
     opset: None picks 17, or 21 when a layer is int4.
     batch: None (the batch size is dynamic) or a fixed batch size: the graph loses the shape
       arithmetic a dynamic batch needs (about half its bytes), and the file runs at that size only.
+    time_loop: "unrolled" (every time step's ops written out, T times) or "loop" (one time step
+      written once, as the body of an ONNX Loop run T times with the LIF membranes carried: a graph
+      that does not grow with T; for a family with Family.one_step, else an error; docs/deployment.md).
     input: "raw" (the file takes pixels in [0, 1]; the normalisation comes from `normalisation`, a
       dataset name or (mean, std), or from `data`) or "normalised" (the caller normalises).
     data: images for the check (a dataset spec such as "mnist5k", whose `check_split` is used --
@@ -244,40 +333,23 @@ def export(model: nn.Module, output, format: str = "onnx", precision=None, opset
     max_images: images the check runs on (of `check_split`).
     Returns the report (plain data) that progress=True also prints.
     """
-    # Whole: every argument checked in order before the file is touched, then the one guarded write.
     path, overwrite, check_images = output, force, max_images
     fam = get_family(model)
-    if precision is None:
-        plan = model_plan(model) or resolve_plan(model, "fp32", ends)
-    else:
-        if isinstance(precision, str) and precision not in PRECISIONS:
-            raise SpikepruneError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}, or give a "
-                                  "{layer: precision} plan")
-        plan = resolve_plan(model, precision, ends)
+    plan = _resolve_plan(model, precision, ends)
     opset = _check_options(format, plan, opset)
     max_drop = _check_max_drop(max_drop)
-    if input not in INPUTS:
-        raise SpikepruneError(f"input must be one of {', '.join(INPUTS)}, got {input!r}")
-    norm = resolve_normalisation(normalisation, data, model.cfg.in_channels)
-    if input == "raw" and norm is None:
-        raise SpikepruneError("the file would take raw pixels in [0, 1], but the model's input normalisation is not "
-                              "known: give the dataset it was trained on (normalisation='mnist5k', --normalisation "
-                              "mnist5k), check data from it (--data), or input='normalised' (--input normalised) "
-                              "for a file that takes normalised images")
+    check_time_loop(time_loop)
+    pre = _input_preprocessing(model, input, normalisation, data)
     path = _check_path(path, overwrite)
     need_onnx(check)
-    if isinstance(check_images, bool) or not isinstance(check_images, int) or check_images < 1:
-        raise SpikepruneError(f"max_images must be a whole number of at least 1, got {check_images!r}")
-    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-        raise SpikepruneError(f"batch is None (dynamic) or a whole number of at least 1, got {batch!r}")
-    if check_split not in ("calib", "test"):
-        raise SpikepruneError(f"check_split is calib or test, got {check_split!r}")
-    pre = _preprocessing(input, norm, model.cfg)
+    _check_counts(check_images, batch, check_split)
+    if time_loop == "loop":
+        one_step_twin(model)  # a family without a one-time-step twin: its error before any work
     _remove_stale_partials(path)
     try:
         with atomic_path(path) as tmp:  # a failed check or gate deletes the temporary: no file
             report = _export_to(tmp, model, fam, path, format, plan, opset, check, data, check_images, pre, check_split,
-                                batch)
+                                batch, time_loop)
             if check:
                 _accuracy_gate(report, max_drop, keep_inaccurate)
             if path.exists() and not overwrite:  # appeared while we worked
@@ -314,6 +386,7 @@ def _accuracy_gate(report: dict, max_drop: float, keep: bool) -> None:
 
 
 __all__ = ["CHECK_IMAGES", "DEFAULT_OPSET", "FORMATS", "INPUTS", "INT4_OPSET", "INT8_MAX_DROP", "MAX_OPSET",
-           "MAX_TRACE_OPSET", "MIN_OPSET", "PRECISIONS", "QMAX", "check_export", "deployed_memory_bytes", "export",
+           "MAX_TRACE_OPSET", "MIN_OPSET", "PRECISIONS", "QMAX", "TIME_LOOPS", "check_export", "deployed_memory_bytes",
+           "export",
            "file_metadata", "float64_check", "fold_batchnorm", "format_export_report", "int8_reconciliation",
            "quantize_per_channel"]

@@ -84,10 +84,40 @@ def check_batches(data, model, split: str, n_images: int, batch_size: int, raw: 
     return batches, f"{n} {where} images"
 
 
+def _add_spike_outputs(proto) -> list[bool]:
+    """Make every fire decision (a GreaterOrEqual output) an output of the graph, in node order:
+    in the main graph as it is; in a Loop's body (a Loop file) as an extra scan output of the
+    Loop, [T, ...] with one decision map per step. Returns, per added output, whether it is per step."""
+    from onnx import TensorProto, helper  # optional dependency (the `export` extra)
+
+    per_step = []
+    for node in list(proto.graph.node):
+        if node.op_type == "GreaterOrEqual":
+            proto.graph.output.append(helper.make_tensor_value_info(node.output[0], TensorProto.BOOL, None))
+            per_step.append(False)
+        body = next((a.g for a in node.attribute if a.name == "body"), None) if node.op_type == "Loop" else None
+        for inner in (body.node if body is not None else []):
+            if inner.op_type == "GreaterOrEqual":
+                body.output.append(helper.make_tensor_value_info(inner.output[0], TensorProto.BOOL, None))
+                node.output.append(f"{inner.output[0]}__steps")
+                proto.graph.output.append(helper.make_tensor_value_info(node.output[-1], TensorProto.BOOL, None))
+                per_step.append(True)
+    return per_step
+
+
+def _step_maps(outs: list[np.ndarray], per_step: list[bool]) -> list[np.ndarray]:
+    """The fire decisions in the order of an unrolled file's: per LIF, then per step."""
+    maps = []
+    for o, steps in zip(outs, per_step):
+        maps.extend(list(o) if steps else [o])
+    return maps
+
+
 def _probe_session(path: str, with_spikes: bool, precision: str = "fp32"):
-    """An ONNX Runtime session of the file; with_spikes also returns every GreaterOrEqual output.
-    A file the runtime cannot load (e.g. int4 weights on a runtime without int4 DequantizeLinear)
-    is a SpikepruneError naming the runtime's version."""
+    """An ONNX Runtime session of the file; with_spikes also returns every fire decision as an
+    output (_add_spike_outputs: returns which are per step). A file the runtime cannot load (e.g.
+    int4 weights on a runtime without int4 DequantizeLinear) is a SpikepruneError naming the
+    runtime's version."""
     import onnx  # optional dependency (the `export` extra)
     import onnxruntime as ort  # optional dependency (the `export` extra)
 
@@ -95,11 +125,9 @@ def _probe_session(path: str, with_spikes: bool, precision: str = "fp32"):
     opts.log_severity_level = 3
     opts.intra_op_num_threads = torch.get_num_threads()  # as many as torch uses: a fair comparison, no oversubscription
     proto = onnx.load(path)
-    spikes = [n.output[0] for n in proto.graph.node if n.op_type == "GreaterOrEqual"] if with_spikes else []
-    for name in spikes:
-        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.BOOL, None))
+    per_step = _add_spike_outputs(proto) if with_spikes else []
     try:
-        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]), len(spikes)
+        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]), per_step
     except Exception as e:  # onnxruntime's own exception types (Fail, NotImplemented, InvalidGraph)
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise SpikepruneError(f"ONNX Runtime {ort.__version__} cannot run this {precision} file (opset "
@@ -195,15 +223,102 @@ def reference_models(model: nn.Module, meta: dict) -> tuple[nn.Module, nn.Module
     return reference.eval(), fp32
 
 
+class _Tally:
+    """What check_export counts over the batches: class agreement, top-1 hits of the reference,
+    the fp32 model and ONNX Runtime, and (where the spikes are comparable) the images whose logits
+    or class differ with no spike flipped."""
+
+    def __init__(self):
+        self.n = self.agree = self.hit_ref = self.hit_fp32 = self.hit_ort = self.labelled = 0
+        self.unexplained = self.wrong_class_clean = 0
+        self.max_diff_clean = 0.0
+        self.sizes: set[int] = set()
+
+    def add(self, images, labels, ort_logits, logits, flipped, comparable: bool, fp32, reference) -> None:
+        if tuple(ort_logits.shape) != tuple(logits.shape):
+            raise SpikepruneError(f"the exported graph gives logits {list(ort_logits.shape)} for a batch of "
+                                  f"{len(images)}, the model {list(logits.shape)}")
+        self.sizes.add(len(images))
+        same = ort_logits.argmax(1) == logits.argmax(1)
+        self.agree += int(same.sum())
+        if comparable:
+            clean = ~flipped
+            self.wrong_class_clean += int((~same & clean).sum())
+            if bool(clean.any()):
+                diff = (ort_logits[clean] - logits[clean]).abs().amax(1) / (1 + logits[clean].abs().amax(1))
+                self.max_diff_clean = max(self.max_diff_clean, float(diff.max()))
+                self.unexplained += int((diff > LOGIT_TOLERANCE).sum())
+        if labels is not None:
+            self.labelled += len(labels)
+            self.hit_ref += int((logits.argmax(1) == labels).sum())
+            self.hit_ort += int((ort_logits.argmax(1) == labels).sum())
+            if fp32 is reference:
+                self.hit_fp32 = self.hit_ref
+            else:
+                with torch.no_grad():
+                    self.hit_fp32 += int((fp32(images).argmax(1) == labels).sum())
+        self.n += len(images)
+
+    def report(self, source: str, precision: str, reference_is_fp32: bool, raw: bool) -> dict:
+        n, labelled = self.n, self.labelled
+        return {"images": n, "source": source, "precision": precision, "class_agreement": self.agree / n,
+                "class_disagreements": n - self.agree, "labelled": labelled,
+                "hits": {"fp32": self.hit_fp32, "reference": self.hit_ref, "onnx": self.hit_ort} if labelled else None,
+                "top1_torch": self.hit_fp32 / labelled if labelled else None,
+                "top1_reference": self.hit_ref / labelled if labelled else None,
+                "top1_onnx": self.hit_ort / labelled if labelled else None,
+                "reference": "the fp32 model" if reference_is_fp32 else
+                f"the fake-quantised model ({precision} weights, BatchNorm folded)",
+                "input": "raw pixels in [0, 1]" if raw else "normalised images",
+                "batch_sizes": sorted(self.sizes)}
+
+
+def _spike_report(spikes: _SpikeComparison, tally: _Tally, n_decisions: int) -> dict:
+    return {"comparable": spikes.comparable, "note": spikes.note, "graph_decisions": n_decisions,
+            "decisions": spikes.decisions, "tie_flips": spikes.tie_flips,
+            "downstream_flips": spikes.downstream_flips, "images_with_flips": spikes.flip_images,
+            "max_tie_margin": spikes.max_tie_margin,
+            "max_rel_logit_diff_without_flips": tally.max_diff_clean,
+            "images_differing_without_flips": tally.unexplained,
+            "class_disagreements_without_flips": tally.wrong_class_clean}
+
+
+def _refuse_other_function(report: dict, spikes: _SpikeComparison, tally: _Tally) -> None:
+    """An error when the file computes another function: logits or classes differing with every
+    spike equal, or a top-1 difference larger than the images with a spike flipped at a tie."""
+    n = tally.n
+    if spikes.comparable and (tally.unexplained or tally.wrong_class_clean):
+        raise SpikepruneError(
+            f"the exported file computes another function than {report['reference']}: on "
+            f"{max(tally.unexplained, tally.wrong_class_clean)} of {n} images its logits differ from PyTorch's by up "
+            f"to {tally.max_diff_clean:.3g} (relative) with every spike equal")
+    if tally.labelled and spikes.comparable and abs(tally.hit_ref - tally.hit_ort) > spikes.flip_images:
+        raise SpikepruneError(f"the exported file's top-1 differs from {report['reference']}'s by "
+                              f"{abs(tally.hit_ref - tally.hit_ort)} images, more than the {spikes.flip_images} "
+                              "images with a spike flipped at a float32 tie")
+
+
+def _chunks(batches, first_limit: int):
+    """The batches cut to at most limit["images"] images (the caller may lower it after the first)."""
+    limit = {"images": first_limit}
+
+    def gen():
+        for images, labels in batches:
+            for a in range(0, len(images), limit["images"]):
+                b = a + limit["images"]
+                yield images[a:b], None if labels is None else labels[a:b]
+    return gen(), limit
+
+
 def check_export(path, model: nn.Module, data=None, split: str = "calib", n_images: int = CHECK_IMAGES,
                  batch_size: int = CHECK_BATCH, float64: bool = True) -> dict:
     """ONNX Runtime's outputs of the file at `path` against `model` (see spikeprune.deploy), as the
     file's metadata says it was written: its weight plan (the reference is the fake-quantised
     model) and its input (raw pixels: the images given to the file are a dataset's pixels, and
     the reference normalises them as the file does). `data`: a dataset spec or Dataset (its
-    `split`), a tensor of the file's input images, or None (random images). Returns plain data;
-    raises when the file computes another function, or ONNX Runtime cannot run it."""
-    # Whole: one pass over the images keeps every counter the report and its two verdicts read side by side.
+    `split`), a tensor of the file's input images, or None (random images). A Loop file's fire
+    decisions are read from the Loop as per-step scan outputs. Returns plain data; raises when the
+    file computes another function, or ONNX Runtime cannot run it."""
     need_onnx(check=True)
     meta = file_metadata(path)
     precision = meta.get("precision", "fp32")
@@ -211,72 +326,20 @@ def check_export(path, model: nn.Module, data=None, split: str = "calib", n_imag
     raw = json.loads(meta.get("preprocessing") or "{}").get("input") == "raw"
     static = int(meta["batch"]) if meta.get("batch", "dynamic") != "dynamic" else None
     batches, source = check_batches(data, model, split, n_images, batch_size, raw=raw, static=static)
-    sess, n_decisions = _probe_session(str(path), with_spikes=True, precision=precision)
-    spikes = _SpikeComparison(reference)
-    n = agree = hit_ref = hit_fp32 = hit_ort = labelled = unexplained = wrong_class_clean = 0
-    max_diff_clean = 0.0
-    limit = {"images": static or batch_size}  # lowered after the first (one-image) batch if its spikes are many
-
-    def chunks():
-        for images, labels in batches:
-            for a in range(0, len(images), limit["images"]):
-                b = a + limit["images"]
-                yield images[a:b], None if labels is None else labels[a:b]
-
-    sizes = set()
-    for images, labels in chunks():
-        sizes.add(len(images))
+    sess, per_step = _probe_session(str(path), with_spikes=True, precision=precision)
+    spikes, tally = _SpikeComparison(reference), _Tally()
+    chunks, limit = _chunks(batches, static or batch_size)  # limit lowered after the first (one-image) batch
+    for images, labels in chunks:
         outs = sess.run(None, {"images": images.numpy()})
-        ort_logits = torch.from_numpy(outs[0])
-        logits, flipped = spikes.run(reference, images, outs[1:])
-        if n == 0:  # every fire decision of a batch is held in memory twice: keep that near SPIKE_BUDGET
+        logits, flipped = spikes.run(reference, images, _step_maps(outs[1:], per_step))
+        if tally.n == 0:  # every fire decision of a batch is held in memory twice: keep that near SPIKE_BUDGET
             per_image = max(1, sum(o.size for o in outs[1:]) // len(images))
             limit["images"] = static or max(1, min(batch_size, SPIKE_BUDGET // per_image))
-        if tuple(ort_logits.shape) != tuple(logits.shape):
-            raise SpikepruneError(f"the exported graph gives logits {list(ort_logits.shape)} for a batch of "
-                                  f"{len(images)}, the model {list(logits.shape)}")
-        same = ort_logits.argmax(1) == logits.argmax(1)
-        agree += int(same.sum())
-        if spikes.comparable:
-            clean = ~flipped
-            wrong_class_clean += int((~same & clean).sum())
-            if bool(clean.any()):
-                diff = (ort_logits[clean] - logits[clean]).abs().amax(1) / (1 + logits[clean].abs().amax(1))
-                max_diff_clean = max(max_diff_clean, float(diff.max()))
-                unexplained += int((diff > LOGIT_TOLERANCE).sum())
-        if labels is not None:
-            labelled += len(labels)
-            hit_ref += int((logits.argmax(1) == labels).sum())
-            hit_ort += int((ort_logits.argmax(1) == labels).sum())
-            if fp32 is reference:
-                hit_fp32 = hit_ref
-            else:
-                with torch.no_grad():
-                    hit_fp32 += int((fp32(images).argmax(1) == labels).sum())
-        n += len(images)
-    report = {"images": n, "source": source, "precision": precision, "class_agreement": agree / n,
-              "class_disagreements": n - agree, "labelled": labelled,
-              "hits": {"fp32": hit_fp32, "reference": hit_ref, "onnx": hit_ort} if labelled else None,
-              "top1_torch": hit_fp32 / labelled if labelled else None,
-              "top1_reference": hit_ref / labelled if labelled else None,
-              "top1_onnx": hit_ort / labelled if labelled else None,
-              "reference": "the fp32 model" if fp32 is reference else f"the fake-quantised model ({precision} weights, BatchNorm folded)",
-              "input": "raw pixels in [0, 1]" if raw else "normalised images",
-              "batch_sizes": sorted(sizes)}
-    report["spikes"] = {"comparable": spikes.comparable, "note": spikes.note, "graph_decisions": n_decisions,
-                        "decisions": spikes.decisions, "tie_flips": spikes.tie_flips,
-                        "downstream_flips": spikes.downstream_flips, "images_with_flips": spikes.flip_images,
-                        "max_tie_margin": spikes.max_tie_margin,
-                        "max_rel_logit_diff_without_flips": max_diff_clean,
-                        "images_differing_without_flips": unexplained,
-                        "class_disagreements_without_flips": wrong_class_clean}
-    if spikes.comparable and (unexplained or wrong_class_clean):
-        raise SpikepruneError(
-            f"the exported file computes another function than {report['reference']}: on {max(unexplained, wrong_class_clean)} "
-            f"of {n} images its logits differ from PyTorch's by up to {max_diff_clean:.3g} (relative) with every spike equal")
-    if labelled and spikes.comparable and abs(hit_ref - hit_ort) > spikes.flip_images:
-        raise SpikepruneError(f"the exported file's top-1 differs from {report['reference']}'s by {abs(hit_ref - hit_ort)} "
-                              f"images, more than the {spikes.flip_images} images with a spike flipped at a float32 tie")
+        tally.add(images, labels, torch.from_numpy(outs[0]), logits, flipped, spikes.comparable, fp32, reference)
+    report = tally.report(source, precision, fp32 is reference, raw)
+    n_decisions = sum(int(meta.get("T", 1)) if steps else 1 for steps in per_step)
+    report["spikes"] = _spike_report(spikes, tally, n_decisions)
+    _refuse_other_function(report, spikes, tally)
     if float64:
         images = torch.cat([b[0] for b in batches])[:FLOAT64_IMAGES]
         base = fp32

@@ -29,21 +29,30 @@ def need_onnx(check: bool):
     return onnx
 
 
-def trace_to_onnx(module: nn.Module, fam_name: str, opset: int, batch: int | None = None):
+def trace_images(cfg, batch: int | None = None) -> torch.Tensor:
+    """The images a graph is traced on (fixed seed)."""
+    return torch.rand(batch or TRACE_BATCH, cfg.in_channels, cfg.img_size, cfg.img_size,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def trace_to_onnx(module: nn.Module, fam_name: str, opset: int, batch: int | None = None,
+                  states: tuple[torch.Tensor, ...] = ()):
     """The module traced to ONNX at `opset` (the TorchScript exporter up to MAX_TRACE_OPSET, then
-    onnx's version converter: it rewrites only ops whose signature changed)."""
+    onnx's version converter: it rewrites only ops whose signature changed). `states`: further
+    inputs after the images (a SteppedModel's membranes: inputs m0.., outputs n0.. after the step's
+    logits, named `step`)."""
     onnx = need_onnx(check=False)
-    cfg = module.cfg
-    x = torch.rand(batch or TRACE_BATCH, cfg.in_channels, cfg.img_size, cfg.img_size,
-                   generator=torch.Generator().manual_seed(0))
+    x = trace_images(module.cfg, batch)
     buf = io.BytesIO()
     traced = min(opset, MAX_TRACE_OPSET)
+    ins, outs = (["images", *[f"m{i}" for i in range(len(states))]],
+                 ["step" if states else "logits", *[f"n{i}" for i in range(len(states))]])
     try:
         with plain_ops(), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-            torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=traced, input_names=["images"],
-                              output_names=["logits"],
-                              dynamic_axes=None if batch else {"images": {0: "batch"}, "logits": {0: "batch"}},
+            torch.onnx.export(module, (x, *states), buf, dynamo=False, opset_version=traced, input_names=ins,
+                              output_names=outs,
+                              dynamic_axes=None if batch else {name: {0: "batch"} for name in ins + outs},
                               do_constant_folding=True)
     except SpikepruneError:
         raise
@@ -160,7 +169,8 @@ def reduce_precision(proto, folded: nn.Module, plan: dict[str, str]) -> dict:
                                     name=f"{init_name}__dequantize")
             replacements.append((init_name, new, node))
         converted[param] = p
-    wanted = {f"{r.name}.weight" for r in weight_layers(folded) if plan.get(r.name, "fp32") != "fp32"}
+    wanted = {f"{r.name}.weight" for r in weight_layers(folded)  # a layer never called is not in the graph
+              if plan.get(r.name, "fp32") != "fp32" and r.input != "unused"}
     missing = sorted(wanted - set(converted))
     if missing:
         raise SpikepruneError(f"the weights of {', '.join(missing[:3])} were not found as constants in the exported "
@@ -199,9 +209,12 @@ def dedupe_constants(proto) -> int:
 def compact_names(proto) -> None:
     """Short names for the intermediate values and no node names: the TorchScript exporter's scope
     names ("/block.0/attn/Mul_3_output_0") are most of the graph's bytes. Initializers (named after
-    the parameters), the graph's input and output keep their names. Skipped for graphs with subgraphs."""
+    the parameters), the graph's input and output keep their names. A graph with subgraphs (a Loop
+    file, whose step graph was compacted before it became the body) only loses its node names."""
     g = proto.graph
     if any(a.type in (5, 10) for n in g.node for a in n.attribute):  # GRAPH / GRAPHS attributes
+        for n in g.node:
+            n.name = ""
         return
     keep = {i.name for i in g.initializer} | {v.name for v in g.input} | {v.name for v in g.output}
     short: dict[str, str] = {}
@@ -228,10 +241,12 @@ def _stored_bytes(init) -> int:
 
 def file_breakdown(proto, size: int) -> dict:
     """Bytes of the file by kind: int8 and int4 weights, scales, zero points, float16 / float32
-    constants, other constants, and the rest (graph structure, names, protobuf framing)."""
+    constants, other constants (a Loop body's initializers included), and the rest (graph
+    structure, names, protobuf framing)."""
     parts = {"int8_weights": 0, "int4_weights": 0, "scales": 0, "zero_points": 0, "fp16": 0, "fp32_constants": 0,
              "other_constants": 0}
-    for init in proto.graph.initializer:
+    bodies = [a.g for n in proto.graph.node for a in n.attribute if a.type == 5]  # a Loop's body (GRAPH attribute)
+    for init in [*proto.graph.initializer, *(i for b in bodies for i in b.initializer)]:
         n = _stored_bytes(init)
         if init.name.endswith("__int8"):
             parts["int8_weights"] += n
@@ -252,9 +267,12 @@ def file_breakdown(proto, size: int) -> dict:
 
 
 def graph_census(proto) -> dict:
-    """What the graph (not its weights) is made of: nodes by type, and the bytes of node protos."""
+    """What the graph (not its weights) is made of: nodes by type (a Loop's body nodes counted once,
+    beside the Loop node), and the bytes of the main graph's node protos (a Loop's, its body's)."""
     counts: dict[str, int] = {}
-    for n in proto.graph.node:
+    nodes = list(proto.graph.node)
+    nodes += [b for n in proto.graph.node for a in n.attribute if a.type == 5 for b in a.g.node]  # a Loop's body
+    for n in nodes:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return {"nodes": len(proto.graph.node), "node_bytes": sum(n.ByteSize() for n in proto.graph.node),
+    return {"nodes": len(nodes), "node_bytes": sum(n.ByteSize() for n in proto.graph.node),
             "by_op": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}

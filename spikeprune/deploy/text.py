@@ -15,8 +15,9 @@ def _bytes_lines(m: dict) -> list[str]:
     if rec:
         shares = ", ".join(f"{p} {rec['share_of_weights'][p]:.1%}" for p in WEIGHT_PRECISIONS
                            if rec["share_of_weights"][p])
-        terms = " + ".join(f"{t['term']} {t['counted']:,}" for t in rec["terms"] if t["counted"] or t["in_file"])
         out = rec["outside_count"]
+        terms = " + ".join([f"{t['term']} {t['counted']:,}" for t in rec["terms"] if t["counted"] or t["in_file"]]
+                           + ([f"layers never called {-out['never_called']:,}"] if out.get("never_called") else []))
         lines.append(f"weights as the budget counts them: {terms} = {rec['counted']:,} B "
                      f"({rec['bits_per_weight']:.2f} bits per weight; weights held at {shares}); in the file: "
                      + ("the same, term by term" if rec["unaccounted"] == 0 else
@@ -25,6 +26,8 @@ def _bytes_lines(m: dict) -> list[str]:
                      + f"; outside the count: graph {out['graph']:,} B"
                      + (f", input normalisation {out['input_normalisation']:,} B" if out["input_normalisation"] else "")
                      + (f", other constants {out['other_constants']:,} B" if out["other_constants"] else "")
+                     + (f", layers never called (counted, not in the graph) {out['never_called']:,} B"
+                        if out.get("never_called") else "")
                      + f" = {rec['file']:,} B on disk")
     rec8 = m.get("int8_reconciliation")
     if rec8:
@@ -34,11 +37,15 @@ def _bytes_lines(m: dict) -> list[str]:
     return lines
 
 
+def _loop_words(r: dict) -> str:
+    return "unrolled" if r.get("time_loop", "unrolled") == "unrolled" else "in one ONNX Loop"
+
+
 def format_export_report(r: dict) -> str:
     m = r["memory"]
     batch = f"batch of {r['batch']} fixed" if r.get("batch") else "dynamic batch"
     lines = [f"wrote {r['path']}: {r['format']} opset {r['opset']}, {r['precision']} weights, {_kb(r['bytes'])} "
-             f"({r['family']}, T={r['T']} unrolled, {batch}; {r['exporter']})",
+             f"({r['family']}, T={r['T']} {_loop_words(r)}, {batch}; {r['exporter']})",
              f"input: {r['preprocessing']['description']}",
              f"BatchNorm folded into {r['batchnorm_folded']} layers"
              + (f"; not folded (no layer before them in the cost table): {', '.join(r['batchnorm_unfolded'])}"
@@ -50,7 +57,14 @@ def format_export_report(r: dict) -> str:
     g = r.get("graph")
     if g:
         top = ", ".join(f"{op} {k}" for op, k in list(g["by_op"].items())[:5])
-        lines.append(f"graph: {g['nodes']:,} nodes ({top}, ...), the time loop unrolled over T={r['T']}")
+        lines.append(f"graph: {g['nodes']:,} nodes ({top}, ...), the time loop {_loop_words(r)} over T={r['T']}"
+                     if r.get("time_loop", "unrolled") == "unrolled" else
+                     f"graph: {g['nodes']:,} nodes ({top}, ...), one time step as the body of one ONNX Loop over "
+                     f"T={r['T']} (the LIF membranes loop-carried; the body {r['loop_body']})")
+    sw = r.get("stepwise")
+    if sw:
+        lines.append(f"float64 check ({sw['source']}): one step at a time with the membranes carried vs the "
+                     f"{sw['T']}-step forward, max |logit diff| {sw['max_abs_logit_diff']:.2e}")
     f64 = r["float64"]
     lines.append(f"float64 check ({f64['source']}): folded + unrolled vs original, max |logit diff| "
                  f"{f64['max_abs_logit_diff']:.2e}, classes agree {100 * f64['class_agreement']:.1f}%")

@@ -40,6 +40,16 @@ def preset_builders(model_class, config_class, presets: dict, label: str) -> dic
     return {name: builder(name) for name in presets}
 
 
+def one_time_step(model: nn.Module) -> nn.Module:
+    """The model rebuilt with T=1 and its weights (eval mode, same dtype and device): for a
+    stem-then-blocks transformer whose eval forward repeats the image over T, acts on each step
+    alone in every layer but the neurons, and averages the per-step output over T."""
+    twin = type(model)(type(model.cfg).from_dict({**model.cfg.to_dict(), "T": 1}))
+    twin.load_state_dict(model.state_dict())
+    p = next(model.parameters(), None)
+    return (twin.to(dtype=p.dtype, device=p.device) if p is not None else twin).eval()
+
+
 # ---------------------------------------------------------------------------------------------
 # Layers on channel-last tokens
 # ---------------------------------------------------------------------------------------------

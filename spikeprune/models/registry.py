@@ -26,6 +26,10 @@ class Family:
     describe: Callable[[Any], str] | None = None
     cost_notes: tuple[str, ...] = ()  # what measure's report should say about this family's counting
     recognizes: Callable[[dict], bool] | None = None  # does a raw checkpoint state dict look like this family's?
+    # The model's one-time-step twin (same weights, T=1), for a family whose eval forward acts on each
+    # time step alone except in its neurons: run T times with the neurons' membranes carried, it is
+    # the T-step forward (the ONNX export's time_loop="loop" writes it once, as a Loop's body)
+    one_step: Callable[[nn.Module], nn.Module] | None = None
 
     def build(self, config: dict) -> nn.Module:
         """A model from the plain-data config (the "config" part of config_dict())."""

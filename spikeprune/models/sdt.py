@@ -41,7 +41,8 @@ from ..structure import Group, Layer, Member, Probe
 from ..surrogate import heaviside_sigmoid
 from .registry import Family, register_family, register_model
 from .common import (EMA_WRAPPERS, WRAPPERS, StagedTransformer, batchnorm as _batchnorm, check_pooled_size, fit_state,
-                     pointwise as _pointwise, pooled_tokens, preset_builders, strict_config, strip_module, unwrap)
+                     one_time_step, pointwise as _pointwise, pooled_tokens, preset_builders, strict_config, strip_module,
+                     unwrap)
 
 SPIKE_MODES = ("lif", "plif")
 STEM_STAGES = 4
@@ -591,7 +592,7 @@ FAMILY = register_family(Family(
     name="sdt", model_class=SDT, config_class=SDTConfig,
     groups=sdt_groups, resize=sdt_resize, layer_table=sdt_layer_table,
     checkpoint_filter=checkpoint_filter_fn, stages=STAGED.stages, run_stage=STAGED.run_stage,
-    first_stage=STAGED.first_stage, describe=_describe, recognizes=_recognizes,
+    first_stage=STAGED.first_stage, describe=_describe, recognizes=_recognizes, one_step=one_time_step,
     cost_notes=("SDT: every conv after the first reads spikes (membrane shortcut: each branch starts with a LIF on "
                 "the real-valued residual stream), so q/k/v, proj, fc1, fc2, rpe and the head count SOPs; only the "
                 "first conv reads the (real) image",

@@ -31,7 +31,8 @@ from ..neuron import LIF
 from ..structure import Group, Layer, Member, Probe
 from .registry import Family, register_family, register_model
 from .common import (EMA_WRAPPERS, WRAPPERS, StagedTransformer, batchnorm as _batchnorm, check_pooled_size, fit_state,
-                     pointwise as _pointwise, pooled_tokens, preset_builders, strict_config, strip_module, unwrap)
+                     one_time_step, pointwise as _pointwise, pooled_tokens, preset_builders, strict_config, strip_module,
+                     unwrap)
 
 LAYOUTS = ("imagenet", "cifar")
 STEM_STAGES = 4
@@ -496,7 +497,7 @@ FAMILY = register_family(Family(
     name="spikformer", model_class=Spikformer, config_class=SpikformerConfig,
     groups=spikformer_groups, resize=spikformer_resize, layer_table=spikformer_layer_table,
     checkpoint_filter=checkpoint_filter_fn, stages=STAGED.stages, run_stage=STAGED.run_stage,
-    first_stage=STAGED.first_stage, describe=_describe, recognizes=_recognizes,
+    first_stage=STAGED.first_stage, describe=_describe, recognizes=_recognizes, one_step=one_time_step,
     cost_notes=("norm1/norm2 LayerNorms of the reference code are never called by its forward: not built here, "
                 "not counted",
                 "MACs of attention, computed as q (k^T v): 2*N*d_qk*d_v per head and step; the head runs once on the "
