@@ -28,7 +28,8 @@ standard error, and for bitshrink the aim: within 1 point of the dense model at 
 weight bytes, within 3 points at 1.5% (met, or missed by how much).
 
 Run folders go to WORK (default runs/bench-bytes/<quick|full>/); the same command again resumes
-every run (spikeprune.run's resume).
+every run (spikeprune.run's resume) and reads back every file row it wrote and checked
+(WORK/<model>/<row>.row.json; delete them to write the files again).
 """
 from __future__ import annotations
 
@@ -101,7 +102,10 @@ def file_row(model, name: str, data: str, work: Path, precision, test, n_check: 
         rep["weight_precision"].values()) != {"fp32"} else model
     acc = evaluate(reference, test, split="test", progress=False)
     rec = rep["memory"]["reconciliation"]
-    return {"weight_bytes": rec["counted"], "graph_bytes": rep["bytes"] - rec["counted"], "file_bytes": rep["bytes"],
+    # layers the forward never calls (SDT's) are counted by the budget but are not in the file
+    in_file = rec["counted"] + rec["outside_count"].get("never_called", 0)
+    return {"weight_bytes": in_file, "budget_counted_bytes": rec["counted"], "graph_bytes": rep["bytes"] - in_file,
+            "file_bytes": rep["bytes"],
             "precision": rep["precision"], "test_top1": acc["top1"], "test_images": int(acc["n"]),
             "se_points": 100 * top1_standard_error(acc["top1"], int(acc["n"])),
             "onnx_check": {"images": chk["images"], "class_agreement": chk["class_agreement"],
@@ -157,9 +161,16 @@ def bench_model(preset: str, data: str, P: dict, work: Path, device: str = "cpu"
     rows = []
 
     def add(label, model, precision, extra=None):
-        log(f"{preset}: {label}: export and check")
-        row = {"row": label, **file_row(model, label.replace(" ", "_").replace("%", "pc").replace("+", "plus"),
-                                        data, work, precision, test, P["check_images"]), **(extra or {})}
+        stem = label.replace(" ", "_").replace("%", "pc").replace("+", "plus")
+        done = work / f"{stem}.row.json"  # a row written and checked before is read back: a rerun goes on
+        if done.exists():
+            log(f"{preset}: {label}: written and checked before ({done.name})")
+            row = json.loads(done.read_text())
+        else:
+            log(f"{preset}: {label}: export and check")
+            row = file_row(model, stem, data, work, precision, test, P["check_images"])
+            write_json(done, row)
+        row = {"row": label, **row, **(extra or {})}
         row["share_of_dense_fp32"] = row["weight_bytes"] / dense_fp32
         rows.append(row)
         return row
