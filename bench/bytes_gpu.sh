@@ -16,13 +16,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bytes-gpu}
 LIMIT=${LIMIT:-500}  # seconds for each run process
 mkdir -p "$OUT/logs"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=$PWD:/tmp/site
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1 SPIKEPRUNE_DATA=$PWD/data OMP_NUM_THREADS=1
+source bench/gpu_env.sh  # the carried wheels, PYTHONPATH
+export SPIKEPRUNE_DATA=$PWD/data OMP_NUM_THREADS=1
 WORK=/tmp/bytes-work
 { nvidia-smi -L; python3 -c "import torch, platform; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), 'python', platform.python_version())"; } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"

@@ -11,13 +11,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=$PWD:/tmp/site
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1
+source bench/gpu_env.sh  # the carried wheels, PYTHONPATH
 STEPS=${STEPS:-evaluate prune finetune sensitivity latency}  # a subset reruns only those
 step() {  # step NAME SECONDS COMMAND...: one step, its log in $OUT/NAME.log, its exit code noted
   local name=$1 limit=$2; shift 2
