@@ -28,8 +28,8 @@ standard error, and for bitshrink the aim: within 1 point of the dense model at 
 weight bytes, within 3 points at 1.5% (met, or missed by how much).
 
 Run folders go to WORK (default runs/bench-bytes/<quick|full>/); the same command again resumes
-every run (spikeprune.run's resume) and reads back every file row it wrote and checked
-(WORK/<model>/<row>.row.json; delete them to write the files again).
+every run (spikeprune.run's resume) and reads back every file row it wrote and checked for the
+same weights (WORK/<model>/<row>.row.json; delete them to write the files again).
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 from spikeprune.bundled import bundled_model  # noqa: E402
 from spikeprune.data import dataset_for_model  # noqa: E402
 from spikeprune.deploy import check_export, export  # noqa: E402
+from spikeprune.hashing import model_hash  # noqa: E402
 from spikeprune.policy_api import Constraints  # noqa: E402
 from spikeprune.precision import file_weight_bytes, model_plan  # noqa: E402
 from spikeprune.quantise import apply_plan  # noqa: E402
@@ -162,14 +163,16 @@ def bench_model(preset: str, data: str, P: dict, work: Path, device: str = "cpu"
 
     def add(label, model, precision, extra=None):
         stem = label.replace(" ", "_").replace("%", "pc").replace("+", "plus")
-        done = work / f"{stem}.row.json"  # a row written and checked before is read back: a rerun goes on
-        if done.exists():
+        # a row written and checked before for these very weights is read back: a rerun goes on
+        done, weights = work / f"{stem}.row.json", model_hash(model)
+        saved = json.loads(done.read_text()) if done.exists() else {}
+        if saved.get("model_hash") == weights:
             log(f"{preset}: {label}: written and checked before ({done.name})")
-            row = json.loads(done.read_text())
+            row = saved["row"]
         else:
             log(f"{preset}: {label}: export and check")
             row = file_row(model, stem, data, work, precision, test, P["check_images"])
-            write_json(done, row)
+            write_json(done, {"model_hash": weights, "row": row})
         row = {"row": label, **row, **(extra or {})}
         row["share_of_dense_fp32"] = row["weight_bytes"] / dense_fp32
         rows.append(row)

@@ -110,11 +110,17 @@ def lif_plain_ops(x: torch.Tensor, tau: float = 2.0, v_threshold: float = 1.0) -
     out = []
     v = None
     for t in range(x.shape[0]):
-        h = x[t] * inv_tau if v is None else v + (x[t] - v) * inv_tau
-        s = (h >= v_threshold).to(x.dtype)  # h == threshold fires, as lif_multistep
-        v = h - h * s  # hard reset to 0 where it fired
+        s, v = lif_plain_step(x[t], v, inv_tau, v_threshold)
         out.append(s)
     return torch.stack(out)
+
+
+def lif_plain_step(x_t: torch.Tensor, v: torch.Tensor | None, inv_tau: float, v_threshold: float):
+    """One time step of lif_plain_ops: (spikes, membrane after the reset) from the input x_t and the
+    membrane v (None: at rest, v_reset = 0). The exported ONNX Loop's body runs this step."""
+    h = x_t * inv_tau if v is None else v + (x_t - v) * inv_tau
+    s = (h >= v_threshold).to(x_t.dtype)  # h == threshold fires, as lif_multistep
+    return s, h - h * s  # hard reset to 0 where it fired
 
 
 @contextmanager

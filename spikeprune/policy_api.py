@@ -47,7 +47,6 @@ resolved object.
 from __future__ import annotations
 
 import copy
-
 import json
 import math
 import shutil
@@ -391,11 +390,11 @@ class PruneContext:
         self._table: SensitivityTable | None = None
         self._dense_scores: dict | None = None
         self._log_failed = False
+        self._as_policy: str | None = None  # set on a step context made by as_policy
 
     def option(self, name: str):
         """The checked value of one of the running policy's declared options (its default when not given)."""
-        policy = getattr(self, "_as_policy", None) or self.settings.policy
-        return get_policy(policy).option(name).value(self.options.get(name))
+        return get_policy(self._as_policy or self.settings.policy).option(name).value(self.options.get(name))
 
     def as_policy(self, name: str) -> "PruneContext":
         """This context for another registered policy run as one step of the running one (bitshrink

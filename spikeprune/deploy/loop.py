@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import SpikepruneError
 from ..models import get_family
-from ..neuron import LIF
+from ..neuron import LIF, lif_plain_step
 
 TIME_LOOPS = ("unrolled", "loop")
 STEPWISE_TOLERANCE = 1e-9  # float64 |logit difference| / (1 + max |logit|) of the step-wise forward
@@ -53,7 +53,7 @@ class _Membranes:
 
 
 class _SteppedLIF(nn.Module):
-    """One time step of a LIF (neuron.lif_plain_ops' recurrence) with its membrane in a _Membranes."""
+    """One time step of a LIF (neuron.lif_plain_step) with its membrane in a _Membranes."""
 
     def __init__(self, lif: LIF, slot: str, membranes: _Membranes):
         super().__init__()
@@ -63,10 +63,8 @@ class _SteppedLIF(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != 1:
             raise SpikepruneError(f"a neuron of the one-time-step twin got {x.shape[0]} time steps, not 1")
-        v = self.membranes.v_in.get(self.slot)
-        h = x[0] * self.inv_tau if v is None else v + (x[0] - v) * self.inv_tau
-        s = (h >= self.v_threshold).to(x.dtype)
-        self.membranes.v_out[self.slot] = h - h * s
+        s, self.membranes.v_out[self.slot] = lif_plain_step(x[0], self.membranes.v_in.get(self.slot), self.inv_tau,
+                                                            self.v_threshold)
         if self.slot not in self.membranes.order:
             self.membranes.order.append(self.slot)
         return s.unsqueeze(0)

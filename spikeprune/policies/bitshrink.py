@@ -93,7 +93,8 @@ def _subset(ds, n: int):
 def _int4_sensitivity(ctx: PruneContext, n_images: int) -> dict[str, float]:
     """Calibration top-1 lost (points) by each interior weight layer alone at int4, checkpointed."""
     saved = ctx.load_checkpoint("bit_sensitivity")
-    layers = [r.name for r in weight_layers(ctx.model)][1:-1]
+    names = [r.name for r in weight_layers(ctx.model)]
+    layers = names[1:-1]
     if saved is not None and saved.get("images") == n_images and set(saved["drop"]) == set(layers):
         return saved["drop"]
     data = _subset(ctx.calib, n_images)
@@ -102,10 +103,10 @@ def _int4_sensitivity(ctx: PruneContext, n_images: int) -> dict[str, float]:
         return ctx.calib_top1(model, data)  # counted in the run's cost, sharded under torchrun
 
     base = top1(ctx.model)
+    fp32 = dict.fromkeys(names, "fp32")
     drop = {}
     for name in layers:
-        plan = dict.fromkeys([r.name for r in weight_layers(ctx.model)], "fp32")
-        plan[name] = "int4"
+        plan = {**fp32, name: "int4"}
         drop[name] = round(100 * (base - top1(apply_plan(copy.deepcopy(ctx.model), plan))), 4)
     ctx.log("bitshrink: int4 sensitivity (points lost, each layer alone): "
             + ", ".join(f"{k} {v:.2f}" for k, v in sorted(drop.items(), key=lambda kv: -kv[1])[:6]) + ", ...")
